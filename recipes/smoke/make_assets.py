@@ -1,0 +1,26 @@
+"""Rebuilds the offline assets of the smoke recipes (run from the repo root, ../shared beside it):
+
+    python recipes/smoke/make_assets.py
+
+tiny-qwen3/: a byte-level BPE tokenizer trained on DAPO-Math prompts and a 4-layer Qwen3 config
+(no weights: the recipes initialise them from a seed). prompts.parquet: 64 DAPO-Math rows in the
+verl layout.
+"""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from oprd.toy import tiny_config, train_tokenizer
+
+here = Path(__file__).parent
+table = pq.read_table(Path("../shared/data/dapo_math_17k.parquet"))
+texts = [m[0]["content"] for m in table.column("prompt").to_pylist()[:4000]]
+tokenizer = train_tokenizer(texts, vocab_size=1024, out_dir=here / "tiny-qwen3")
+config = tiny_config(
+    len(tokenizer),
+    eos_token_id=tokenizer.eos_token_id,
+    pad_token_id=tokenizer.pad_token_id,
+)
+config.save_pretrained(here / "tiny-qwen3")
+pq.write_table(table.slice(0, 64), here / "prompts.parquet")
