@@ -1,0 +1,107 @@
+"""Atomic, resumable checkpoints.
+
+    output_dir/checkpoints/step_000050/
+        model.safetensors, config.json, tokenizer files   (a plain HF model directory)
+        optimizer.pt, scheduler.pt, rng.pt                 (loaded with weights_only=True)
+        trainer_state.json                                 (step, data position, Python RNG)
+
+Each checkpoint is written to a hidden temporary folder and renamed into place, so a folder named
+`step_*` is always complete: a crash mid-save leaves the previous checkpoint as the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "step_"
+
+
+def write_atomically(target: Path, fill) -> Path:
+    """Calls `fill(tmp_dir)` and then renames tmp_dir to `target` (replacing an older one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    checkpoint_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        state = {"step": step, "python_random": _jsonable(random.getstate()), **trainer_state}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    path = write_atomically(checkpoint_dir / f"{PREFIX}{step:06d}", fill)
+    for old in list_checkpoints(checkpoint_dir)[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load_training_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
+    """Restores optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    state = json.loads((path / "trainer_state.json").read_text())
+    random.setstate(_tupled(state.pop("python_random")))
+    return state
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,332 @@
+"""The `oprd train` config: flat typed dataclasses, one level of nesting, YAML plus overrides.
+
+    cfg = load_config("recipes/paper/oprd.yaml", ["optim.lr=2e-5", "max_steps=100"])
+
+Everything is checked here, before any model is loaded: unknown keys, wrong types, values out of
+range and impossible combinations fail with a `ConfigError` that names the field and the fix.
+`check_model_pairing` then reads only the two models' configs and tokenizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from oprd.losses import AGGREGATIONS, LAYER_MODES, POSITION_MODES, TOPK_SUPPORTS
+from oprd.models import DTYPES, ModelSpec
+
+OPD_OBJECTIVES = ("none", "sampled", "topk", "full")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # parquet / JSONL file, shipped benchmark name, or hub dataset id
+    split: str = "train"
+    prompt_key: str | None = None  # auto-detected: verl `prompt` messages, or problem/question/prompt text
+    answer_key: str | None = None
+    use_chat_template: bool = True
+    max_prompt_tokens: int = 1024  # longer prompts are reported and left out
+    limit: int | None = None  # use only the first N rows
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    responses_per_prompt: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    backend: str = "hf"
+    max_batch_sequences: int = 64  # sequences per generate() call
+
+
+@dataclass
+class OPDConfig:
+    objective: str = "none"  # none | sampled | topk | full
+    k: int = 16  # top-k support size
+    support: str = "student"  # student | teacher | intersection | union
+    chunk_size: int = 1024  # positions per LM-head chunk: bounds the (rows, V) logits alive at once
+
+
+@dataclass
+class OPRDConfig:
+    coef: float = 0.0  # mu in L = L_OPD + mu * L_OPRD; 0 turns OPRD off
+    normalize: bool = True  # L2-normalise both vectors (reference code); false = paper's 1/d MSE
+    layers: str | list[int] = "all"  # last | all | even | odd | explicit 1-based student layers
+    positions: str = "last_k"  # all | last | first_k | last_k
+    k: int = 2000
+    aggregation: str = "token"  # token (reference code) | sequence (paper Eq. 6)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    micro_batch_size: int = 4  # sequences per forward/backward; gradients accumulate over the step
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/oprd"
+    seed: int = 0
+    max_steps: int = 500
+    save_every: int = 50  # 0: only the final model
+    keep_checkpoints: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
+    eval_every: int = 0  # 0: no evaluation during training
+    eval_benchmarks: list[str] = field(default_factory=lambda: ["aime24"])
+    eval_samples: int = 4
+    eval_temperature: float = 0.7
+    eval_max_new_tokens: int = 1024
+    eval_limit: int | None = None
+    student: ModelSpec = field(default_factory=ModelSpec)
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    oprd: OPRDConfig = field(default_factory=OPRDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @property
+    def uses_opd(self) -> bool:
+        return self.opd.objective != "none"
+
+    @property
+    def uses_oprd(self) -> bool:
+        return self.oprd.coef > 0
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads a YAML recipe (or none), applies `key=value` / `section.key=value` overrides, validates.
+
+    Relative model, tokenizer and data paths in a recipe are read from the recipe's folder when
+    they exist there, so recipes work from any working directory.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of keys to values")
+        _resolve_recipe_paths(raw, path.parent)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = _build(TrainConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _resolve_recipe_paths(raw: dict, folder: Path) -> None:
+    for section, key in (("student", "model"), ("student", "tokenizer"), ("teacher", "model"),
+                         ("teacher", "tokenizer"), ("data", "path")):
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
+            raw[section][key] = str((folder / value).resolve())
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) > 2:
+        raise ConfigError(f"override key {key!r} is nested too deeply: keys are `name` or `section.name`")
+    target = raw
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    target[parts[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name] or {}, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Checks `value` against a field's type; only ints and numeric strings pass as floats."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str) and _is_number(value):  # YAML reads 1e-5 as a string
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and isinstance(value, option):
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item_type,) = typing.get_args(option)
+            if all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
+                return list(value)
+        if option == list[str] and isinstance(value, str):  # "a,b" on the command line
+            return [v.strip() for v in value.split(",") if v.strip()]
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(value: Any, choices: tuple, name: str) -> None:
+    _require(value in choices, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value and combination checks that need no model."""
+    _require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
+    _require(bool(cfg.teacher.model), "teacher.model is required (a hub id or a local path)")
+    _require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
+    _require(cfg.uses_opd or cfg.uses_oprd,
+             "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
+    _require(cfg.oprd.coef >= 0, f"oprd.coef (mu) must be >= 0; got {cfg.oprd.coef}")
+    _one_of(cfg.opd.objective, OPD_OBJECTIVES, "opd.objective")
+    _one_of(cfg.opd.support, TOPK_SUPPORTS, "opd.support")
+    _require(cfg.opd.k >= 1, f"opd.k must be >= 1; got {cfg.opd.k}")
+    _require(cfg.opd.chunk_size >= 1, f"opd.chunk_size must be >= 1; got {cfg.opd.chunk_size}")
+    if isinstance(cfg.oprd.layers, str):
+        _one_of(cfg.oprd.layers, LAYER_MODES, "oprd.layers (or an explicit list of 1-based layers)")
+    else:
+        _require(bool(cfg.oprd.layers) and all(l >= 1 for l in cfg.oprd.layers),
+                 f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {cfg.oprd.layers}")
+    _one_of(cfg.oprd.positions, POSITION_MODES, "oprd.positions")
+    _one_of(cfg.oprd.aggregation, AGGREGATIONS, "oprd.aggregation")
+    _require(cfg.oprd.k >= 1, f"oprd.k must be >= 1; got {cfg.oprd.k}")
+    _require(cfg.rollout.backend == "hf", f"rollout.backend {cfg.rollout.backend!r} is not available; use hf")
+    for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_batch_sequences"):
+        _require(getattr(cfg.rollout, name) >= 1, f"rollout.{name} must be >= 1")
+    _require(cfg.rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")
+    _require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {cfg.rollout.top_p}")
+    _require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
+    _require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
+    _require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
+    _one_of(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    _one_of(cfg.optim.precision, ("auto", "fp32", "bf16"), "optim.precision")
+    _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+    _require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
+    _require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
+    _require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    _require(cfg.eval_every >= 0, "eval_every must be >= 0")
+    _require(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
+    for side in ("student", "teacher"):
+        spec: ModelSpec = getattr(cfg, side)
+        _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
+    for sink in cfg.report_to:
+        _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
+
+
+def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok) -> list[str]:
+    """Checks that the chosen objectives can pair these two models; returns warnings to report.
+
+    Reads configs and tokenizers only, so a bad pairing fails before gigabytes of weights load.
+    """
+    warnings: list[str] = []
+    same_text = student_tok.get_vocab() == teacher_tok.get_vocab()
+    if not same_text:
+        objective = f"opd.objective={cfg.opd.objective}" if cfg.uses_opd else "OPRD-Vanilla"
+        raise ConfigError(
+            f"{objective} needs the student and the teacher to read the same tokens, but their tokenizers "
+            f"differ ({len(student_tok)} vs {len(teacher_tok)} tokens, different vocabularies). "
+            "Use a teacher with the student's tokenizer; across tokenizers only OPRD-Bridge "
+            "(oprd bridge, a separate stage not in this version) can distil."
+        )
+    for name in ("eos_token", "bos_token", "pad_token"):
+        a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
+        if a != b:
+            warnings.append(f"student and teacher tokenizers differ in {name}: {a!r} vs {b!r}")
+    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+        warnings.append("student and teacher chat templates differ: prompts are rendered with the student's, "
+                        "so the teacher reads a template it may not have been trained on")
+    vocab = len(student_tok)
+    for side, config in (("student", student_config), ("teacher", teacher_config)):
+        _require(config.vocab_size >= vocab,
+                 f"{side} model has {config.vocab_size} embedding rows, fewer than its tokenizer's {vocab} tokens: "
+                 f"{side}.tokenizer does not belong to {side}.model")
+    if cfg.opd.objective == "topk":
+        _require(cfg.opd.k <= vocab, f"opd.k={cfg.opd.k} is larger than the vocabulary ({vocab} tokens); lower opd.k")
+    if cfg.uses_oprd:
+        ds, dt = student_config.hidden_size, teacher_config.hidden_size
+        _require(ds == dt,
+                 f"OPRD-Vanilla compares hidden states, but the student's hidden size is {ds} and the teacher's "
+                 f"{dt}. Set oprd.coef=0 and use an OPD objective, or pick a teacher of the same width; "
+                 "OPRD-Bridge (learned projectors, not in this version) is the method for different widths.")
+        layers = cfg.oprd.layers
+        if isinstance(layers, list):
+            _require(max(layers) <= student_config.num_hidden_layers,
+                     f"oprd.layers={layers} names a layer beyond the student's {student_config.num_hidden_layers}")
+        if student_config.num_hidden_layers != teacher_config.num_hidden_layers:
+            warnings.append(
+                f"student has {student_config.num_hidden_layers} layers and the teacher "
+                f"{teacher_config.num_hidden_layers}: layers are paired by the paper's proportional map (Eq. 11)"
+            )
+    return warnings

@@ -1,0 +1,341 @@
+"""Distillation objectives as pure functions over tensors.
+
+Shape letters: B sequences, T response positions, D hidden size, V vocabulary, K support size,
+N selected positions flattened over the batch. Teacher inputs are always treated as constants.
+
+Two layers of API:
+- The public functions (`representation_loss`, `opd_*_loss`) take padded (B, T, ...) tensors and a
+  mask and are the readable definition of each objective.
+- The `*_rows` functions take only the selected positions, flattened to (N, ...), with a per-row
+  weight that already holds the averaging. The trainer uses them (through `chunked_head_loss` for
+  the output-space losses) so it never materialises padding or a (B, T, V) logit tensor; summing
+  their results over micro-batches gives exactly the full-batch loss. The public functions are thin
+  wrappers over the same code, and the tests compare both against naive references.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+POSITION_MODES = ("all", "last", "first_k", "last_k")
+LAYER_MODES = ("last", "all", "even", "odd")
+TOPK_SUPPORTS = ("student", "teacher", "intersection", "union")
+AGGREGATIONS = ("token", "sequence")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def position_mask(response_mask: torch.Tensor, mode: str, k: int | None = None) -> torch.Tensor:
+    """(B, T) float mask of the response positions a representation loss supervises.
+
+    `response_mask` marks valid response tokens, contiguous from index 0. "last" keeps the final
+    valid token, "first_k"/"last_k" the first/last k of each response (all of it when shorter).
+    """
+    if mode not in POSITION_MODES:
+        raise ValueError(f"position mode must be one of {POSITION_MODES}, got {mode!r}")
+    if mode in ("first_k", "last_k") and (k is None or k < 1):
+        raise ValueError(f"position mode {mode!r} needs k >= 1, got {k!r}")
+    valid = response_mask.bool()
+    lengths = valid.sum(-1, keepdim=True)  # (B, 1)
+    t = torch.arange(response_mask.shape[-1], device=response_mask.device).unsqueeze(0)  # (1, T)
+    if mode == "all":
+        keep = valid
+    elif mode == "last":
+        keep = t == lengths - 1
+    elif mode == "first_k":
+        keep = valid & (t < k)
+    else:
+        keep = valid & (t >= lengths - k)
+    return keep.float()
+
+
+def select_layers(num_layers: int, mode: str) -> list[int]:
+    """1-based block indices, as in HF `hidden_states` (0 = embeddings, never selected).
+
+    "even"/"odd" follow the reference code's parity of the 0-based block index:
+    `select_layers(6, "even") == [1, 3, 5]`, `select_layers(6, "odd") == [2, 4, 6]`.
+    """
+    if mode not in LAYER_MODES:
+        raise ValueError(f"layer mode must be one of {LAYER_MODES} or an explicit list, got {mode!r}")
+    if mode == "last":
+        return [num_layers]
+    if mode == "all":
+        return list(range(1, num_layers + 1))
+    parity = 0 if mode == "even" else 1
+    return [i + 1 for i in range(num_layers) if i % 2 == parity]
+
+
+def layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Teacher layer for each student layer 1..L_S (paper Eq. 11), ties rounded half to even.
+
+    round((l - 1) / (L_S - 1) * (L_T - 1)) + 1: first maps to first, last to last, the rest
+    proportionally. A one-layer student pairs with the teacher's last layer.
+    """
+    if num_student_layers == num_teacher_layers:
+        return list(range(1, num_student_layers + 1))
+    if num_student_layers == 1:
+        return [num_teacher_layers]
+    student = torch.arange(num_student_layers, dtype=torch.float64)
+    scaled = student / (num_student_layers - 1) * (num_teacher_layers - 1)
+    return [int(v) + 1 for v in torch.round(scaled).tolist()]
+
+
+def row_weights(mask: torch.Tensor, aggregation: str = "token", normalizer: float | torch.Tensor | None = None):
+    """(B, T) weights that turn a sum over positions into the loss's average.
+
+    "token": every selected position of the batch counts the same (reference code).
+    "sequence": average within each sequence first, then over sequences (paper Eq. 6).
+    `normalizer` is the full batch's token (or non-empty sequence) count when `mask` holds one
+    micro-batch of it; by default it is taken from `mask`. An all-zero mask gives all-zero
+    weights, so every loss is 0 there, never NaN.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    mask = mask.float()
+    if aggregation == "token":
+        total = mask.sum() if normalizer is None else normalizer
+        return mask / torch.as_tensor(total, dtype=mask.dtype).clamp(min=1)
+    per_sequence = mask / mask.sum(-1, keepdim=True).clamp(min=1)
+    total = (mask.sum(-1) > 0).sum() if normalizer is None else normalizer
+    return per_sequence / torch.as_tensor(total, dtype=mask.dtype).clamp(min=1)
+
+
+# --------------------------------------------------------------------------- OPRD
+
+
+def representation_loss_rows(
+    student_rows: Sequence[torch.Tensor],
+    teacher_rows: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """OPRD on selected positions: lists of (N, D) per layer pair, weights (N,).
+
+    Per layer: sum_n w_n * mean_d (s - t)^2 (both L2-normalised first when `normalize`); then the
+    mean over layers. Metrics are weighted sums too, so they add up over micro-batches.
+    """
+    if len(student_rows) != len(teacher_rows) or not student_rows:
+        raise ValueError("representation loss needs the same, non-zero number of student and teacher layers")
+    per_layer, metrics = [], {}
+    for i, (s, t) in enumerate(zip(student_rows, teacher_rows)):
+        s, t = s.float(), t.detach().float()
+        if s.shape != t.shape:
+            raise ValueError(f"layer pair {i}: student rows {tuple(s.shape)} vs teacher rows {tuple(t.shape)}")
+        with torch.no_grad():
+            cosine = (F.cosine_similarity(s, t, dim=-1, eps=1e-8) * weights).sum()
+        if normalize:
+            s, t = F.normalize(s, dim=-1, eps=1e-8), F.normalize(t, dim=-1, eps=1e-8)
+        mse = (((s - t) ** 2).mean(-1) * weights).sum()
+        per_layer.append(mse)
+        metrics[f"rep/mse/pair_{i}"] = mse.detach()
+        metrics[f"rep/cosine_similarity/pair_{i}"] = cosine
+    loss = torch.stack(per_layer).mean()
+    metrics["rep/mse"] = loss.detach()
+    metrics["rep/cosine_similarity"] = torch.stack([metrics[f"rep/cosine_similarity/pair_{i}"] for i in range(len(per_layer))]).mean()
+    return loss, metrics
+
+
+def representation_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    normalize: bool = True,
+    aggregation: str = "token",
+) -> torch.Tensor:
+    """OPRD loss (paper Eq. 6): equal-length sequences of (B, T, D) per layer pair, mask (B, T).
+
+    Per layer, the mean over D of the squared difference (of L2-normalised vectors when
+    `normalize`, the reference code's form; un-normalised is the paper's 1/d MSE), averaged over
+    masked positions ("token" or "sequence" aggregation), then averaged over layers.
+    """
+    weights = row_weights(mask, aggregation)
+    selected = mask.bool()
+    loss, _ = representation_loss_rows(
+        [s[selected] for s in student_hidden], [t[selected] for t in teacher_hidden], weights[selected], normalize
+    )
+    return loss
+
+
+# --------------------------------------------------------------------------- OPD
+
+
+def sampled_token_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token policy-gradient surrogate of sampled-token OPD, any shape.
+
+    The advantage is the per-token reward -(log p - log q) (tinker-cookbook, PAPER.md); the
+    surrogate's value is the reverse-KL estimate log p - log q and its gradient with respect to
+    log p is that same estimate: -A * grad log p.
+    """
+    estimate = (student_logprobs - teacher_logprobs.detach()).detach()
+    return estimate * (student_logprobs - student_logprobs.detach()) + estimate
+
+
+def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """(..., V) log-probabilities -> (...) KL(p || q); entries with p = 0 contribute 0."""
+    return (logp.exp() * (logp - logq.detach())).nan_to_num(0.0, 0.0, 0.0).sum(-1)
+
+
+def full_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) KL(p || q) over the whole vocabulary."""
+    logp = F.log_softmax(student_logits.float(), dim=-1)
+    return kl_from_logprobs(logp, F.log_softmax(teacher_logits.detach().float(), dim=-1))
+
+
+def topk_support(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, support: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (N, K) into the vocabulary and a (N, K) bool of which are in the support."""
+    if support not in TOPK_SUPPORTS:
+        raise ValueError(f"top-k support must be one of {TOPK_SUPPORTS}, got {support!r}")
+    with torch.no_grad():
+        student_top = student_logits.topk(k, dim=-1).indices
+        teacher_top = teacher_logits.topk(k, dim=-1).indices
+        if support == "student":
+            return student_top, torch.ones_like(student_top, dtype=torch.bool)
+        if support == "teacher":
+            return teacher_top, torch.ones_like(teacher_top, dtype=torch.bool)
+        if support == "intersection":
+            return student_top, (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1)
+        teacher_new = ~(teacher_top.unsqueeze(-1) == student_top.unsqueeze(-2)).any(-1)
+        indices = torch.cat([student_top, teacher_top], dim=-1)
+        return indices, torch.cat([torch.ones_like(student_top, dtype=torch.bool), teacher_new], dim=-1)
+
+
+def topk_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, support: str = "student"):
+    """(N, V) logits -> (N,) KL(p_bar || q_bar), both renormalised on the support.
+
+    Positions whose support is empty (an empty intersection) contribute 0.
+    """
+    indices, valid = topk_support(student_logits, teacher_logits, k, support)
+    neg_inf = torch.finfo(torch.float32).min
+    s = student_logits.float().gather(-1, indices).masked_fill(~valid, neg_inf)
+    t = teacher_logits.detach().float().gather(-1, indices).masked_fill(~valid, neg_inf)
+    logp, logq = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    return kl_from_logprobs(logp.masked_fill(~valid, -float("inf")), logq)
+
+
+def _masked_mean(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (terms * row_weights(mask)).sum()
+
+
+def opd_sampled_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor):
+    """Sampled-token OPD over (B, T) log-probs of the sampled tokens; its gradient with respect to
+    student_logprobs[b, t] is (student - teacher)[b, t] / mask.sum() on masked positions."""
+    return _masked_mean(sampled_token_terms(student_logprobs, teacher_logprobs), mask)
+
+
+def opd_topk_loss(student_logits, teacher_logits, mask, k: int, support: str = "student") -> torch.Tensor:
+    """Mean over masked positions of KL(p_bar || q_bar) on a top-k support; logits (B, T, V)."""
+    flat = mask.bool()
+    return _masked_mean(topk_kl_terms(student_logits[flat], teacher_logits[flat], k, support), mask[flat])
+
+
+def opd_full_loss(student_logits, teacher_logits, mask) -> torch.Tensor:
+    """Mean over masked positions of the exact KL(p || q); logits (B, T, V)."""
+    return _masked_mean(full_kl_terms(student_logits, teacher_logits), mask)
+
+
+# --------------------------------------------------------------------------- fused LM head
+
+
+def output_space_terms(
+    objective: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    k: int = 16,
+    support: str = "student",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-row OPD loss terms (N,) for `objective` in {sampled, topk, full}, plus per-row
+    diagnostics (N,): sampled-token KL estimate, entropies and, for top-k, support overlap."""
+    logp = F.log_softmax(student_logits.float(), dim=-1)
+    with torch.no_grad():
+        logq = F.log_softmax(teacher_logits.float(), dim=-1)
+    student_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    teacher_lp = logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if objective == "sampled":
+        terms = sampled_token_terms(student_lp, teacher_lp)
+    elif objective == "topk":
+        terms = topk_kl_terms(student_logits, teacher_logits, k, support)
+    elif objective == "full":
+        terms = kl_from_logprobs(logp, logq)
+    else:
+        raise ValueError(f"unknown OPD objective {objective!r}")
+    with torch.no_grad():
+        diagnostics = {
+            "opd/kl_estimate": student_lp.detach() - teacher_lp,
+            "opd/student_entropy": -(logp.exp() * logp).sum(-1).detach(),
+            "opd/teacher_entropy": -(logq.exp() * logq).sum(-1),
+        }
+        if objective == "topk":
+            student_top = student_logits.topk(k, dim=-1).indices
+            teacher_top = teacher_logits.topk(k, dim=-1).indices
+            shared = (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1).sum(-1)
+            diagnostics["opd/topk_overlap"] = shared.float() / k
+    return terms, diagnostics
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum over chunks of loss(head(hidden[chunk])), with the head's gradients taken chunk by
+    chunk inside forward, so no more than one chunk of (rows, V) logits is ever alive.
+
+    This is the fused-linear-loss idea (Liger, torchtune's chunked losses) written generically:
+    the per-chunk loss is any autograd-traceable function, so the trainer's fast path runs the
+    very same term functions as the readable reference.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, chunk_loss, chunk_size, *params):
+        grad_hidden = torch.zeros_like(hidden)
+        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params]
+        trainable = [p for p in params if p.requires_grad]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows].detach().requires_grad_(hidden.requires_grad)
+            with torch.enable_grad():
+                loss = chunk_loss(h, rows)
+            inputs = ([h] if h.requires_grad else []) + trainable
+            if inputs and loss.requires_grad:
+                grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+                if h.requires_grad:
+                    g = grads.pop(0)
+                    if g is not None:
+                        grad_hidden[rows] = g
+                for i, p in enumerate(params):
+                    if p.requires_grad:
+                        g = grads.pop(0)
+                        if g is not None:
+                            grad_params[i] += g
+            total += loss.detach()
+        ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
+        ctx.has_grad = [g is not None for g in grad_params]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, *saved = ctx.saved_tensors
+        grad_params = []
+        for has in ctx.has_grad:
+            grad_params.append(saved.pop(0) * grad_output if has else None)
+        return (grad_hidden * grad_output, None, None, *grad_params)
+
+
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    params: Sequence[torch.nn.Parameter],
+    chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Scalar loss = sum over row chunks of `chunk_loss(hidden[rows], rows)`.
+
+    hidden: (N, D) final hidden states of the student (the LM head's input); `params` are the
+    parameters `chunk_loss` uses besides `hidden` (the student's LM head), so their gradients flow.
+    Equal in value and gradient to computing `chunk_loss(hidden, slice(None))` at once.
+    """
+    return _ChunkedHeadLoss.apply(hidden, chunk_loss, chunk_size, *params)

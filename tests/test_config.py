@@ -1,0 +1,122 @@
+"""Config loading, overrides and the up-front checks that fail before any model loads."""
+
+from pathlib import Path
+
+import pytest
+
+from oprd.config import ConfigError, TrainConfig, check_model_pairing, load_config
+from oprd.models import ModelSpec, load_config as load_model_config, load_tokenizer
+from oprd.toy import tiny_config, train_tokenizer
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SMOKE = RECIPES / "smoke"
+
+
+def test_recipe_loads_and_overrides_apply():
+    cfg = load_config(SMOKE / "oprd.yaml", ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "report_to=tensorboard"])
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.max_steps == 7
+    assert cfg.oprd.layers == [1, 3]
+    assert cfg.report_to == ["tensorboard"]
+    # relative paths are read from the recipe's folder
+    assert Path(cfg.student.model) == (SMOKE / "tiny-qwen3").resolve()
+    assert Path(cfg.data.path) == (SMOKE / "prompts.parquet").resolve()
+
+
+@pytest.mark.parametrize("recipe", sorted((RECIPES / "paper").glob("*.yaml")) + sorted(SMOKE.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(recipe):
+    cfg = load_config(recipe)
+    assert cfg.uses_opd or cfg.uses_oprd
+
+
+def test_paper_recipes_match_table_2_settings():
+    cfg = load_config(RECIPES / "paper" / "oprd.yaml")
+    assert cfg.student.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert cfg.max_steps == 500 and cfg.optim.lr == 1e-5 and cfg.optim.warmup_ratio == 0.03
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.responses_per_prompt) == (8, 2)
+    assert cfg.rollout.max_new_tokens == 16384
+    assert (cfg.oprd.layers, cfg.oprd.positions, cfg.oprd.k) == ("all", "last_k", 2000)
+    assert load_config(RECIPES / "paper" / "opd_top16.yaml").opd.k == 16
+    assert load_config(RECIPES / "paper" / "opd_top1_plus_oprd_mu10.yaml").oprd.coef == 10
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.warmup_ration=0.1"], "unknown config key optim.warmup_ration; did you mean optim.warmup_ratio"),
+        (["optim.learning_rate=1"], "unknown config key optim.learning_rate; valid keys: lr, "),
+        (["colour=blue"], "unknown config key colour"),
+        (["max_steps=ten"], "max_steps must be int"),
+        (["optim.lr=true"], "optim.lr must be float"),
+        (["opd.objective=topq"], "opd.objective must be one of"),
+        (["oprd.positions=middle"], "oprd.positions must be one of"),
+        (["oprd.layers=[0, 2]"], "oprd.layers as a list needs 1-based"),
+        (["opd.objective=none", "oprd.coef=0"], "nothing to train"),
+        (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["a.b.c=1"], "nested too deeply"),
+        (["novalue"], "not of the form key=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(SMOKE / "oprd.yaml", overrides)
+
+
+def test_missing_models_and_data_are_reported():
+    with pytest.raises(ConfigError, match="student.model is required"):
+        load_config(None, ["teacher.model=x", "data.path=y", "oprd.coef=1"])
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other-tok")
+    train_tokenizer(["completely different text " * 20, "more words here"], vocab_size=300, out_dir=folder)
+    return load_tokenizer(ModelSpec(model=str(folder)))
+
+
+def _pairing(cfg: TrainConfig, teacher_config=None, teacher_tok=None):
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"))
+    tok, config = load_tokenizer(spec), load_model_config(spec)
+    return check_model_pairing(cfg, config, teacher_config or config, tok, teacher_tok or tok)
+
+
+def test_pairing_accepts_same_models():
+    assert _pairing(load_config(SMOKE / "oprd_plus_opd.yaml")) == []
+
+
+def test_oprd_vanilla_refuses_different_widths():
+    cfg = load_config(SMOKE / "oprd.yaml")
+    wider = tiny_config(1024, hidden_size=96, num_heads=4)
+    with pytest.raises(ConfigError, match="hidden size is 64 and the teacher's 96.*Bridge"):
+        _pairing(cfg, teacher_config=wider)
+
+
+def test_different_depth_pairs_layers_with_a_warning():
+    deeper = tiny_config(1024, num_layers=6)
+    warnings = _pairing(load_config(SMOKE / "oprd.yaml"), teacher_config=deeper)
+    assert any("proportional map" in w for w in warnings)
+
+
+def test_topk_larger_than_vocabulary_is_refused():
+    with pytest.raises(ConfigError, match="opd.k=5000 is larger than the vocabulary"):
+        _pairing(load_config(SMOKE / "opd_topk.yaml", ["opd.k=5000"]))
+
+
+@pytest.mark.parametrize("recipe", ["opd_sampled.yaml", "oprd.yaml"])
+def test_mismatched_tokenizers_are_refused(recipe, other_tokenizer):
+    with pytest.raises(ConfigError, match="tokenizers differ.*OPRD-Bridge"):
+        _pairing(load_config(SMOKE / recipe), teacher_tok=other_tokenizer)
+
+
+def test_padded_teacher_embedding_is_accepted():
+    """Same tokenizer, larger embedding (Qwen2.5 small vs large): logits are sliced, not refused."""
+    padded = tiny_config(1024 + 64)
+    assert _pairing(load_config(SMOKE / "opd_full.yaml"), teacher_config=padded) == []
+
+
+def test_chat_template_difference_is_reported():
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"))
+    teacher_tok = load_tokenizer(spec)
+    teacher_tok.chat_template = "{{ messages[0]['content'] }}"
+    warnings = _pairing(load_config(SMOKE / "opd_sampled.yaml"), teacher_tok=teacher_tok)
+    assert any("chat templates differ" in w for w in warnings)
