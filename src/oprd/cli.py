@@ -34,7 +34,7 @@ def train(
     from oprd.config import ConfigError, load_config
     from oprd.trainer import train as run_training
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         cfg = load_config(recipe, overrides or [])
         run_training(cfg)

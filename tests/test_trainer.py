@@ -1,0 +1,261 @@
+"""The training engine: fast paths against the public loss functions, smoke runs, exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from oprd import checkpoint, losses
+from oprd.cli import app
+from oprd.config import load_config
+from oprd.models import ModelSpec, eos_token_ids, load_model, load_tokenizer
+from oprd.rollout import HFRollout, SamplingParams
+from oprd.trainer import Objective, PromptStream, distillation_loss, train
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
+TINY = str(SMOKE / "tiny-qwen3")
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+@pytest.fixture(scope="module")
+def pair_and_batch():
+    tokenizer = load_tokenizer(ModelSpec(model=TINY))
+    student = load_model(ModelSpec(model=TINY, random_init=True, init_seed=0), torch.device("cpu"))
+    teacher = load_model(ModelSpec(model=TINY, random_init=True, init_seed=1), torch.device("cpu"))
+    teacher.requires_grad_(False)
+    rollout = HFRollout(student, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(student, tokenizer),
+                        vocab_size=len(tokenizer))
+    prompts = [tokenizer("What is 1 + 2?").input_ids, tokenizer("Name a prime number larger than ten please").input_ids]
+    torch.manual_seed(0)
+    batch = rollout.generate(prompts, SamplingParams(n=2, max_new_tokens=12))
+    # Unequal response lengths, so padding and masks are exercised.
+    batch.response_mask[0, 5:] = 0
+    batch.response_mask[3, 9:] = 0
+    return student, teacher, batch, len(tokenizer)
+
+
+def _reference_loss(objective: Objective, student, teacher, batch):
+    """The public loss functions on full HF outputs (logits and hidden_states)."""
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    s_out = student(**inputs, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(**inputs, output_hidden_states=True)
+    window = slice(P - 1, P + T - 1)  # outputs that predict response tokens
+    mask = batch.response_mask.float()
+    loss = torch.zeros(())
+    if objective.opd != "none":
+        s_logits, t_logits = s_out.logits[:, window], t_out.logits[:, window]
+        if objective.opd == "sampled":
+            target = batch.response_ids.unsqueeze(-1)
+            s_lp = torch.log_softmax(s_logits, -1).gather(-1, target).squeeze(-1)
+            t_lp = torch.log_softmax(t_logits, -1).gather(-1, target).squeeze(-1)
+            loss = loss + losses.opd_sampled_loss(s_lp, t_lp, mask)
+        elif objective.opd == "topk":
+            loss = loss + losses.opd_topk_loss(s_logits, t_logits, mask, objective.topk, objective.topk_support)
+        else:
+            loss = loss + losses.opd_full_loss(s_logits, t_logits, mask)
+    if objective.oprd_coef > 0:
+        pos = objective.oprd_mask(batch.response_mask)
+        rep = losses.representation_loss(
+            [s_out.hidden_states[l][:, window] for l in objective.student_layers],
+            [t_out.hidden_states[l][:, window] for l in objective.teacher_layers],
+            pos, objective.normalize, objective.aggregation,
+        )
+        loss = loss + objective.oprd_coef * rep
+    return loss
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["opd.objective=sampled"],
+        ["opd.objective=topk", "opd.k=8", "opd.support=union"],
+        ["opd.objective=topk", "opd.k=8", "opd.support=intersection"],
+        ["opd.objective=full"],
+        ["oprd.coef=1", "oprd.layers=all", "oprd.positions=last_k", "oprd.k=4"],
+        ["oprd.coef=1", "oprd.layers=even", "oprd.positions=first_k", "oprd.k=3", "oprd.aggregation=sequence", "oprd.normalize=false"],
+        ["oprd.coef=1", "oprd.layers=[2]", "oprd.positions=last"],
+        ["opd.objective=sampled", "oprd.coef=10", "oprd.layers=odd", "oprd.positions=all"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_trainer_path_matches_public_losses(pair_and_batch, overrides):
+    """Micro-batched, chunked, truncated forward == public functions on full outputs (value and grads)."""
+    student, teacher, batch, vocab = pair_and_batch
+    cfg = load_config(SMOKE / "oprd.yaml", ["oprd.coef=0", "opd.chunk_size=5", *overrides])
+    objective = Objective.from_config(cfg, 4, 4, vocab)
+    normalizers = objective.normalizers(batch.response_mask)
+
+    student.zero_grad()
+    fast_total = 0.0
+    for first in range(0, 4, 1):
+        loss, _ = distillation_loss(objective, student, teacher, batch.select(slice(first, first + 1)), normalizers)
+        loss.backward()
+        fast_total += loss.item()
+    fast_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    student.zero_grad()
+    reference = _reference_loss(objective, student, teacher, batch)
+    reference.backward()
+    assert fast_total == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
+    assert fast_grads, "no gradient reached the student"
+    for name, param in student.named_parameters():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        got = fast_grads.get(name, torch.zeros_like(param))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_oprd_only_never_runs_the_lm_heads(pair_and_batch):
+    student, teacher, batch, vocab = pair_and_batch
+    calls = []
+    handles = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1)) for m in (student, teacher)]
+    try:
+        objective = Objective.from_config(load_config(SMOKE / "oprd.yaml"), 4, 4, vocab)
+        loss, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch.response_mask))
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+
+
+def test_padded_teacher_vocabulary_is_sliced(pair_and_batch, tmp_path):
+    """A teacher with extra embedding rows (same tokenizer) gives the same loss as without them."""
+    student, teacher, batch, vocab = pair_and_batch
+    config = teacher.config.__class__(**{**teacher.config.to_dict(), "vocab_size": vocab + 64})
+    padded = AutoModelForCausalLM.from_config(config)
+    state = teacher.state_dict()
+    for name, value in padded.state_dict().items():
+        value[: state[name].shape[0]] = state[name]  # copy; extra rows keep random values
+    padded.requires_grad_(False)
+    objective = Objective.from_config(load_config(SMOKE / "opd_full.yaml"), 4, 4, vocab)
+    norms = objective.normalizers(batch.response_mask)
+    with torch.no_grad():
+        a, _ = distillation_loss(objective, student, teacher, batch, norms)
+        b, _ = distillation_loss(objective, student, padded, batch, norms)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_prompt_stream_resumes_exactly():
+    full = PromptStream(7, 3, seed=5)
+    expected = [full.next_batch() for _ in range(5)]
+    head = PromptStream(7, 3, seed=5)
+    got = [head.next_batch() for _ in range(2)]
+    tail = PromptStream(7, 3, seed=5, **head.state())
+    got += [tail.next_batch() for _ in range(3)]
+    assert got == expected
+    assert sorted(sum(expected, [])[:7]) == list(range(7)), "each pass visits every prompt once"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["opd_sampled", "opd_topk", "opd_full", "oprd", "oprd_plus_opd"])
+def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
+    run_dir = tmp_path / recipe
+    result = CliRunner().invoke(app, ["train", str(SMOKE / f"{recipe}.yaml"), f"output_dir={run_dir}"])
+    assert result.exit_code == 0, result.output
+    rows = _read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/rollout_s", "time/teacher_s", "time/update_s"}
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.uses_opd:
+        needed |= {"opd/kl_estimate", "opd/student_entropy", "opd/teacher_entropy"}
+    if cfg.opd.objective == "topk":
+        needed.add("opd/topk_overlap")
+    if cfg.uses_oprd:
+        needed |= {"rep/cosine_similarity", "rep/mse", "rep/cosine_similarity/layer_1", "rep/mse/layer_4"}
+    for row in rows:
+        assert needed <= row.keys(), needed - row.keys()
+        assert all(isinstance(v, (int, float)) and v == v for v in row.values())
+    assert rows[0]["loss"] != rows[-1]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert model.config.num_hidden_layers == 4
+    trained = dict(model.named_parameters())
+    initial = dict(load_model(ModelSpec(model=TINY, random_init=True), torch.device("cpu")).named_parameters())
+    assert any(not torch.equal(trained[n], initial[n]) for n in initial), "final/ holds untrained weights"
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == ["step_000002", "step_000003"]
+    assert not list((run_dir / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["oprd_plus_opd", "opd_topk"])
+def test_resume_after_crash_reproduces_uninterrupted_run(recipe, tmp_path, monkeypatch):
+    overrides = ["max_steps=4", "save_every=2"]
+    straight = train(load_config(SMOKE / f"{recipe}.yaml", [*overrides, f"output_dir={tmp_path / 'a'}"]))
+    expected = _read_metrics(straight)
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after the step-2 checkpoint")
+
+    crashed_dir = tmp_path / "b"
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(SMOKE / f"{recipe}.yaml", [*overrides, f"output_dir={crashed_dir}"]))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert [r["step"] for r in _read_metrics(crashed_dir)] == [1, 2]
+    assert not (crashed_dir / "final").exists()
+
+    train(load_config(SMOKE / f"{recipe}.yaml", [*overrides, f"output_dir={crashed_dir}", "resume=true"]))
+    resumed = _read_metrics(crashed_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for want, got in zip(expected, resumed):
+        for key in ("loss", "grad_norm", "lr", "response_length/mean"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), (want["step"], key)
+    a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(crashed_dir / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["train", str(SMOKE / "oprd.yaml"), f"output_dir={run_dir}", "max_steps=1"])
+    assert result.exit_code != 0
+    output = " ".join(result.output.split())
+    assert "already holds files" in output and "resume=true" in output
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key optim.lrr"),
+        (["opd.objective=topk", "opd.k=100000"], "opd.k=100000 is larger than the vocabulary"),
+        (["data.path=does/not/exist.parquet"], "does/not/exist.parquet"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_with_the_field(overrides, message, tmp_path):
+    result = CliRunner().invoke(app, ["train", str(SMOKE / "oprd.yaml"), f"output_dir={tmp_path / 'r'}", *overrides])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    import oprd.trainer as trainer_module
+
+    real = trainer_module.distillation_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(trainer_module, "distillation_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1"]))
