@@ -45,6 +45,120 @@ def train(
 
 # --- eval (evaluation harness) ---
 
+from contextlib import contextmanager  # noqa: E402  (imports of the eval commands, kept with them)
+from datetime import datetime  # noqa: E402
+
+from typer.core import TyperGroup  # noqa: E402
+
+
+class _EvalGroup(TyperGroup):
+    """`oprd eval MODEL ...` runs `oprd eval run MODEL ...`; `oprd eval grade FILE` grades a file."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_EvalGroup,
+    no_args_is_help=True,
+    help="Evaluate models on math benchmarks (`oprd eval MODEL...`) or grade responses (`oprd eval grade FILE`).",
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _default_eval_dir() -> Path:
+    return Path("evals") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+@contextmanager
+def _eval_errors(console: Console):
+    """A user error (bad path, unknown column, existing output dir) becomes a message and exit code 2."""
+    try:
+        yield
+    except (FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=2) from error
+
+
+@eval_app.command("run")
+def eval_run(
+    models: list[str] = typer.Argument(..., help="hub ids or local model dirs"),
+    benchmarks: str = typer.Option("aime24,aime25,aimo", help="comma-separated: aime24, aime25, aimo, amc23, math500 or files"),
+    samples: int = typer.Option(16, help="responses per problem (the k of Avg@k)"),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(1.0),
+    max_new_tokens: int = typer.Option(4096),
+    out: Path = typer.Option(None, help="output dir [default: evals/<timestamp>]"),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(64, help="sequences per generate call"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code"),
+    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="off for base models without one"),
+    prompt_key: str = typer.Option(None, help="prompt column of benchmark files (dotted for nested)"),
+    answer_key: str = typer.Option(None, help="answer column of benchmark files, e.g. reward_model.ground_truth"),
+    limit: int = typer.Option(None, help="first N problems of each benchmark"),
+    overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+) -> None:
+    """Sample and grade models on math benchmarks; writes summary.json, samples.jsonl, results.md.
+
+    Example: oprd eval runs/smoke/final Qwen/Qwen3-1.7B --benchmarks aime24,aime25,aimo --samples 16
+    """
+    from oprd.evaluation import run_eval
+    from oprd.rollout import SamplingParams
+
+    console = Console(stderr=True, soft_wrap=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples)
+    with _eval_errors(console):
+        run_eval(
+            models,
+            [b.strip() for b in benchmarks.split(",") if b.strip()],
+            out or _default_eval_dir(),
+            params=params,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            use_chat_template=chat_template,
+            prompt_key=prompt_key,
+            answer_key=answer_key,
+            limit=limit,
+            overwrite=overwrite,
+            console=Console(),
+        )
+
+
+@eval_app.command("grade")
+def eval_grade(
+    responses: Path = typer.Argument(..., help='JSONL: {"index": i, "responses": [...]} or {"index": i, "response": "..."}'),
+    data: str = typer.Option(..., help="the benchmark the indices refer to: a shipped name or a file"),
+    out: Path = typer.Option(None, help="output dir [default: evals/<timestamp>]"),
+    tokenizer: str = typer.Option(None, help="count lengths in this tokenizer's tokens (default: whitespace tokens)"),
+    prompt_key: str = typer.Option(None),
+    answer_key: str = typer.Option(None),
+    overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+) -> None:
+    """Grade responses sampled elsewhere (e.g. by vLLM); writes the same report as `oprd eval`.
+
+    Example: oprd eval grade responses.jsonl --data aime24 --out evals/vllm --tokenizer Qwen/Qwen3-1.7B
+    """
+    from oprd.evaluation import grade_responses_file
+
+    with _eval_errors(Console(stderr=True, soft_wrap=True)):
+        grade_responses_file(
+            responses,
+            data,
+            out or _default_eval_dir(),
+            tokenizer=tokenizer,
+            prompt_key=prompt_key,
+            answer_key=answer_key,
+            overwrite=overwrite,
+            console=Console(),
+        )
+
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,177 @@
+"""Problems (a chat prompt and, for evaluation, a ground-truth answer) from files, shipped
+benchmarks or the hub; shared by training and evaluation.
+
+Two layouts are recognised without configuration:
+  verl   `prompt` is a list of chat messages, the answer sits in `reward_model.ground_truth`
+  plain  a text column (`problem`, `question`, `prompt`, `instruction`) and an answer column
+         (`answer`, `ground_truth`, or `solution`, whose last \\boxed{} is the answer)
+`prompt_key` / `answer_key` (dotted for nested fields) override the detection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from transformers import PreTrainedTokenizerBase
+
+BENCHMARKS = ("aime24", "aime25", "aimo", "amc23", "math500")  # shipped in oprd/benchmarks/
+FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
+TEXT_KEYS = ("problem", "question", "prompt", "instruction")
+ANSWER_KEYS = ("reward_model.ground_truth", "answer", "ground_truth", "solution")
+
+
+@dataclass
+class Problem:
+    index: int  # row in the source file
+    messages: list[dict]  # chat messages [{"role": ..., "content": ...}]
+    answer: str | None  # ground truth if the file has one
+    source: str | None = None  # the `data_source` column, if any
+
+
+def load_problems(
+    path: str,
+    *,
+    prompt_key: str | None = None,
+    answer_key: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+) -> list[Problem]:
+    """Problems from a .parquet/.jsonl/.json file, a shipped benchmark name (`aime24`, ...)
+    or a hub dataset id (`split` picks the hub split). `limit` keeps the first rows."""
+    rows = _read_rows(path, split)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    rows = rows[:limit] if limit is not None else rows
+    prompt_key = prompt_key or _detect_prompt_key(rows[0], path)
+    answer_key = answer_key or next((k for k in ANSWER_KEYS if _get(rows[0], k) is not _MISSING), None)
+    for key in (prompt_key, answer_key):
+        if key is not None and _get(rows[0], key) is _MISSING:
+            raise ValueError(f"{path}: no field {key!r}; columns found: {_columns(rows[0])}")
+    return [
+        Problem(
+            index=i,
+            messages=_messages(_get(row, prompt_key), f"{path} row {i}"),
+            answer=_answer(_get(row, answer_key), from_solution=answer_key == "solution") if answer_key else None,
+            source=row.get("data_source"),
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def benchmark_path(name: str) -> Path:
+    """The packaged copy of a shipped benchmark."""
+    return Path(str(resources.files("oprd") / "benchmarks" / f"{name}.parquet"))
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, use_chat_template: bool = True
+) -> list[int]:
+    """Token ids of the prompt the model answers: the chat template with the assistant turn opened,
+    or (use_chat_template=False, for base models) the user turns joined by blank lines."""
+    if not use_chat_template:
+        text = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
+        return tokenizer(text, add_special_tokens=True).input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: set "
+            "data.use_chat_template=false (eval: --no-chat-template) or use a tokenizer that has one"
+        )
+    # Render then tokenize: the template already holds the special tokens it needs, and in
+    # transformers 5 apply_chat_template(tokenize=True) returns a BatchEncoding, not ids.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _read_rows(path: str, split: str) -> list[dict]:
+    local = Path(path)
+    if local.suffix in FILE_SUFFIXES:
+        if not local.is_file():
+            raise FileNotFoundError(f"no such data file: {path}")
+    elif path in BENCHMARKS:
+        local = benchmark_path(path)
+    else:  # a hub id, or a local dataset directory, which `datasets` reads too
+        return _read_hub(path, split)
+    if local.suffix == ".parquet":
+        return pq.read_table(local).to_pylist()
+    if local.suffix == ".jsonl":
+        with open(local) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    rows = json.loads(local.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows")
+    return rows
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    try:
+        import datasets  # optional: only hub datasets need it
+    except ImportError as e:
+        raise ImportError(
+            f"{name!r} is not a .parquet/.jsonl/.json file or a shipped benchmark ({', '.join(BENCHMARKS)}); "
+            "loading it from the hub needs `pip install datasets` (or `pip install oprd[hub]`)"
+        ) from e
+    return list(datasets.load_dataset(name, split=split))
+
+
+_MISSING = object()
+
+
+def _get(row: dict, key: str) -> Any:
+    """row["a"]["b"] for key "a.b"; _MISSING when any part is missing."""
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _columns(row: dict, prefix: str = "") -> list[str]:
+    """Column names, nested struct fields dotted (`reward_model.ground_truth`)."""
+    names = []
+    for key, value in row.items():
+        names.append(prefix + key)
+        if isinstance(value, dict):
+            names += _columns(value, prefix + key + ".")
+    return names
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
+
+
+def _detect_prompt_key(row: dict, path: str) -> str:
+    if _is_chat(row.get("prompt")):
+        return "prompt"
+    for key in TEXT_KEYS:
+        if isinstance(row.get(key), str):
+            return key
+    raise ValueError(
+        f"{path}: cannot find the prompt; columns found: {_columns(row)}. Expected a chat-message "
+        f"list in `prompt` (verl layout) or a text column among {list(TEXT_KEYS)}; set the prompt "
+        "column with data.prompt_key=... (eval: --prompt-key) and the answer with data.answer_key=... "
+        "(eval: --answer-key)"
+    )
+
+
+def _messages(value: Any, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if _is_chat(value):
+        return [{"role": m.get("role", "user"), "content": m["content"]} for m in value]
+    raise ValueError(f"{where}: the prompt is neither text nor a list of chat messages: {value!r:.200}")
+
+
+def _answer(value: Any, *, from_solution: bool) -> str | None:
+    if value is None or value is _MISSING:
+        return None
+    if from_solution:
+        from oprd.evaluation import extract_answer  # evaluation imports this module
+
+        return extract_answer(str(value))
+    return str(value)
