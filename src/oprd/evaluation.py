@@ -17,6 +17,7 @@ or kill a whole evaluation.
 from __future__ import annotations
 
 import atexit
+import inspect
 import json
 import math
 import os
@@ -167,7 +168,7 @@ class _Verifier:
     thread).
     """
 
-    start_timeout_s = 120.0  # the child imports torch and transformers through this module
+    start_timeout_s = 60.0
 
     def __init__(self):
         self._proc: subprocess.Popen | None = None
@@ -191,20 +192,19 @@ class _Verifier:
             return reply == "1"
 
     def _start(self) -> None:
-        # The child must import this very package, even when the parent found it through sys.path tweaks.
-        paths = [str(Path(__file__).resolve().parents[1]), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        # The child runs the source of `_verify_worker` alone: importing this module would pull in
+        # torch and transformers, and the child restarts after every overrun.
+        source = inspect.getsource(_verify_worker) + "\n_verify_worker()\n"
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from oprd.evaluation import _verify_worker; _verify_worker()"],
+            [sys.executable, "-c", source],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=env,
         )
         if self._readline(self.start_timeout_s) != "ready":
             self.close()
-            raise RuntimeError(f"the math-verify grading process did not start (run `{sys.executable} -c 'import oprd.evaluation'`)")
+            raise RuntimeError(f"the math-verify grading process did not start (try `{sys.executable} -c 'import math_verify'`)")
 
     def _readline(self, timeout_s: float) -> str | None:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
@@ -222,7 +222,12 @@ _VERIFIER = _Verifier()
 
 
 def _verify_worker() -> None:
-    """The child of `_Verifier`: reads JSON [answer, ground_truth] lines, answers "1" or "0" per line."""
+    """The child of `_Verifier`: reads JSON [answer, ground_truth] lines, answers "1" or "0" per line.
+    Self-contained (its source runs alone in the child)."""
+    import json
+    import os
+    import sys
+
     from math_verify import parse, verify
 
     replies = os.fdopen(os.dup(1), "w", buffering=1)
