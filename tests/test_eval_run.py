@@ -62,7 +62,8 @@ class ScriptedRollout:
         for row, ids in enumerate(responses):
             response_ids[row, : len(ids)] = torch.tensor(ids)
             response_mask[row, : len(ids)] = 1
-        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(index), torch.tensor(truncated))
+        prompt_index, truncated = torch.tensor(index), torch.tensor(truncated)
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, truncated)
 
     def sync_weights(self, model) -> None:
         pass
@@ -115,8 +116,8 @@ def test_evaluate_is_seeded_and_leaves_the_callers_rng_alone(tokenizer, scripted
     first = evaluate(rollout, tokenizer, problems, params, seed=7)
     assert torch.equal(torch.rand(3), expected_next)
     assert evaluate(rollout, tokenizer, problems, params, seed=7).samples == first.samples
-    draws = {tuple(r["response"] for r in evaluate(rollout, tokenizer, problems, params, seed=s).samples) for s in range(4)}
-    assert len(draws) > 1
+    runs = [evaluate(rollout, tokenizer, problems, params, seed=seed).samples for seed in range(4)]
+    assert len({tuple(r["response"] for r in run) for run in runs}) > 1
 
 
 def test_evaluate_reports_running_accuracy(tokenizer, scripted):
@@ -142,7 +143,8 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_oprd_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     mini = tmp_path / "mini.jsonl"
-    mini.write_text("".join(json.dumps({"question": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(3)))
+    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)]
+    mini.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "eval"
     model = str(tiny_model_dir)
     args = ["eval", model, "--benchmarks", f"aime24,{mini}", "--samples", "2", "--max-new-tokens", "8"]
@@ -185,7 +187,11 @@ def write_responses(path: Path) -> Path:
         {"index": 1, "response": r"\boxed{25}", "truncated": True},
         {"index": 1, "response": r"\boxed{025}"},
         {"index": 1, "response": r"\boxed{0.25}"},
-        {"index": 2, "responses": [r"\boxed{1}", r"\boxed{1.0}", r"\boxed{2}", "hmm, not sure"], "truncated": [0, 0, 0, 1]},
+        {
+            "index": 2,
+            "responses": [r"\boxed{1}", r"\boxed{1.0}", r"\boxed{2}", "hmm, not sure"],
+            "truncated": [False, False, False, True],
+        },
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -216,6 +222,7 @@ def test_oprd_eval_grade_gives_the_expected_numbers(tmp_path):
             "solve_all": 0,
             "problems": 3,
             "samples": 12,
+            "k": 4,
         }
     )
     records = read_jsonl(out / "samples.jsonl")
@@ -232,12 +239,14 @@ def test_oprd_eval_grade_counts_tokenizer_tokens(tmp_path, tokenizer):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["length_unit"] == f"tokens ({TINY})"
-    lengths = [len(tokenizer(r["response"], add_special_tokens=False).input_ids) for r in read_jsonl(out / "samples.jsonl")]
+    records = read_jsonl(out / "samples.jsonl")
+    lengths = [len(tokenizer(r["response"], add_special_tokens=False).input_ids) for r in records]
     assert summary["results"]["run"]["aime24"]["avg_len"] == pytest.approx(mean(lengths))
 
 
 def test_oprd_eval_grade_rejects_unknown_rows(tmp_path):
     responses = tmp_path / "bad.jsonl"
     responses.write_text(json.dumps({"index": 30, "response": "1"}) + "\n")
-    result = CliRunner().invoke(app, ["eval", "grade", str(responses), "--data", "aime24", "--out", str(tmp_path / "o")])
+    args = ["eval", "grade", str(responses), "--data", "aime24", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "not rows of aime24" in result.output

@@ -243,13 +243,14 @@ def sample(correct, answer, response="", length=1, truncated=False):
     return GradedSample(response=response, answer=answer, correct=correct, length=length, truncated=truncated)
 
 
-def test_majority_vote_groups_answers_by_value():
-    two_right = [sample(True, "3"), sample(True, "3.0")]
+def test_majority_vote():
+    two_right = [sample(True, "3"), sample(True, "3.0")]  # right answers are one vote, however written
     assert majority_correct(two_right + [sample(False, "1/2"), sample(False, "7")])
-    # 1/2, 0.5 and \frac12 are one wrong answer, voted three times
-    assert not majority_correct(two_right + [sample(False, "1/2"), sample(False, "0.5"), sample(False, r"\frac12")])
+    # wrong answers vote together when their normalised text is the same
+    assert not majority_correct(two_right + [sample(False, "1/2"), sample(False, "1 / 2"), sample(False, "1/2")])
     assert majority_correct(two_right + [sample(False, "7"), sample(False, "7")])  # ties: the first seen
     assert not majority_correct([sample(False, "7"), sample(False, "7"), sample(True, "3"), sample(True, "3")])
+    assert majority_correct([sample(False, None), sample(False, None), sample(True, "3")])  # no-answers cast no vote
     assert not majority_correct([sample(False, None)])
 
 
@@ -261,10 +262,10 @@ def test_summarize_against_hand_computed_values():
             sample(False, "7", "x", 3, truncated=True),
             sample(False, "7", "a b c d e", 4),
         ],
-        [  # all wrong, one format error; 1/2 and 0.5 vote together
+        [  # all wrong, one format error
             sample(False, None, "1 2 3 4 5 6", 5, truncated=True),
             sample(False, "1/2", "", 6),
-            sample(False, "0.5", "", 7),
+            sample(False, "1 / 2", "", 7),
             sample(False, "3", "", 8),
         ],
         [sample(True, "9", "z z z z z", 9 + i, truncated=i == 0) for i in range(4)],  # all right
@@ -285,6 +286,7 @@ def test_summarize_against_hand_computed_values():
         "solve_all": 1,
         "problems": 3,
         "samples": 12,
+        "k": 4,
     }
     assert metrics == pytest.approx(expected)
     assert list(metrics) == list(expected)

@@ -85,7 +85,9 @@ def _eval_errors(console: Console):
 @eval_app.command("run")
 def eval_run(
     models: list[str] = typer.Argument(..., help="hub ids or local model dirs"),
-    benchmarks: str = typer.Option("aime24,aime25,aimo", help="comma-separated: aime24, aime25, aimo, amc23, math500 or files"),
+    benchmarks: str = typer.Option(
+        "aime24,aime25,aimo", help="comma-separated: aime24, aime25, aimo, amc23, math500 or data files"
+    ),
     samples: int = typer.Option(16, help="responses per problem (the k of Avg@k)"),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(1.0),
@@ -96,7 +98,9 @@ def eval_run(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code"),
-    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="off for base models without one"),
+    chat_template: bool = typer.Option(
+        True, "--chat-template/--no-chat-template", help="off: the user turns as plain text (base models)"
+    ),
     prompt_key: str = typer.Option(None, help="prompt column of benchmark files (dotted for nested)"),
     answer_key: str = typer.Option(None, help="answer column of benchmark files, e.g. reward_model.ground_truth"),
     limit: int = typer.Option(None, help="first N problems of each benchmark"),
@@ -133,7 +137,9 @@ def eval_run(
 
 @eval_app.command("grade")
 def eval_grade(
-    responses: Path = typer.Argument(..., help='JSONL: {"index": i, "responses": [...]} or {"index": i, "response": "..."}'),
+    responses: Path = typer.Argument(
+        ..., help='JSONL: {"index": i, "responses": [...]} or {"index": i, "response": "..."} per line'
+    ),
     data: str = typer.Option(..., help="the benchmark the indices refer to: a shipped name or a file"),
     out: Path = typer.Option(None, help="output dir [default: evals/<timestamp>]"),
     tokenizer: str = typer.Option(None, help="count lengths in this tokenizer's tokens (default: whitespace tokens)"),

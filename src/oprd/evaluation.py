@@ -204,7 +204,8 @@ class _Verifier:
         )
         if self._readline(self.start_timeout_s) != "ready":
             self.close()
-            raise RuntimeError(f"the math-verify grading process did not start (try `{sys.executable} -c 'import math_verify'`)")
+            command = f"{sys.executable} -c 'import math_verify'"
+            raise RuntimeError(f"the grading process did not start; does `{command}` work?")
 
     def _readline(self, timeout_s: float) -> str | None:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
@@ -278,7 +279,7 @@ def pass_ks(n: int) -> list[int]:
     return ks + [n] if ks[-1] != n else ks
 
 
-def summarize(problems: list[list[GradedSample]], *, timeout_s: float = GRADE_TIMEOUT_S) -> dict[str, float]:
+def summarize(problems: list[list[GradedSample]]) -> dict[str, float]:
     """Per-benchmark metrics from each problem's graded samples.
 
     k is the number of samples per problem (the smallest, should they differ). Rates are fractions
@@ -295,7 +296,7 @@ def summarize(problems: list[list[GradedSample]], *, timeout_s: float = GRADE_TI
     return {
         f"avg@{k}": mean(mean(c) for c in correct),
         f"best@{k}": mean(any(c) for c in correct),
-        f"maj@{k}": mean(majority_correct(p, timeout_s=timeout_s) for p in problems),
+        f"maj@{k}": mean(majority_correct(p) for p in problems),
         **{f"pass@{j}": mean(pass_at_k(len(c), sum(c), j) for c in correct) for j in pass_ks(k)},
         "dist-4g": mean(distinct_ngrams([s.response for s in p], 4) for p in problems),
         "avg_len": mean(s.length for s in samples),
@@ -305,29 +306,23 @@ def summarize(problems: list[list[GradedSample]], *, timeout_s: float = GRADE_TI
         "solve_all": sum(all(c) for c in correct),
         "problems": len(problems),
         "samples": len(samples),
+        "k": k,
     }
 
 
-def majority_correct(samples: list[GradedSample], *, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
+def majority_correct(samples: list[GradedSample]) -> bool:
     """Whether the most common answer among the samples is correct (ties: the one seen first).
 
-    Answers are counted as equal by value: all correct ones equal the ground truth, so they form one
-    group without comparisons; wrong ones are grouped with math-verify.
+    Correct answers all equal the ground truth by value, so they are one vote; wrong answers are
+    grouped by their normalised text (`extract_answer`'s cleaning, spaces dropped): comparing them
+    pairwise by value costs seconds per problem when answers are symbolic.
     """
-    groups: list[list[GradedSample]] = []  # in order of first appearance
+    votes: dict[object, int] = {}  # insertion order is first appearance
     for sample in samples:
-        if sample.answer is None:
-            continue
-        for group in groups:
-            head = group[0]
-            if head.correct == sample.correct and (
-                head.correct or answers_match(sample.answer, head.answer, timeout_s=timeout_s)
-            ):
-                group.append(sample)
-                break
-        else:
-            groups.append([sample])
-    return bool(groups) and max(groups, key=len)[0].correct
+        if sample.answer is not None:
+            key = True if sample.correct else sample.answer.replace(" ", "")
+            votes[key] = votes.get(key, 0) + 1
+    return bool(votes) and max(votes, key=votes.get) is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,10 +391,13 @@ def evaluate(
             if progress:
                 accuracy = mean(s.correct for p in graded for s in p)
                 progress.update(task, advance=len(chunk), acc=f"{100 * accuracy:.1f}%")
-    return EvalResult(summarize(graded, timeout_s=timeout_s), sample_records(problems, graded))
+    return EvalResult(summarize(graded), sample_records(problems, graded))
 
 
-def grade(response: str, ground_truth: str, *, length: int, truncated: bool = False, timeout_s: float = GRADE_TIMEOUT_S) -> GradedSample:
+def grade(
+    response: str, ground_truth: str, *, length: int, truncated: bool = False, timeout_s: float = GRADE_TIMEOUT_S
+) -> GradedSample:
+    """One response, extracted and graded."""
     return GradedSample(
         response=response,
         answer=extract_answer(response),
@@ -531,9 +529,11 @@ def grade_responses_file(
     with make_progress() as progress:
         task = progress.add_task(f"grading {Path(responses_path).name}", total=len(graded_problems), acc="-")
         for problem in graded_problems:
-            samples = responses[problem.index]
             graded.append(
-                [grade(text, problem.answer, length=count_tokens(text), truncated=cut, timeout_s=timeout_s) for text, cut in samples]
+                [
+                    grade(text, problem.answer, length=count_tokens(text), truncated=cut, timeout_s=timeout_s)
+                    for text, cut in responses[problem.index]
+                ]
             )
             accuracy = mean(s.correct for p in graded for s in p)
             progress.update(task, advance=1, acc=f"{100 * accuracy:.1f}%")
@@ -545,7 +545,7 @@ def grade_responses_file(
         "data": data,
         "length_unit": length_unit,
         "problems_without_responses": len(problems) - len(graded_problems),
-        "results": {label: {bench: summarize(graded, timeout_s=timeout_s)}},
+        "results": {label: {bench: summarize(graded)}},
     }
     with open(out / "samples.jsonl", "w") as samples_file:
         write_samples(samples_file, label, bench, sample_records(graded_problems, graded))
@@ -565,7 +565,8 @@ def read_responses(path: str | Path) -> dict[int, list[tuple[str, bool]]]:
                 continue
             row = json.loads(line)
             if not isinstance(row.get("index"), int) or not ("responses" in row or "response" in row):
-                raise ValueError(f"{path}:{number}: expected {{\"index\": int, \"responses\": [...]}} or {{\"index\": int, \"response\": str}}")
+                expected = '{"index": int, "responses": [str, ...]} or {"index": int, "response": str}'
+                raise ValueError(f"{path}:{number}: expected {expected}")
             texts = row["responses"] if "responses" in row else [row["response"]]
             truncated = row.get("truncated", False)
             flags = truncated if isinstance(truncated, list) else [truncated] * len(texts)
@@ -598,17 +599,17 @@ def write_report(out: Path, summary: dict) -> None:
     (out / "results.md").write_text(results_markdown(summary))
 
 
-# Headline tables: (metric key or key prefix, title); {k} is the samples per problem.
+# Headline tables: (metric key, title); k is the samples per problem.
 HEADLINE_METRICS = [
-    ("avg@", "Avg@{k} (%)"),
-    ("best@", "Best@{k} (%)"),
-    ("maj@", "Maj@{k} (%)"),
+    ("avg@{k}", "Avg@{k} (%)"),
+    ("best@{k}", "Best@{k} (%)"),
+    ("maj@{k}", "Maj@{k} (%)"),
     ("dist-4g", "Dist-4g (%)"),
     ("avg_len", "Avg Len ({unit})"),
     ("format_error_rate", "Format errors (%)"),
     ("truncation_rate", "Truncated (%)"),
 ]
-COUNTS = ("solve_none", "solve_all", "problems", "samples")
+COUNTS = ("solve_none", "solve_all", "problems", "samples", "k")
 
 
 def metric_tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -616,27 +617,27 @@ def metric_tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]
     benchmarks (and their average) as columns, like the paper's Tables 2 and 4-5; then one table
     per benchmark with every metric."""
     results, benchmarks = summary["results"], summary["benchmarks"]
-    k = next((key.split("@")[1] for m in results.values() for r in m.values() for key in r if key.startswith("avg@")), "k")
+    cells = {(model, bench): m for model, by_bench in results.items() for bench, m in by_bench.items()}
+    k = next(iter(cells.values()), {}).get("k", "k")
     tables = []
-    for prefix, title in HEADLINE_METRICS:
+    for key, title in HEADLINE_METRICS:
         rows = []
-        for model, by_bench in results.items():
-            values = [_metric(by_bench.get(bench, {}), prefix) for bench in benchmarks]
-            known = [v for v in values if v is not None]
-            average = mean(known) if len(known) == len(values) else None
-            rows.append([model, *(_format(prefix, v) for v in [*values, average])])
-        unit = summary.get("length_unit", "tokens")
-        tables.append((title.format(k=k, unit=unit), ["model", *benchmarks, "Avg."], rows))
+        for model in results:
+            values = [_headline(cells.get((model, b)), key) for b in benchmarks]
+            average = None if None in values else mean(values)
+            rows.append([model, *(_format(key, v) for v in [*values, average])])
+        tables.append((title.format(k=k, unit=summary["length_unit"]), ["model", *benchmarks, "Avg."], rows))
     for bench in benchmarks:
-        keys = list(dict.fromkeys(key for m in results.values() for key in m.get(bench, {})))
-        rows = [[model, *(_format(key, by_bench[bench].get(key)) for key in keys)] for model, by_bench in results.items() if bench in by_bench]
+        models = [model for model in results if (model, bench) in cells]
+        keys = list(dict.fromkeys(key for model in models for key in cells[model, bench]))
         header = ["model", *(key if key in COUNTS or key == "avg_len" else f"{key} (%)" for key in keys)]
+        rows = [[model, *(_format(key, cells[model, bench].get(key)) for key in keys)] for model in models]
         tables.append((f"{bench}: all metrics", header, rows))
     return tables
 
 
-def _metric(metrics: dict, prefix: str) -> float | None:
-    return next((v for key, v in metrics.items() if key == prefix or (prefix.endswith("@") and key.startswith(prefix))), None)
+def _headline(metrics: dict | None, key: str) -> float | None:
+    return None if metrics is None else metrics.get(key.format(k=metrics["k"]))
 
 
 def _format(key: str, value: float | None) -> str:
