@@ -244,9 +244,14 @@ def test_oprd_eval_grade_counts_tokenizer_tokens(tmp_path, tokenizer):
     assert summary["results"]["run"]["aime24"]["avg_len"] == pytest.approx(mean(lengths))
 
 
-def test_oprd_eval_grade_rejects_unknown_rows(tmp_path):
+def test_user_errors_exit_with_a_message_and_leave_the_out_dir_reusable(tmp_path):
     responses = tmp_path / "bad.jsonl"
     responses.write_text(json.dumps({"index": 30, "response": "1"}) + "\n")
-    args = ["eval", "grade", str(responses), "--data", "aime24", "--out", str(tmp_path / "out")]
-    result = CliRunner().invoke(app, args)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "grade", str(responses), "--data", "aime24", "--out", str(out)])
     assert result.exit_code == 2 and "not rows of aime24" in result.output
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "no-such-model"), "--limit", "1", "--out", str(out)])
+    assert result.exit_code == 2 and "error" in result.output
+    result = CliRunner().invoke(app, ["eval", "grade", str(responses), "--data", "nope.parquet", "--out", str(out)])
+    assert result.exit_code == 2 and "nope.parquet" in result.output
+    assert list(out.iterdir()) == []

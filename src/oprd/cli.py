@@ -74,10 +74,10 @@ def _default_eval_dir() -> Path:
 
 @contextmanager
 def _eval_errors(console: Console):
-    """A user error (bad path, unknown column, existing output dir) becomes a message and exit code 2."""
+    """A user error (bad path or model id, unknown column, existing output dir) becomes a message and exit 2."""
     try:
         yield
-    except (FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
+    except (ImportError, OSError, ValueError) as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(code=2) from error
 

@@ -376,7 +376,8 @@ def evaluate(
     per_chunk = max(1, batch_size // params.n)
     task = progress.add_task(description, total=len(problems), acc="-") if progress else None
     graded: list[list[GradedSample]] = []
-    with torch.random.fork_rng():
+    # Only the current GPU: fork_rng would otherwise initialise every visible device.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         for start in range(0, len(problems), per_chunk):
             chunk = problems[start : start + per_chunk]
@@ -465,7 +466,7 @@ def run_eval(
         "length_unit": "tokens",
         "results": {},
     }
-    with open(out / "samples.jsonl", "w") as samples_file, make_progress() as progress:
+    with make_progress() as progress:
         for name in models:
             spec = ModelSpec(model=name, dtype=dtype, trust_remote_code=trust_remote_code)
             tokenizer = load_tokenizer(spec)
@@ -490,7 +491,7 @@ def run_eval(
                     description=f"{name} | {bench}",
                 )
                 summary["results"].setdefault(name, {})[bench] = result.metrics
-                write_samples(samples_file, name, bench, result.samples)
+                append_samples(out, name, bench, result.samples)
                 write_report(out, summary)  # after every benchmark, so a crash keeps what finished
             del model, rollout
             if device.type == "cuda":
@@ -547,8 +548,7 @@ def grade_responses_file(
         "problems_without_responses": len(problems) - len(graded_problems),
         "results": {label: {bench: summarize(graded)}},
     }
-    with open(out / "samples.jsonl", "w") as samples_file:
-        write_samples(samples_file, label, bench, sample_records(graded_problems, graded))
+    append_samples(out, label, bench, sample_records(graded_problems, graded))
     write_report(out, summary)
     print_tables(console or Console(), summary, out)
     return summary
@@ -580,18 +580,25 @@ def benchmark_label(path: str) -> str:
     return path if path in BENCHMARKS else Path(path).stem
 
 
+REPORT_FILES = ("summary.json", "samples.jsonl", "results.md")
+
+
 def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """An empty (or, with `overwrite`, cleared of old reports) output dir; files appear as results
+    come, so a run that fails before its first result leaves the dir empty and reusable."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to write into it")
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     return out
 
 
-def write_samples(file, model: str, benchmark: str, records: list[dict]) -> None:
-    for record in records:
-        file.write(json.dumps({"model": model, "benchmark": benchmark, **record}) + "\n")
-    file.flush()
+def append_samples(out: Path, model: str, benchmark: str, records: list[dict]) -> None:
+    with open(out / "samples.jsonl", "a") as f:
+        for record in records:
+            f.write(json.dumps({"model": model, "benchmark": benchmark, **record}) + "\n")
 
 
 def write_report(out: Path, summary: dict) -> None:
