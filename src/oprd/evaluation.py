@@ -72,13 +72,15 @@ def extract_answer(text: str) -> str | None:
 
 def is_correct(response: str, ground_truth: str, *, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
     """Whether the response's final answer equals `ground_truth` by value (142.0 == 142,
-    \\frac{3}{4} == 0.75, tuples, intervals, sets, ...). Never raises, never hangs past `timeout_s`."""
+    \\frac{3}{4} == 0.75, tuples, intervals, sets, ...). An answer math-verify cannot parse, or one
+    whose comparison takes longer than `timeout_s`, is graded wrong rather than raising or hanging."""
     raw = _locate_answer(response)
     return raw is not None and answers_match(raw, ground_truth, timeout_s=timeout_s)
 
 
 def answers_match(answer: str, ground_truth: str, *, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
-    """Value equality of two answer strings (already extracted from responses)."""
+    """Value equality of an extracted answer and the reference (math-verify is not symmetric: the
+    reference's `x=5` accepts 5, a reference 5 does not accept `5=x`). A boxed reference is unwrapped."""
     answer, ground_truth = answer.strip(), (_last_boxed(ground_truth) or ground_truth).strip()
     if not answer or not ground_truth:
         return False
@@ -165,19 +167,20 @@ class _Verifier:
 
     The child is started on first use and restarted after a comparison overruns its deadline; a lock
     makes one instance safe to share between threads (math-verify alone is not usable off the main
-    thread).
+    thread), and a forked process (a data-loader worker) starts its own child instead of sharing pipes.
     """
 
     start_timeout_s = 60.0
 
     def __init__(self):
         self._proc: subprocess.Popen | None = None
+        self._pid = os.getpid()  # the process that started `_proc`
         self._lock = threading.Lock()
         atexit.register(self.close)
 
     def __call__(self, answer: str, ground_truth: str, timeout_s: float) -> bool:
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
+            if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
                 self._start()
             try:
                 self._proc.stdin.write(json.dumps([answer, ground_truth]) + "\n")
@@ -195,6 +198,7 @@ class _Verifier:
         # The child runs the source of `_verify_worker` alone: importing this module would pull in
         # torch and transformers, and the child restarts after every overrun.
         source = inspect.getsource(_verify_worker) + "\n_verify_worker()\n"
+        self._pid = os.getpid()
         self._proc = subprocess.Popen(
             [sys.executable, "-c", source],
             stdin=subprocess.PIPE,
@@ -213,10 +217,10 @@ class _Verifier:
         return line.strip() if line else None
 
     def close(self) -> None:
-        if self._proc is not None:
+        if self._proc is not None and self._pid == os.getpid():
             self._proc.kill()
             self._proc.wait()
-            self._proc = None
+        self._proc = None
 
 
 _VERIFIER = _Verifier()
