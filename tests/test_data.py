@@ -88,6 +88,7 @@ def test_json_file_and_limit(tmp_path):
     problems = load_problems(str(path), limit=2)
     assert [(p.index, p.messages[0]["content"], p.answer) for p in problems] == [(0, "q0", "0"), (1, "q1", "1")]
     assert len(load_problems("aime24", limit=3)) == 3
+    assert load_problems("aime24", limit=0) == []
 
 
 def test_unrecognised_layout_lists_columns_and_flags(tmp_path):

@@ -47,6 +47,8 @@ def load_problems(
     if not rows:
         raise ValueError(f"{path} has no rows")
     rows = rows[:limit] if limit is not None else rows
+    if not rows:  # limit=0
+        return []
     prompt_key = prompt_key or _detect_prompt_key(rows[0], path)
     answer_key = answer_key or next((k for k in ANSWER_KEYS if _get(rows[0], k) is not _MISSING), None)
     for key in (prompt_key, answer_key):
