@@ -43,6 +43,54 @@ def train(
         raise typer.Exit(code=2) from error
 
 
+# --- bench ---
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("r1-distill-1.5b", help="r1-distill-1.5b, qwen3-1.7b, qwen3-4b, phi-4-mini, tiny"),
+    num_layers: int = typer.Option(None, help="truncate depth so a CPU can run it [default: 4 on CPU, full on GPU]"),
+    seq_len: int = typer.Option(1024, help="response tokens per sequence"),
+    seq_lens: str = typer.Option(None, help="comma-separated sweep, e.g. 512,1024,2048,4096"),
+    batch_size: int = typer.Option(1),
+    methods: str = typer.Option(",".join(("opd_top1", "opd_top16", "opd_full", "oprd", "oprd_plus_opd", "floor", "trl"))),
+    repeats: int = typer.Option(3, help="timed updates per method after one warm-up"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"),
+    out: Path = typer.Option(Path("runs/bench")),
+    overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+) -> None:
+    """What one actor update costs under each loss: bench.json, bench.md, bench.png.
+
+    Example: oprd bench --preset r1-distill-1.5b --num-layers 4 --seq-len 1024 --batch-size 1 --out runs/bench
+    """
+    import torch
+
+    from oprd.bench import run_bench
+
+    console = Console(stderr=True, soft_wrap=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        console.print(f"[bold red]error:[/] {out} is not empty; pass --overwrite or choose another --out")
+        raise typer.Exit(code=2)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    if num_layers is None and not device.startswith("cuda"):
+        num_layers = 4
+    lengths = [int(v) for v in seq_lens.split(",")] if seq_lens else [seq_len]
+    try:
+        with console.status("measuring") as status:
+            result = run_bench(
+                preset, lengths, num_layers=num_layers, batch_size=batch_size,
+                methods=[m.strip() for m in methods.split(",") if m.strip()], repeats=repeats,
+                device=device, dtype=dtype, out=out, progress=lambda text: status.update(f"measuring {text}"),
+            )
+    except (ValueError, RuntimeError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=2) from error
+    Console().print((out / "bench.md").read_text())
+    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} ({result['device']})")
+
+
 # --- eval (evaluation harness) ---
 
 from contextlib import contextmanager  # noqa: E402  (imports of the eval commands, kept with them)

@@ -15,6 +15,7 @@ Two layers of API:
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Callable, Sequence
 
 import torch
@@ -73,15 +74,18 @@ def layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
     """Teacher layer for each student layer 1..L_S (paper Eq. 11), ties rounded half to even.
 
     round((l - 1) / (L_S - 1) * (L_T - 1)) + 1: first maps to first, last to last, the rest
-    proportionally. A one-layer student pairs with the teacher's last layer.
+    proportionally. Computed exactly (fractions), so a true .5 tie such as 7 * 45 / 10 = 31.5 is
+    never turned into 31.499... by float division. A one-layer student pairs with the teacher's
+    last layer.
     """
     if num_student_layers == num_teacher_layers:
         return list(range(1, num_student_layers + 1))
     if num_student_layers == 1:
         return [num_teacher_layers]
-    student = torch.arange(num_student_layers, dtype=torch.float64)
-    scaled = student / (num_student_layers - 1) * (num_teacher_layers - 1)
-    return [int(v) + 1 for v in torch.round(scaled).tolist()]
+    return [
+        round(Fraction((l - 1) * (num_teacher_layers - 1), num_student_layers - 1)) + 1
+        for l in range(1, num_student_layers + 1)
+    ]
 
 
 def row_weights(mask: torch.Tensor, aggregation: str = "token", normalizer: float | torch.Tensor | None = None):
@@ -175,8 +179,14 @@ def sampled_token_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.
 
 
 def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """(..., V) log-probabilities -> (...) KL(p || q); entries with p = 0 contribute 0."""
-    return (logp.exp() * (logp - logq.detach())).nan_to_num(0.0, 0.0, 0.0).sum(-1)
+    """(..., V) log-probabilities -> (...) KL(p || q).
+
+    Entries with p = 0 contribute exactly 0 (and a zero gradient); p > 0 where q = 0 gives +inf,
+    which the trainer reports as a non-finite loss rather than hiding it.
+    """
+    p = logp.exp()
+    gap = torch.where(p > 0, logp - logq.detach(), 0.0)  # select before multiplying: no 0 * inf
+    return (p * gap).sum(-1)
 
 
 def full_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -218,25 +228,28 @@ def topk_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k:
     return kl_from_logprobs(logp.masked_fill(~valid, -float("inf")), logq)
 
 
-def _masked_mean(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (terms * row_weights(mask)).sum()
+def _masked_mean(terms_N: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of per-position terms already selected with `mask.bool()` (padding never enters)."""
+    return (terms_N * row_weights(mask)[mask.bool()]).sum()
 
 
 def opd_sampled_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor):
     """Sampled-token OPD over (B, T) log-probs of the sampled tokens; its gradient with respect to
     student_logprobs[b, t] is (student - teacher)[b, t] / mask.sum() on masked positions."""
-    return _masked_mean(sampled_token_terms(student_logprobs, teacher_logprobs), mask)
+    flat = mask.bool()
+    return _masked_mean(sampled_token_terms(student_logprobs[flat], teacher_logprobs[flat]), mask)
 
 
 def opd_topk_loss(student_logits, teacher_logits, mask, k: int, support: str = "student") -> torch.Tensor:
     """Mean over masked positions of KL(p_bar || q_bar) on a top-k support; logits (B, T, V)."""
     flat = mask.bool()
-    return _masked_mean(topk_kl_terms(student_logits[flat], teacher_logits[flat], k, support), mask[flat])
+    return _masked_mean(topk_kl_terms(student_logits[flat], teacher_logits[flat], k, support), mask)
 
 
 def opd_full_loss(student_logits, teacher_logits, mask) -> torch.Tensor:
     """Mean over masked positions of the exact KL(p || q); logits (B, T, V)."""
-    return _masked_mean(full_kl_terms(student_logits, teacher_logits), mask)
+    flat = mask.bool()
+    return _masked_mean(full_kl_terms(student_logits[flat], teacher_logits[flat]), mask)
 
 
 # --------------------------------------------------------------------------- fused LM head
@@ -318,12 +331,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        # Scaled in place: a second vocabulary-sized copy of the head's gradient would double the
+        # largest buffer of the update. The graph is therefore single-use (no retain_graph).
         grad_hidden, *saved = ctx.saved_tensors
         grad_params = []
         for has in ctx.has_grad:
-            grad_params.append(saved.pop(0) * grad_output if has else None)
-        return (grad_hidden * grad_output, None, None, *grad_params)
+            grad_params.append(saved.pop(0).mul_(grad_output) if has else None)
+        return (grad_hidden.mul_(grad_output), None, None, *grad_params)
 
 
 def chunked_head_loss(

@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from oprd import checkpoint, losses
 from oprd.config import TrainConfig, check_model_pairing, save_config, to_dict
 from oprd.data import load_problems, prompt_token_ids
+from oprd.evaluation import evaluate
 from oprd.models import eos_token_ids, load_config, load_model, load_tokenizer
 from oprd.rollout import HFRollout, RolloutBatch, SamplingParams
 from oprd.teacher import FINAL, capture_hidden, model_inputs, response_rows
@@ -230,6 +231,30 @@ def load_prompts(cfg: TrainConfig, tokenizer, console: Console) -> list[list[int
     return fitting
 
 
+def make_validation(cfg: TrainConfig, rollout: HFRollout, tokenizer):
+    """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None.
+
+    Evaluation seeds its own generator inside fork_rng, so it never shifts the training stream.
+    """
+    if not cfg.eval_every:
+        return None
+    benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit) for name in cfg.eval_benchmarks}
+    params = SamplingParams(
+        temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_new_tokens, n=cfg.eval_samples
+    )
+    reported = (f"avg@{cfg.eval_samples}", f"best@{cfg.eval_samples}", "dist-4g", "avg_len", "format_error_rate")
+
+    def validate(step: int) -> dict[str, float]:
+        record = {}
+        for name, problems in benchmarks.items():
+            result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed + step,
+                              use_chat_template=cfg.data.use_chat_template)
+            record.update({f"val/{name}/{key}": float(result.metrics[key]) for key in reported})
+        return record
+
+    return validate
+
+
 # --------------------------------------------------------------------------- run bookkeeping
 
 
@@ -375,6 +400,9 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         console.print(f"[yellow]resume=true but {run_dir} has no checkpoint yet: starting from step 0")
     autocast = _autocast(cfg, device)
     logger = MetricsLogger(run_dir, cfg, start_step)
+    validate = make_validation(cfg, rollout, student_tok)
+    if validate and start_step == 0:
+        logger.log(0, validate(0))
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -432,6 +460,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             }
             if device.type == "cuda":
                 record["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if validate and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                record.update(validate(step))
             logger.log(step, record)
             progress.update(task, completed=step, live=_live(record))
 
