@@ -1,28 +1,68 @@
-"""Tiny, offline stand-ins for hub models: locally trained tokenizers and small real architectures.
+"""Tiny, offline stand-ins for hub models, and the toy reasoning world of `oprd demo`.
 
 Everything here is deterministic, so tests, smoke recipes and the demo build the same objects
 on every machine without touching a hub.
+
+  train_tokenizer, tiny_config     a locally trained BPE tokenizer, a small real architecture
+  make_problem, make_split         the toy task: chains of modular arithmetic, solved step by step
+  sft                              supervised fine-tuning on (prompt, solution) pairs; also the
+                                   demo's sequence-level KD baseline
+  build_world                      task files + tokenizer + teacher + student, cached on disk
+
+The toy task ("chain"): start from a digit and apply 4-7 operations (+, -, *) with single-digit
+operands, mod 10, left to right. The solution writes one line per operation (`3*7=1`) and ends in
+`\\boxed{d}`. Each line is a small lookup (a copy of the previous result, the next operation from
+the prompt, a table fact), but errors compound over the chain: a model that is right 90% of the
+time per line solves about half of the 6-step chains, one that is right 99% nearly all. That
+keeps a wide, graded teacher-student gap on a model small enough to train on a laptop CPU.
+
+The student is the teacher's own earlier checkpoint (same architecture, same initialisation), as
+the paper's teacher was RL-trained from its student; so hidden states are aligned and
+OPRD-Vanilla applies. `ModelRecipe` names how each model of the world is made, so other pairs
+(a deeper or wider teacher, another initialisation, another tokenizer) can be added as new
+recipes without touching the task or the cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOY_VERSION = 1  # bump when the task, the SFT or the world layout changes: it is part of the cache key
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with a ChatML template, saved in HF format to `out_dir`."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, split_digits: bool = False
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with a ChatML template, saved in HF format to `out_dir`.
+
+    split_digits=True keeps every digit its own token (as Llama/Qwen tokenizers do), so numbers
+    are never merged into arbitrary chunks.
+    """
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
+    )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -70,3 +110,268 @@ def tiny_config(
         bos_token_id=None,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+# --------------------------------------------------------------------------- the task
+
+OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
+
+
+@dataclass(frozen=True)
+class ToyProblem:
+    prompt: str
+    solution: str  # step by step, ending in \boxed{answer}
+    answer: str
+
+
+def make_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 7) -> ToyProblem:
+    """One chain: a start digit and `min_steps..max_steps` operations, mod 10, left to right."""
+    value = rng.randrange(10)
+    ops = [(rng.choice("+-*"), rng.randrange(1, 10)) for _ in range(rng.randint(min_steps, max_steps))]
+    chain = "".join(f"{op}{b}" for op, b in ops)
+    prompt = f"Compute {value}{chain} left to right, mod 10."
+    lines = []
+    for op, b in ops:
+        result = OPS[op](value, b)
+        lines.append(f"{value}{op}{b}={result}")
+        value = result
+    return ToyProblem(prompt, "\n".join(lines) + f"\nSo \\boxed{{{value}}}", str(value))
+
+
+def make_split(n: int, seed: int, exclude: set[str] | None = None, **kwargs) -> list[ToyProblem]:
+    """`n` distinct problems from `seed`, none of whose prompts is in `exclude`."""
+    rng, seen, problems = random.Random(seed), set(exclude or ()), []
+    while len(problems) < n:
+        problem = make_problem(rng, **kwargs)
+        if problem.prompt not in seen:
+            seen.add(problem.prompt)
+            problems.append(problem)
+    return problems
+
+
+def write_problems(problems: list[ToyProblem], path: Path) -> None:
+    """verl layout (`prompt` = chat messages, `reward_model.ground_truth`), read by `load_problems`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "data_source": "oprd-toy-chain",
+            "prompt": [{"role": "user", "content": p.prompt}],
+            "reward_model": {"style": "rule", "ground_truth": p.answer},
+            "extra_info": {"index": i, "solution": p.solution},
+        }
+        for i, p in enumerate(problems)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+# --------------------------------------------------------------------------- supervised training
+
+
+def sft_examples(tokenizer, pairs: Iterable[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(ids, prompt_length) per (prompt, response) pair, chat template applied, EOS appended."""
+    from oprd.data import prompt_token_ids
+
+    examples = []
+    for prompt, response in pairs:
+        head = prompt_token_ids(tokenizer, [{"role": "user", "content": prompt}])
+        tail = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        examples.append((head + tail, len(head)))
+    return examples
+
+
+def _sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(examples):  # right padding: positions start at 0
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])  # loss on the response only
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def sft(
+    model: torch.nn.Module,
+    examples: list[tuple[list[int], int]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    seed: int,
+    warmup: int = 0,
+    deadline: float | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> int:
+    """Supervised fine-tuning, next-token loss on response tokens, AdamW at a constant lr after
+    a linear warm-up. Stops after `steps` or at `deadline` (time.perf_counter()), whichever comes
+    first; returns the steps taken. `callback(step, loss)` runs after each step.
+
+    Batches are drawn from a seeded generator, so the same call on the same machine trains the
+    same model.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    while step < steps and (deadline is None or time.perf_counter() < deadline):
+        picked = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
+        batch = _sft_batch([examples[i] for i in picked], pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        loss = model(**batch).loss  # mean over response tokens of the batch
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if callback is not None:
+            callback(step, loss.item())
+    model.eval()
+    return step
+
+
+# --------------------------------------------------------------------------- the world, cached
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How one model of the world is made: an architecture, an initialisation and SFT steps.
+
+    The same-architecture pair is one recipe trained once: the teacher is its final weights and the
+    student its checkpoint at `student_steps`. Cross-architecture or cross-initialisation teachers
+    are further recipes of their own (other sizes, another `init_seed`).
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    init_seed: int = 0
+    steps: int = 1000
+
+
+@dataclass(frozen=True)
+class WorldSettings:
+    seed: int = 0
+    train_problems: int = 4000
+    test_problems: int = 200
+    min_ops: int = 4
+    max_ops: int = 7
+    vocab_size: int = 300
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    student_steps: int = 250  # the student is the teacher's own checkpoint at this SFT step
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+
+    def key(self) -> str:
+        text = json.dumps({"version": TOY_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+QUICK_WORLD = WorldSettings(
+    train_problems=1000, test_problems=64, model=ModelRecipe(hidden_size=32, num_layers=2, intermediate_size=64, steps=60),
+    student_steps=20,
+)
+
+
+@dataclass
+class World:
+    root: Path
+    settings: WorldSettings
+    info: dict
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def train_path(self) -> Path:
+        return self.root / "train.parquet"
+
+    @property
+    def test_path(self) -> Path:
+        return self.root / "test.parquet"
+
+
+def cache_root() -> Path:
+    """$OPRD_CACHE_DIR, else $XDG_CACHE_HOME/oprd, else ~/.cache/oprd."""
+    if os.environ.get("OPRD_CACHE_DIR"):
+        return Path(os.environ["OPRD_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "oprd"
+
+
+def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> World:
+    """The toy world for `settings`, from the cache or built (deterministically) and cached.
+
+    Built in a temporary folder and renamed into place, so an interrupted build never leaves a
+    half-written world behind. `progress` (a rich Progress) shows the SFT steps.
+    """
+    root = cache_root() / f"toy-{settings.key()}"
+    if (root / "world.json").is_file():
+        return World(root, settings, json.loads((root / "world.json").read_text()))
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+
+    train = make_split(settings.train_problems, settings.seed * 2 + 1, min_steps=settings.min_ops,
+                       max_steps=settings.max_ops)
+    test = make_split(settings.test_problems, settings.seed * 2 + 2, exclude={p.prompt for p in train},
+                      min_steps=settings.min_ops, max_steps=settings.max_ops)
+    write_problems(train, tmp / "train.parquet")
+    write_problems(test, tmp / "test.parquet")
+    tokenizer = train_tokenizer(
+        (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
+    )
+
+    recipe = settings.model
+    config = tiny_config(
+        len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
+        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.init_seed)
+        model = AutoModelForCausalLM.from_config(config)
+    examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
+    task = progress.add_task("toy world: SFT teacher", total=recipe.steps) if progress else None
+
+    def save(path: Path) -> None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    def on_step(step: int, loss: float) -> None:
+        if step == settings.student_steps:
+            save(tmp / "student")  # the teacher's own earlier checkpoint
+        if progress:
+            progress.update(task, completed=step)
+
+    sft(model, examples, steps=recipe.steps, batch_size=settings.batch_size, lr=settings.lr,
+        pad_id=tokenizer.pad_token_id, seed=settings.seed, warmup=settings.warmup, callback=on_step)
+    save(tmp / "teacher")
+    info = {
+        "settings": dataclasses.asdict(settings),
+        "version": TOY_VERSION,
+        "build_seconds": time.perf_counter() - started,
+        "example": {"prompt": test[0].prompt, "solution": test[0].solution, "answer": test[0].answer},
+    }
+    (tmp / "world.json").write_text(json.dumps(info, indent=2))
+    if root.exists():  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)
+    return World(root, settings, info)
