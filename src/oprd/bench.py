@@ -12,8 +12,8 @@ through TRL's own code.
 
 Each (method, shape) is measured in a fresh process. Time: median over repeats after warm-up.
 Memory: peak above the update's starting baseline — on CUDA from the allocator's peak counter, on
-CPU from the kernel's resident-set high-water mark (reset through /proc/self/clear_refs before
-each update; glibc is told to return every large block, so RSS follows live tensors).
+CPU from the kernel's resident-set high-water mark (reset through /proc/self/clear_refs before a
+final update run with glibc returning every large block, so RSS follows live tensors).
 """
 
 from __future__ import annotations
@@ -172,20 +172,26 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    _libc().malloc_trim(0)
 
 
 def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median seconds and peak memory above baseline of one update, in this process."""
+    """Median seconds and peak memory above baseline of one update, in this process.
+
+    Time is taken with the allocator as users run it. On CPU the memory pass comes after, with
+    glibc told (mallopt) to hand every block over 64 KiB straight back to the kernel, so the
+    resident-set high-water mark follows live tensors rather than allocator caching.
+    """
     torch.manual_seed(0)
     student, teacher = build_models(shape)
     vocab = student.config.vocab_size
@@ -200,18 +206,21 @@ def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dic
             torch.cuda.synchronize()
             baseline = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            baseline = _rss_bytes("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         started = time.perf_counter()
         run()
         if cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")
+            peaks.append(torch.cuda.max_memory_allocated() - baseline)
         if i >= warmup:
-            seconds.append(elapsed)
-            peaks.append(peak - baseline)
+            seconds.append(time.perf_counter() - started)
+    if not cuda:
+        _libc().mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        student.zero_grad(set_to_none=True)
+        _release_memory()
+        baseline = _rss_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        run()
+        peaks.append(_rss_bytes("VmHWM") - baseline)
     return {"step_seconds": statistics.median(seconds), "peak_memory_delta_bytes": int(max(peaks)),
             "repeats": repeats}
 
@@ -225,9 +234,6 @@ def _child(method: str, shape: Shape, repeats: int, queue) -> None:
 
 
 def measure_in_fresh_process(method: str, shape: Shape, repeats: int) -> dict[str, float]:
-    # glibc keeps freed blocks below its mmap threshold; a fixed low threshold makes RSS follow
-    # live tensors, so the CPU high-water mark measures the update and not allocator caching.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(method, shape, repeats, queue))

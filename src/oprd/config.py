@@ -56,7 +56,7 @@ class OPDConfig:
     objective: str = "none"  # none | sampled | topk | full
     k: int = 16  # top-k support size
     support: str = "student"  # student | teacher | intersection | union
-    chunk_size: int = 1024  # positions per LM-head chunk: bounds the (rows, V) logits alive at once
+    chunk_size: int = 0  # positions per LM-head chunk; 0 = auto, about 2^24 logits (64 MiB fp32) per chunk
 
 
 @dataclass
@@ -252,7 +252,7 @@ def validate(cfg: TrainConfig) -> None:
     _one_of(cfg.opd.objective, OPD_OBJECTIVES, "opd.objective")
     _one_of(cfg.opd.support, TOPK_SUPPORTS, "opd.support")
     _require(cfg.opd.k >= 1, f"opd.k must be >= 1; got {cfg.opd.k}")
-    _require(cfg.opd.chunk_size >= 1, f"opd.chunk_size must be >= 1; got {cfg.opd.chunk_size}")
+    _require(cfg.opd.chunk_size >= 0, f"opd.chunk_size must be >= 0 (0 = auto); got {cfg.opd.chunk_size}")
     if isinstance(cfg.oprd.layers, str):
         _one_of(cfg.oprd.layers, LAYER_MODES, "oprd.layers (or an explicit list of 1-based layers)")
     else:

@@ -178,15 +178,34 @@ def sampled_token_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.
     return estimate * (student_logprobs - student_logprobs.detach()) + estimate
 
 
+class _KLFromLogprobs(torch.autograd.Function):
+    """Row-wise KL(p || q) from (..., V) log-probabilities, keeping no (..., V) buffer of its own
+    for backward: on the chunked LM-head path these buffers are what bounds memory."""
+
+    @staticmethod
+    def forward(ctx, logp, logq):
+        p = logp.exp()
+        gap = (logp - logq).masked_fill_(p == 0, 0.0)  # p = 0 contributes 0, never 0 * inf
+        ctx.save_for_backward(logp, logq)
+        return p.mul_(gap).sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logp, logq = ctx.saved_tensors
+        p = logp.exp()
+        gap = (logp - logq).masked_fill_(p == 0, 0.0)
+        # d/d logp_i of p_i (logp_i - logq_i) = p_i (logp_i - logq_i + 1)
+        return gap.add_(1.0).mul_(p).mul_(grad_out.unsqueeze(-1)), None
+
+
 def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """(..., V) log-probabilities -> (...) KL(p || q).
+    """(..., V) log-probabilities -> (...) KL(p || q), with q a constant.
 
     Entries with p = 0 contribute exactly 0 (and a zero gradient); p > 0 where q = 0 gives +inf,
     which the trainer reports as a non-finite loss rather than hiding it.
     """
-    p = logp.exp()
-    gap = torch.where(p > 0, logp - logq.detach(), 0.0)  # select before multiplying: no 0 * inf
-    return (p * gap).sum(-1)
+    return _KLFromLogprobs.apply(logp, logq.detach())
 
 
 def full_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -269,12 +288,13 @@ def output_space_terms(
     logp = F.log_softmax(student_logits.float(), dim=-1)
     with torch.no_grad():
         logq = F.log_softmax(teacher_logits.float(), dim=-1)
+    del teacher_logits  # the caller's logits chunk can be freed now: logq carries everything needed
     student_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     teacher_lp = logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if objective == "sampled":
         terms = sampled_token_terms(student_lp, teacher_lp)
     elif objective == "topk":
-        terms = topk_kl_terms(student_logits, teacher_logits, k, support)
+        terms = topk_kl_terms(logp, logq, k, support)  # log-softmax keeps the top-k order
     elif objective == "full":
         terms = kl_from_logprobs(logp, logq)
     else:
@@ -282,52 +302,65 @@ def output_space_terms(
     with torch.no_grad():
         diagnostics = {
             "opd/kl_estimate": student_lp.detach() - teacher_lp,
-            "opd/student_entropy": -(logp.exp() * logp).sum(-1).detach(),
-            "opd/teacher_entropy": -(logq.exp() * logq).sum(-1),
+            "opd/student_entropy": _entropy(logp.detach()),
+            "opd/teacher_entropy": _entropy(logq),
         }
         if objective == "topk":
-            student_top = student_logits.topk(k, dim=-1).indices
-            teacher_top = teacher_logits.topk(k, dim=-1).indices
+            student_top, teacher_top = logp.topk(k, dim=-1).indices, logq.topk(k, dim=-1).indices
             shared = (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1).sum(-1)
             diagnostics["opd/topk_overlap"] = shared.float() / k
     return terms, diagnostics
 
 
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """(..., V) log-probabilities -> (...) entropy, with one temporary (..., V) buffer."""
+    return -logp.exp().mul_(logp).nan_to_num_(0.0).sum(-1)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum over chunks of loss(head(hidden[chunk])), with the head's gradients taken chunk by
+    """sum over row chunks of loss(hidden[chunk] @ W.T + b), with all gradients taken chunk by
     chunk inside forward, so no more than one chunk of (rows, V) logits is ever alive.
 
-    This is the fused-linear-loss idea (Liger, torchtune's chunked losses) written generically:
-    the per-chunk loss is any autograd-traceable function, so the trainer's fast path runs the
-    very same term functions as the readable reference.
+    The fused-linear-loss idea (Liger, torchtune's chunked losses), written around any
+    autograd-traceable loss of the logits: the trainer's fast path runs the very same term functions
+    as the readable reference. Per chunk it costs what the plain path costs (one forward and two
+    backward matmuls); the head's gradient is accumulated in place, never re-allocated per chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, chunk_loss, chunk_size, *params):
-        grad_hidden = torch.zeros_like(hidden)
-        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params]
-        trainable = [p for p in params if p.requires_grad]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            h = hidden[rows].detach().requires_grad_(hidden.requires_grad)
-            with torch.enable_grad():
-                loss = chunk_loss(h, rows)
-            inputs = ([h] if h.requires_grad else []) + trainable
-            if inputs and loss.requires_grad:
-                grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
-                if h.requires_grad:
-                    g = grads.pop(0)
-                    if g is not None:
-                        grad_hidden[rows] = g
-                for i, p in enumerate(params):
-                    if p.requires_grad:
-                        g = grads.pop(0)
-                        if g is not None:
-                            grad_params[i] += g
-            total += loss.detach()
-        ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
-        ctx.has_grad = [g is not None for g in grad_params]
+    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_size):
+        device_type = hidden.device.type
+        matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights: fp32 gradients
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(matmul_dtype)
+            grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype) if weight.requires_grad else None
+            grad_bias = (
+                torch.zeros_like(bias, dtype=accumulate_dtype) if bias is not None and bias.requires_grad else None
+            )
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                h = hidden[rows].to(matmul_dtype)
+                logits = h @ w.T
+                if bias is not None:
+                    logits = logits + bias.to(matmul_dtype)
+                logits = logits.detach().requires_grad_()
+                with torch.enable_grad():
+                    loss = chunk_loss(logits, rows)
+                total += loss.detach().float()
+                if not loss.requires_grad:
+                    continue
+                (grad_logits,) = torch.autograd.grad(loss, [logits])
+                grad_logits = grad_logits.to(accumulate_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = (grad_logits @ weight.to(accumulate_dtype)).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, h.to(accumulate_dtype))
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total
 
     @staticmethod
@@ -335,23 +368,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         # Scaled in place: a second vocabulary-sized copy of the head's gradient would double the
         # largest buffer of the update. The graph is therefore single-use (no retain_graph).
-        grad_hidden, *saved = ctx.saved_tensors
-        grad_params = []
-        for has in ctx.has_grad:
-            grad_params.append(saved.pop(0).mul_(grad_output) if has else None)
-        return (grad_hidden.mul_(grad_output), None, None, *grad_params)
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def chunked_head_loss(
     hidden: torch.Tensor,
-    params: Sequence[torch.nn.Parameter],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor],
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
-    """Scalar loss = sum over row chunks of `chunk_loss(hidden[rows], rows)`.
+    """Scalar loss = sum over row chunks of `chunk_loss(hidden[rows] @ weight.T + bias, rows)`.
 
-    hidden: (N, D) final hidden states of the student (the LM head's input); `params` are the
-    parameters `chunk_loss` uses besides `hidden` (the student's LM head), so their gradients flow.
-    Equal in value and gradient to computing `chunk_loss(hidden, slice(None))` at once.
+    hidden: (N, D) final hidden states (the LM head's input); weight (V, D) and bias (V,) the
+    student's LM head. Equal in value and gradient to `chunk_loss(hidden @ weight.T + bias, :)`.
     """
-    return _ChunkedHeadLoss.apply(hidden, chunk_loss, chunk_size, *params)
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, chunk_loss, chunk_size)

@@ -73,7 +73,8 @@ class Objective:
             opd=cfg.opd.objective,
             topk=cfg.opd.k,
             topk_support=cfg.opd.support,
-            chunk_size=cfg.opd.chunk_size,
+            # A chunk's (rows, V) float32 buffers bound the OPD memory: about 2^24 logits each by default.
+            chunk_size=cfg.opd.chunk_size or max(1, 2**24 // vocab_size),
             oprd_coef=cfg.oprd.coef,
             normalize=cfg.oprd.normalize,
             student_layers=tuple(layers),
@@ -141,11 +142,11 @@ def distillation_loss(
         student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
         V = objective.vocab_size
 
-        def chunk_loss(h: torch.Tensor, chunk: slice) -> torch.Tensor:
+        def chunk_loss(student_logits: torch.Tensor, chunk: slice) -> torch.Tensor:
             with torch.no_grad():
                 teacher_logits = teacher_head(teacher_final[chunk])[:, :V]
             terms, diagnostics = losses.output_space_terms(
-                objective.opd, student_head(h)[:, :V], teacher_logits, targets[chunk],
+                objective.opd, student_logits[:, :V], teacher_logits, targets[chunk],
                 k=objective.topk, support=objective.topk_support,
             )
             for name, values in diagnostics.items():
@@ -153,7 +154,7 @@ def distillation_loss(
             return (terms * weights[chunk]).sum()
 
         opd_loss = losses.chunked_head_loss(
-            student_h[FINAL], list(student_head.parameters()), chunk_loss, objective.chunk_size
+            student_h[FINAL], student_head.weight, student_head.bias, chunk_loss, objective.chunk_size
         )
         metrics["opd/loss"] = opd_loss.detach()
         loss = loss + opd_loss
