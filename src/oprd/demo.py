@@ -36,6 +36,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from transformers.utils import logging as hf_logging
 
 from oprd import toy
 from oprd.config import load_config
@@ -264,6 +265,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    hf_logging.disable_progress_bar()  # ours are the progress bars that matter
     started = time.perf_counter()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=False)
