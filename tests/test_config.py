@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from oprd.config import ConfigError, TrainConfig, check_model_pairing, load_config
-from oprd.models import ModelSpec, load_config as load_model_config, load_tokenizer
+from oprd.models import ModelSpec, load_model_config, load_tokenizer
 from oprd.toy import tiny_config, train_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

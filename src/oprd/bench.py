@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from oprd.config import load_config
-from oprd.losses import layer_map
+from oprd.losses import default_chunk_rows, layer_map
 from oprd.rollout import RolloutBatch
 from oprd.teacher import capture_hidden, model_inputs, response_rows
 from oprd.toy import tiny_config
@@ -326,6 +326,22 @@ def write_report(result: dict, out: Path) -> None:
         "OPRD skips both heads, and the teacher never computes logits. The paper measured 1.44x less time and "
         "54% less memory for OPRD against an unoptimised top-16 OPD; here every OPD path is already chunked "
         "(no (B, T, V) logits are kept), so the gap is what the heads themselves cost.",
+    ]
+    config = build_config(shape)
+    vocab_grad = config.vocab_size * config.hidden_size * 4
+    chunk_rows = default_chunk_rows(config.vocab_size)
+    lines += [
+        "",
+        "### What dominates",
+        "",
+        f"- `floor` and `oprd`: the student's activations for backward (linear in tokens and layers) and the "
+        f"embedding's gradient ({vocab_grad / 2**20:.0f} MiB, vocabulary x width in float32). OPRD adds only the "
+        "teacher's hidden states at the supervised positions (tokens x width per layer).",
+        f"- OPD: the same, plus the LM head's gradient (another {vocab_grad / 2**20:.0f} MiB) and one chunk of "
+        f"{chunk_rows} positions x {config.vocab_size} logits at a time (a few float32 buffers of "
+        f"{chunk_rows * config.vocab_size * 4 / 2**20:.0f} MiB), independent of sequence length.",
+        "- `trl`: TRL's chunked divergence kernel, which also never materialises full logits but projects "
+        "every position through both heads more than once.",
     ]
     if "sweep" in result:
         lines += ["", "### Sequence-length sweep", "", "| seq len | " + " | ".join(result["methods"]) + " |",

@@ -214,32 +214,40 @@ def full_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return kl_from_logprobs(logp, F.log_softmax(teacher_logits.detach().float(), dim=-1))
 
 
-def topk_support(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, support: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def top_indices(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int):
+    """(N, k) vocabulary indices of each model's k most likely tokens."""
+    with torch.no_grad():
+        return student_logits.topk(k, dim=-1).indices, teacher_logits.topk(k, dim=-1).indices
+
+
+def topk_support(student_top: torch.Tensor, teacher_top: torch.Tensor, support: str):
     """Indices (N, K) into the vocabulary and a (N, K) bool of which are in the support."""
     if support not in TOPK_SUPPORTS:
         raise ValueError(f"top-k support must be one of {TOPK_SUPPORTS}, got {support!r}")
-    with torch.no_grad():
-        student_top = student_logits.topk(k, dim=-1).indices
-        teacher_top = teacher_logits.topk(k, dim=-1).indices
-        if support == "student":
-            return student_top, torch.ones_like(student_top, dtype=torch.bool)
-        if support == "teacher":
-            return teacher_top, torch.ones_like(teacher_top, dtype=torch.bool)
-        if support == "intersection":
-            return student_top, (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1)
-        teacher_new = ~(teacher_top.unsqueeze(-1) == student_top.unsqueeze(-2)).any(-1)
-        indices = torch.cat([student_top, teacher_top], dim=-1)
-        return indices, torch.cat([torch.ones_like(student_top, dtype=torch.bool), teacher_new], dim=-1)
+    if support == "student":
+        return student_top, torch.ones_like(student_top, dtype=torch.bool)
+    if support == "teacher":
+        return teacher_top, torch.ones_like(teacher_top, dtype=torch.bool)
+    if support == "intersection":
+        return student_top, (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1)
+    teacher_new = ~(teacher_top.unsqueeze(-1) == student_top.unsqueeze(-2)).any(-1)
+    indices = torch.cat([student_top, teacher_top], dim=-1)
+    return indices, torch.cat([torch.ones_like(student_top, dtype=torch.bool), teacher_new], dim=-1)
 
 
-def topk_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, support: str = "student"):
+def topk_kl_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    support: str = "student",
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(N, V) logits -> (N,) KL(p_bar || q_bar), both renormalised on the support.
 
-    Positions whose support is empty (an empty intersection) contribute 0.
+    `top` passes `top_indices(...)` when the caller already has them. Positions whose support is
+    empty (an empty intersection) contribute 0.
     """
-    indices, valid = topk_support(student_logits, teacher_logits, k, support)
+    indices, valid = topk_support(*(top or top_indices(student_logits, teacher_logits, k)), support)
     neg_inf = torch.finfo(torch.float32).min
     s = student_logits.float().gather(-1, indices).masked_fill(~valid, neg_inf)
     t = teacher_logits.detach().float().gather(-1, indices).masked_fill(~valid, neg_inf)
@@ -294,7 +302,8 @@ def output_space_terms(
     if objective == "sampled":
         terms = sampled_token_terms(student_lp, teacher_lp)
     elif objective == "topk":
-        terms = topk_kl_terms(logp, logq, k, support)  # log-softmax keeps the top-k order
+        top = top_indices(logp, logq, k)  # log-softmax keeps the order of the logits
+        terms = topk_kl_terms(logp, logq, k, support, top)
     elif objective == "full":
         terms = kl_from_logprobs(logp, logq)
     else:
@@ -306,7 +315,7 @@ def output_space_terms(
             "opd/teacher_entropy": _entropy(logq),
         }
         if objective == "topk":
-            student_top, teacher_top = logp.topk(k, dim=-1).indices, logq.topk(k, dim=-1).indices
+            student_top, teacher_top = top
             shared = (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1).sum(-1)
             diagnostics["opd/topk_overlap"] = shared.float() / k
     return terms, diagnostics
@@ -370,6 +379,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # largest buffer of the update. The graph is therefore single-use (no retain_graph).
         grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Positions per LM-head chunk: about 2^23 logits (32 MiB in float32) per (rows, V) buffer, so
+    a few such buffers, not the sequence length, bound the output-space losses' memory."""
+    return max(1, 2**23 // vocab_size)
 
 
 def chunked_head_loss(

@@ -35,7 +35,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_config(spec: ModelSpec) -> PretrainedConfig:
+def load_model_config(spec: ModelSpec) -> PretrainedConfig:
     return AutoConfig.from_pretrained(spec.model, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
 
@@ -52,7 +52,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None 
     dtype = dtype or resolve_dtype(spec.dtype, device)
     extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     if spec.random_init:
-        config = load_config(spec)
+        config = load_model_config(spec)
         # fork_rng keeps the caller's generator untouched, so initialising a model never shifts
         # the sampling stream of a run.
         with torch.random.fork_rng(devices=[]):

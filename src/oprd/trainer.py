@@ -37,7 +37,7 @@ from oprd import checkpoint, losses
 from oprd.config import TrainConfig, check_model_pairing, save_config, to_dict
 from oprd.data import load_problems, prompt_token_ids
 from oprd.evaluation import evaluate
-from oprd.models import eos_token_ids, load_config, load_model, load_tokenizer
+from oprd.models import eos_token_ids, load_model, load_model_config, load_tokenizer
 from oprd.rollout import HFRollout, RolloutBatch, SamplingParams
 from oprd.teacher import FINAL, capture_hidden, model_inputs, response_rows
 
@@ -73,8 +73,7 @@ class Objective:
             opd=cfg.opd.objective,
             topk=cfg.opd.k,
             topk_support=cfg.opd.support,
-            # A chunk's (rows, V) float32 buffers bound the OPD memory: about 2^24 logits each by default.
-            chunk_size=cfg.opd.chunk_size or max(1, 2**24 // vocab_size),
+            chunk_size=cfg.opd.chunk_size or losses.default_chunk_rows(vocab_size),
             oprd_coef=cfg.oprd.coef,
             normalize=cfg.oprd.normalize,
             student_layers=tuple(layers),
@@ -358,7 +357,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 
     # Pre-flight: configs and tokenizers only, so a bad pairing fails before any weights load.
     student_tok, teacher_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
-    student_config, teacher_config = load_config(cfg.student), load_config(cfg.teacher)
+    student_config, teacher_config = load_model_config(cfg.student), load_model_config(cfg.teacher)
     for warning in check_model_pairing(cfg, student_config, teacher_config, student_tok, teacher_tok):
         console.print(f"[yellow]warning: {warning}")
     prompts = load_prompts(cfg, student_tok, console)
