@@ -369,7 +369,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.T, h.to(accumulate_dtype))
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Kept on ctx, not save_for_backward: backward can then drop its own reference, so autograd
+        # adopts each gradient as `.grad` instead of copying a vocabulary-sized tensor.
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]
         return total
 
     @staticmethod
@@ -377,7 +379,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         # Scaled in place: a second vocabulary-sized copy of the head's gradient would double the
         # largest buffer of the update. The graph is therefore single-use (no retain_graph).
-        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
+        grads, ctx.grads = ctx.grads, None
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in grads)
+        del grads
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
