@@ -222,10 +222,11 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder (results.json, report.md, plots, runs/)"),
     quick: bool = typer.Option(False, help="a reduced run (small world, few steps) in under 2 minutes"),
     seed: int = typer.Option(0),
-    steps: int = typer.Option(None, help="optimizer steps per on-policy method [default: 100, quick: 4]"),
-    lr: float = typer.Option(None, help="student learning rate of every method [default: 1e-3]"),
+    steps: int = typer.Option(None, help="optimizer steps per on-policy method [default: 150, quick: 4]"),
+    lr: float = typer.Option(None, help="student learning rate of every method [default: 3e-3]"),
     oprd_k: int = typer.Option(None, help="OPRD last-k response positions [default: 64]"),
     normalize: bool = typer.Option(None, "--normalize/--no-normalize", help="OPRD normalised MSE [default: off]"),
+    oprd_coef: float = typer.Option(None, help="OPRD coefficient, also mu of opd_top1_plus_oprd [default: 1]"),
     seq_kd_steps: int = typer.Option(None, help="fixed seq-KD SFT steps [default: fill the on-policy wall clock]"),
     methods: str = typer.Option(None, help="comma-separated subset of teacher,student,opd_top1,opd_top16,oprd,"
                                            "opd_top1_plus_oprd,seq_kd"),
@@ -237,7 +238,7 @@ def demo(
     """
     from oprd.demo import DemoSettings, run_demo
 
-    given = {"steps": steps, "lr": lr, "oprd_k": oprd_k, "oprd_normalize": normalize, "seq_kd_steps": seq_kd_steps,
+    given = {"steps": steps, "lr": lr, "oprd_k": oprd_k, "oprd_normalize": normalize, "oprd_coef": oprd_coef, "seq_kd_steps": seq_kd_steps,
              "methods": [m.strip() for m in methods.split(",")] if methods else None, "seed": seed,
              "overwrite": overwrite}
     given = {k: v for k, v in given.items() if v is not None}

@@ -48,8 +48,8 @@ from oprd.rollout import HFRollout, SamplingParams
 ON_POLICY = {  # method -> its `oprd train` overrides (on top of the shared ones)
     "opd_top1": ["opd.objective=sampled"],
     "opd_top16": ["opd.objective=topk", "opd.k=16"],
-    "oprd": ["oprd.coef=1.0"],
-    "opd_top1_plus_oprd": ["opd.objective=sampled", "oprd.coef=1.0"],
+    "oprd": [],  # oprd.coef = DemoSettings.oprd_coef (shared below)
+    "opd_top1_plus_oprd": ["opd.objective=sampled"],  # L_OPD + mu * L_OPRD, mu = oprd_coef
 }
 METHODS = ("teacher", "student", *ON_POLICY, "seq_kd")
 
@@ -59,12 +59,15 @@ class DemoSettings:
     out: Path
     seed: int = 0
     quick: bool = False
-    steps: int = 100  # optimizer steps per on-policy method
-    prompts_per_step: int = 8
+    steps: int = 150  # optimizer steps per on-policy method
+    prompts_per_step: int = 16
     responses_per_prompt: int = 2
-    lr: float = 1e-3
-    oprd_k: int = 64  # last-k response positions (the paper's 2000 of ~7000 tokens, scaled to ~40)
-    oprd_normalize: bool = False  # the paper's 1/d MSE (its Table 2 numbers)
+    lr: float = 3e-3  # the toy's own SFT learning rate; the same for every method
+    oprd_k: int = 64  # last-k response positions (the paper's 2000 of ~7000 tokens; here every response token)
+    # The paper's 1/d MSE (its Table 2 numbers), coefficient 1. Screened on this toy (100 held-out problems,
+    # 150 steps x 16 prompts): 89% Avg@4 vs 83.5% for the reference code's normalised MSE at coef 300.
+    oprd_normalize: bool = False
+    oprd_coef: float = 1.0  # OPRD-only coefficient, and mu of OPD top-1 + mu * OPRD
     eval_samples: int = 4  # k of Avg@k / Best@k
     eval_temperature: float = 0.7
     eval_problems: int | None = None  # held-out problems in the final evaluation (None: all)
@@ -168,6 +171,7 @@ def train_config(method: str, world: toy.World, s: DemoSettings, run_dir: Path):
         "optim.weight_decay=0.0",
         # OPRD: all layers, last-k response positions (paper defaults scaled to the toy's lengths)
         "oprd.layers=all", "oprd.positions=last_k", f"oprd.k={s.oprd_k}", f"oprd.normalize={str(s.oprd_normalize).lower()}",
+        f"oprd.coef={s.oprd_coef if method in ('oprd', 'opd_top1_plus_oprd') else 0.0}",
         f"eval_every={s.curve_every}", f"eval_benchmarks=[{world.test_path}]", f"eval_limit={s.curve_problems}",
         "eval_samples=2", f"eval_temperature={s.eval_temperature}", f"eval_max_new_tokens={max_response_tokens(world)}",
     ]
@@ -386,7 +390,7 @@ def report(payload: dict, s: DemoSettings, world: toy.World, extras: dict) -> st
         "",
         f"Command settings: seed {s.seed}, {s.steps} steps x {s.prompts_per_step} prompts x {s.responses_per_prompt} "
         f"responses per method, lr {s.lr}, OPRD all layers, last {s.oprd_k} positions, "
-        f"normalize={s.oprd_normalize}{' (--quick)' if s.quick else ''}. Total wall clock {payload['wall_seconds']:.0f} s.",
+        f"normalize={s.oprd_normalize}, coef (mu) {s.oprd_coef}{' (--quick)' if s.quick else ''}. Total wall clock {payload['wall_seconds']:.0f} s.",
         "",
         "## The toy world",
         "",

@@ -18,8 +18,10 @@ keeps a wide, graded teacher-student gap on a model small enough to train on a l
 
 The student is the teacher's own earlier checkpoint (same architecture, same initialisation), as
 the paper's teacher was RL-trained from its student; so hidden states are aligned and
-OPRD-Vanilla applies. `ModelRecipe` names how each model of the world is made, so other pairs
-(a deeper or wider teacher, another initialisation, another tokenizer) can be added as new
+OPRD-Vanilla applies. The teacher is the checkpoint right after the steep part of the SFT learning
+curve (step 500; the student is step 250), not a much longer-trained model: its weights stay close
+to the student's, as an RL-tuned teacher's do, and the world builds in about a minute.
+`ModelRecipe` names how each model of the world is made, so other pairs (a deeper or wider teacher, another initialisation, another tokenizer) can be added as new
 recipes without touching the task or the cache.
 """
 
@@ -46,7 +48,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TOY_VERSION = 1  # bump when the task, the SFT or the world layout changes: it is part of the cache key
+TOY_VERSION = 2  # bump when the task, the SFT or the world layout changes: it is part of the cache key
 
 
 def train_tokenizer(
@@ -252,7 +254,7 @@ class ModelRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     init_seed: int = 0
-    steps: int = 1000
+    steps: int = 500
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,10 @@ class WorldSettings:
     max_ops: int = 7
     vocab_size: int = 300
     model: ModelRecipe = field(default_factory=ModelRecipe)
-    student_steps: int = 250  # the student is the teacher's own checkpoint at this SFT step
+    # The student is the teacher's own checkpoint at this SFT step: just before the steep part of the learning
+    # curve (held-out Avg@4 about 15% at step 250, 45% at 400, 93% at 500), so teacher and student are a short
+    # walk apart in weight space with a wide accuracy gap, as the paper's RL-trained teacher is from its student.
+    student_steps: int = 250
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 50
