@@ -259,3 +259,52 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "distillation_loss", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1"]))
+
+
+# --------------------------------------------------------------------------- OPRD-Bridge (Stage 2)
+
+
+@pytest.fixture(scope="module")
+def wider_teacher_with_bridge(tmp_path_factory):
+    """A 6-layer, 96-wide teacher sharing the smoke tokenizer, and a rank-4 bridge fitted to it."""
+    from oprd.bridge import collect_layer_rows, fit_bridge, layer_pairs, save_bridge
+    from oprd.toy import tiny_config
+
+    folder = tmp_path_factory.mktemp("wide-teacher")
+    tokenizer = load_tokenizer(ModelSpec(model=TINY))
+    tokenizer.save_pretrained(folder)
+    tiny_config(len(tokenizer), hidden_size=96, num_layers=6, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    student = load_model(ModelSpec(model=TINY, random_init=True), torch.device("cpu"))
+    teacher = load_model(ModelSpec(model=str(folder), random_init=True, init_seed=1), torch.device("cpu"))
+    rollout = HFRollout(student, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_ids=eos_token_ids(student, tokenizer), vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    batch = rollout.generate([tokenizer("Add 2 and 3").input_ids, tokenizer("Is 7 prime?").input_ids],
+                             SamplingParams(n=4, max_new_tokens=16))
+    pairs = layer_pairs(4, 6)
+    rows = collect_layer_rows(student, teacher, [batch], [s for s, _ in pairs], [t for _, t in pairs], max_rows=256)
+    bridge = fit_bridge({p: r[0] for p, r in rows.items()}, {p: r[1] for p, r in rows.items()}, rank=4, epochs=5)
+    path = folder / "bridge.safetensors"
+    save_bridge(bridge, path)
+    return folder, path
+
+
+@pytest.mark.slow
+def test_bridge_run_distils_a_wider_deeper_teacher(wider_teacher_with_bridge, tmp_path):
+    folder, bridge_path = wider_teacher_with_bridge
+    common = [f"teacher.model={folder}", "teacher.random_init=true", "teacher.init_seed=1", "max_steps=2"]
+    with pytest.raises(Exception, match="hidden size is 64 and the teacher's 96"):
+        train(load_config(SMOKE / "oprd.yaml", [*common, f"output_dir={tmp_path / 'no-bridge'}"]))
+    run_dir = train(load_config(SMOKE / "oprd.yaml", [*common, f"bridge.path={bridge_path}",
+                                                      f"output_dir={tmp_path / 'bridge'}"]))
+    rows = _read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert 0 <= row["rep/mse"] <= 4.0  # normalised projections: squared distance of unit vectors / r
+        assert {"rep/cosine_similarity/layer_1", "rep/cosine_similarity/layer_4"} <= row.keys()
+
+
+def test_bridge_path_needs_oprd():
+    with pytest.raises(Exception, match="bridge.path is set but OPRD is off"):
+        load_config(SMOKE / "opd_sampled.yaml", ["bridge.path=b.safetensors"])

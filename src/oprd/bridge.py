@@ -615,7 +615,7 @@ def bridge_loss_rows(
     `losses.representation_loss_rows(normalize=True)`: per pair sum_n w_n mean_r (s - t)^2 of
     L2-normalised projections, averaged over the pairs given (any subset of the bridge's, taken in
     the bridge's order). Gradients reach the student rows only. Metrics as there ("rep/...",
-    pair_i indexing the pairs given), plus "bridge/pairs".
+    pair_i indexing the pairs given); like them, they add up over micro-batches.
     """
     if set(student_rows_by_pair) != set(teacher_rows_by_pair) or not student_rows_by_pair:
         raise ValueError("student and teacher rows must cover the same, non-empty set of layer pairs")
@@ -627,5 +627,4 @@ def bridge_loss_rows(
     with torch.no_grad():
         teacher = [bridge.project_teacher(p, teacher_rows_by_pair[p]) for p in pairs]
     loss, metrics = representation_loss_rows(student, teacher, weights, normalize=True)
-    metrics["bridge/pairs"] = torch.tensor(float(len(pairs)))
     return loss, metrics

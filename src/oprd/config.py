@@ -86,6 +86,11 @@ class OptimConfig:
 
 
 @dataclass
+class BridgeConfig:
+    path: str | None = None  # OPRD-Bridge file (oprd.bridge.save_bridge): OPRD through frozen projectors
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/oprd"
     seed: int = 0
@@ -109,6 +114,7 @@ class TrainConfig:
     opd: OPDConfig = field(default_factory=OPDConfig)
     oprd: OPRDConfig = field(default_factory=OPRDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
 
     @property
     def uses_opd(self) -> bool:
@@ -157,7 +163,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 def _resolve_recipe_paths(raw: dict, folder: Path) -> None:
     for section, key in (("student", "model"), ("student", "tokenizer"), ("teacher", "model"),
-                         ("teacher", "tokenizer"), ("data", "path")):
+                         ("teacher", "tokenizer"), ("data", "path"), ("bridge", "path")):
         value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
             raw[section][key] = str((folder / value).resolve())
@@ -281,6 +287,8 @@ def validate(cfg: TrainConfig) -> None:
     for side in ("student", "teacher"):
         spec: ModelSpec = getattr(cfg, side)
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
+    _require(cfg.bridge.path is None or cfg.uses_oprd,
+             "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
     for sink in cfg.report_to:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
 
@@ -297,8 +305,8 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
         raise ConfigError(
             f"{objective} needs the student and the teacher to read the same tokens, but their tokenizers "
             f"differ ({len(student_tok)} vs {len(teacher_tok)} tokens, different vocabularies). "
-            "Use a teacher with the student's tokenizer; across tokenizers only OPRD-Bridge "
-            "(oprd bridge, a separate stage not in this version) can distil."
+            "Use a teacher with the student's tokenizer; across tokenizers only OPRD-Bridge can distil, and its "
+            "cross-tokenizer training is not in this version."
         )
     for name in ("eos_token", "bos_token", "pad_token"):
         a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
@@ -314,12 +322,12 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
                  f"{side}.tokenizer does not belong to {side}.model")
     if cfg.opd.objective == "topk":
         _require(cfg.opd.k <= vocab, f"opd.k={cfg.opd.k} is larger than the vocabulary ({vocab} tokens); lower opd.k")
-    if cfg.uses_oprd:
+    if cfg.uses_oprd and cfg.bridge.path is None:
         ds, dt = student_config.hidden_size, teacher_config.hidden_size
         _require(ds == dt,
                  f"OPRD-Vanilla compares hidden states, but the student's hidden size is {ds} and the teacher's "
-                 f"{dt}. Set oprd.coef=0 and use an OPD objective, or pick a teacher of the same width; "
-                 "OPRD-Bridge (learned projectors, not in this version) is the method for different widths.")
+                 f"{dt}. Fit an OPRD-Bridge (oprd.bridge.fit_bridge + save_bridge) and pass bridge.path=FILE, "
+                 "or set oprd.coef=0 and use an OPD objective.")
         layers = cfg.oprd.layers
         if isinstance(layers, list):
             _require(max(layers) <= student_config.num_hidden_layers,

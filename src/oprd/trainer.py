@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.utils import logging as hf_logging
 
 from oprd import checkpoint, losses
+from oprd.bridge import Bridge, bridge_loss_rows, load_bridge
 from oprd.config import TrainConfig, check_model_pairing, save_config, to_dict
 from oprd.data import load_problems, prompt_token_ids
 from oprd.evaluation import evaluate
@@ -61,14 +62,23 @@ class Objective:
     positions_k: int
     aggregation: str
     vocab_size: int  # logits beyond the shared tokenizer (embedding padding) are cut off
+    bridge: Bridge | None = field(default=None, compare=False)  # OPRD through frozen projectors
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, student_layers: int, teacher_layers: int, vocab_size: int):
+    def from_config(cls, cfg: TrainConfig, student_layers: int, teacher_layers: int, vocab_size: int,
+                    bridge: Bridge | None = None):
         layers: list[int] = []
         if cfg.uses_oprd:
             mode = cfg.oprd.layers
             layers = list(mode) if isinstance(mode, list) else losses.select_layers(student_layers, mode)
         pairing = losses.layer_map(student_layers, teacher_layers)
+        if bridge is not None:
+            missing = [l for l in layers if l not in bridge.student_layers]
+            if missing:
+                raise ValueError(f"oprd.layers asks for student layers {missing} that the bridge has no projector for "
+                                 f"(it covers {list(bridge.student_layers)})")
+            pairing = {s: t for s, t in bridge.pairs}
+            pairing = [pairing.get(l, 0) for l in range(1, student_layers + 1)]
         return cls(
             opd=cfg.opd.objective,
             topk=cfg.opd.k,
@@ -82,6 +92,7 @@ class Objective:
             positions_k=cfg.oprd.k,
             aggregation=cfg.oprd.aggregation,
             vocab_size=vocab_size,
+            bridge=bridge,
         )
 
     @property
@@ -162,12 +173,17 @@ def distillation_loss(
         # Rows were kept for `keep`; of those, OPRD reads the ones its position mask selects.
         selected = oprd_mask.bool()[keep]
         weights = losses.row_weights(oprd_mask, objective.aggregation, normalizers["oprd"])[oprd_mask.bool()]
-        rep_loss, rep_metrics = losses.representation_loss_rows(
-            [student_h[l][selected] for l in objective.student_layers],
-            [teacher_h[l][selected] for l in objective.teacher_layers],
-            weights,
-            objective.normalize,
-        )
+        student_rows = [student_h[l][selected] for l in objective.student_layers]
+        teacher_rows = [teacher_h[l][selected] for l in objective.teacher_layers]
+        if objective.bridge is None:
+            rep_loss, rep_metrics = losses.representation_loss_rows(
+                student_rows, teacher_rows, weights, objective.normalize
+            )
+        else:
+            pairs = list(zip(objective.student_layers, objective.teacher_layers))
+            rep_loss, rep_metrics = bridge_loss_rows(
+                objective.bridge, dict(zip(pairs, student_rows)), dict(zip(pairs, teacher_rows)), weights
+            )
         for name, value in rep_metrics.items():
             metrics[_name_layer(name, objective.student_layers)] = value
         metrics["rep/loss"] = rep_loss.detach()
@@ -373,8 +389,13 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if cfg.optim.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
+    bridge = None
+    if cfg.bridge.path:
+        bridge = load_bridge(cfg.bridge.path)
+        bridge.check_fits(student_config, teacher_config)
+        bridge = bridge.to(device)
     objective = Objective.from_config(
-        cfg, student_config.num_hidden_layers, teacher_config.num_hidden_layers, len(student_tok)
+        cfg, student_config.num_hidden_layers, teacher_config.num_hidden_layers, len(student_tok), bridge
     )
     rollout = HFRollout(
         student, pad_token_id=student_tok.pad_token_id, eos_token_ids=eos_token_ids(student, student_tok),
