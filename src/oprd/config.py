@@ -56,7 +56,7 @@ class OPDConfig:
     objective: str = "none"  # none | sampled | topk | full
     k: int = 16  # top-k support size
     support: str = "student"  # student | teacher | intersection | union
-    chunk_size: int = 0  # positions per LM-head chunk; 0 = auto, about 2^23 logits (32 MiB fp32) per chunk
+    chunk_size: int = 0  # positions per LM-head chunk; 0 = auto, about 2^22 logits (16 MiB fp32) per chunk
 
 
 @dataclass
