@@ -249,19 +249,22 @@ def naive_unit(v: torch.Tensor) -> torch.Tensor:
 def naive_representation_loss(student, teacher, mask, normalize, aggregation):
     """Eq. 6 by loops: per layer, per position (1/D) ||s - sg(t)||^2, masked average, mean over layers."""
     B, T = mask.shape
+
+    def term(s, q):  # (1/D) ||s - sg(q)||^2, on unit vectors when normalising
+        q = q.detach()
+        if normalize:
+            s, q = naive_unit(s), naive_unit(q)
+        return ((s - q) ** 2).sum() / s.shape[-1]
+
     layer_values = []
     for s_l, t_l in zip(student, teacher):
-        D = s_l.shape[-1]
         if aggregation == "token":
             total, count = 0.0, 0.0
             for b in range(B):
                 for t in range(T):
                     if float(mask[b, t]) == 0:
                         continue
-                    s, q = s_l[b, t], t_l[b, t].detach()
-                    if normalize:
-                        s, q = naive_unit(s), naive_unit(q)
-                    total = total + ((s - q) ** 2).sum() / D
+                    total = total + term(s_l[b, t], t_l[b, t])
                     count += 1
             layer_values.append(total / count if count else s_l.sum() * 0)
         else:
@@ -271,10 +274,7 @@ def naive_representation_loss(student, teacher, mask, normalize, aggregation):
                 for t in range(T):
                     if float(mask[b, t]) == 0:
                         continue
-                    s, q = s_l[b, t], t_l[b, t].detach()
-                    if normalize:
-                        s, q = naive_unit(s), naive_unit(q)
-                    total = total + ((s - q) ** 2).sum() / D
+                    total = total + term(s_l[b, t], t_l[b, t])
                     count += 1
                 if count:
                     per_sequence.append(total / count)

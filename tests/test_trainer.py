@@ -308,3 +308,9 @@ def test_bridge_run_distils_a_wider_deeper_teacher(wider_teacher_with_bridge, tm
 def test_bridge_path_needs_oprd():
     with pytest.raises(Exception, match="bridge.path is set but OPRD is off"):
         load_config(SMOKE / "opd_sampled.yaml", ["bridge.path=b.safetensors"])
+
+
+def test_save_every_zero_writes_only_the_final_model(tmp_path):
+    run_dir = train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1", "save_every=0"]))
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
+    assert (run_dir / "final" / "model.safetensors").is_file()

@@ -491,10 +491,11 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                     run_dir / "checkpoints", step, student, student_tok, optimizer, scheduler,
                     {"data": stream.state()}, keep=cfg.keep_checkpoints,
                 )
-    checkpoint.save_checkpoint(
-        run_dir / "checkpoints", cfg.max_steps, student, student_tok, optimizer, scheduler,
-        {"data": stream.state()}, keep=cfg.keep_checkpoints,
-    )
+    if cfg.save_every:  # the last step's full state, so a run can later be extended with resume=true
+        checkpoint.save_checkpoint(
+            run_dir / "checkpoints", cfg.max_steps, student, student_tok, optimizer, scheduler,
+            {"data": stream.state()}, keep=cfg.keep_checkpoints,
+        )
     checkpoint.write_atomically(
         run_dir / "final", lambda tmp: (student.save_pretrained(tmp), student_tok.save_pretrained(tmp))
     )
