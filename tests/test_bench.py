@@ -52,7 +52,7 @@ def test_trl_reference_is_the_same_reverse_kl():
     batch = make_batch(shape, student.config.vocab_size)
     cfg = load_config(None, ["student.model=x", "teacher.model=x", "data.path=x", "opd.objective=full"])
     objective = Objective.from_config(cfg, 2, 2, student.config.vocab_size)
-    ours, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch.response_mask))
+    ours, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch))
     ours.backward()
     ours_grad = student.lm_head.weight.grad.clone()
     student.zero_grad()

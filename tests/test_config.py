@@ -23,7 +23,8 @@ def test_recipe_loads_and_overrides_apply():
     assert Path(cfg.data.path) == (SMOKE / "prompts.parquet").resolve()
 
 
-@pytest.mark.parametrize("recipe", sorted((RECIPES / "paper").glob("*.yaml")) + sorted(SMOKE.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted((RECIPES / "paper").glob("*.yaml")) + sorted((RECIPES / "bridge").glob("*.yaml"))
+                         + sorted(SMOKE.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(recipe):
     cfg = load_config(recipe)
     assert cfg.uses_opd or cfg.uses_oprd
@@ -38,6 +39,12 @@ def test_paper_recipes_match_table_2_settings():
     assert (cfg.oprd.layers, cfg.oprd.positions, cfg.oprd.k) == ("all", "last_k", 2000)
     assert load_config(RECIPES / "paper" / "opd_top16.yaml").opd.k == 16
     assert load_config(RECIPES / "paper" / "opd_top1_plus_oprd_mu10.yaml").oprd.coef == 10
+
+
+def test_bridge_then_opd_is_one_recipe_of_two_stages():
+    cfg = load_config(RECIPES / "bridge" / "qwen3_4b_to_1.7b_bridge_then_opd_top1.yaml")
+    assert (cfg.opd.objective, cfg.opd.start_step, cfg.oprd.stop_step, cfg.max_steps) == ("sampled", 250, 250, 500)
+    assert cfg.bridge.path and cfg.oprd.normalize
 
 
 @pytest.mark.parametrize(
@@ -120,3 +127,24 @@ def test_chat_template_difference_is_reported():
     teacher_tok.chat_template = "{{ messages[0]['content'] }}"
     warnings = _pairing(load_config(SMOKE / "opd_sampled.yaml"), teacher_tok=teacher_tok)
     assert any("chat templates differ" in w for w in warnings)
+
+
+def test_bridge_accepts_another_tokenizer_with_a_warning(other_tokenizer):
+    cfg = load_config(SMOKE / "oprd.yaml", ["bridge.path=b.safetensors"])
+    warnings = _pairing(cfg, teacher_tok=other_tokenizer)
+    assert any("re-reads each response's text" in w for w in warnings)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["opd.start_step=20", "max_steps=20"], "leaves no step for OPD"),
+    (["oprd.stop_step=5"], "oprd.stop_step is set but OPRD is off"),
+])
+def test_stage_schedule_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SMOKE / "opd_sampled.yaml", overrides)
+
+
+def test_stage_gap_is_refused():
+    with pytest.raises(ConfigError, match="steps 6..9 have no objective"):
+        load_config(SMOKE / "oprd_plus_opd.yaml", ["max_steps=20", "oprd.stop_step=5", "opd.start_step=9"])
+    load_config(SMOKE / "oprd_plus_opd.yaml", ["max_steps=20", "oprd.stop_step=5", "opd.start_step=5"])

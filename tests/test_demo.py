@@ -1,4 +1,5 @@
-"""`oprd demo --quick` end to end: results.json layout, report and plots (no timing asserts)."""
+"""`oprd demo --quick` and `oprd demo --bridge --quick` end to end: results layout, report and plots
+(no timing asserts). Both share one toy-world cache, as a user's runs do."""
 
 import json
 
@@ -11,9 +12,14 @@ METHODS = ("teacher", "student", "opd_top1", "opd_top16", "oprd", "opd_top1_plus
 DISTILLED = METHODS[2:]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy-cache")
+
+
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPRD_CACHE_DIR", str(tmp_path / "cache"))
+def test_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("OPRD_CACHE_DIR", str(cache))
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--seq-kd-steps", "3"])
     assert result.exit_code == 0, result.output
@@ -40,3 +46,39 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     # a non-empty --out is refused without --overwrite
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert again.exit_code == 2
+
+
+BRIDGE_METHOD_KEYS = {"accuracy", "best_at_k", "dist_4g", "avg_len"}
+
+
+@pytest.mark.slow
+def test_bridge_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("OPRD_CACHE_DIR", str(cache))
+    out = tmp_path / "bridge"
+    result = CliRunner().invoke(app, ["demo", "--bridge", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+    payload = json.loads((out / "bridge_results.json").read_text())
+    sweep = payload["rank_sweep"]
+    assert [r["rank"] for r in sweep] == [1, 2, 4, 8, 16, 32]  # up to the quick student's width
+    for row in sweep:
+        assert -1 <= row["cos_before"] <= 1 and -1 <= row["cos_after"] <= 1
+    expected = {
+        "cross_arch": {"teacher", "student", "oprd_bridge", "opd_top1", "bridge_then_opd"},
+        "cross_tokenizer": {"teacher", "student", "oprd_bridge", "matched_position_share"},
+        "cross_init": {"teacher", "student", "oprd_vanilla", "oprd_bridge"},
+    }
+    for pair, keys in expected.items():
+        assert set(payload[pair]) == keys
+        for name in keys - {"matched_position_share"}:
+            metrics = payload[pair][name]
+            assert BRIDGE_METHOD_KEYS <= set(metrics)
+            assert 0 <= metrics["accuracy"] <= metrics["best_at_k"] <= 1 and metrics["avg_len"] > 0
+    assert 0.5 < payload["cross_tokenizer"]["matched_position_share"] <= 1
+    assert 0.5 < payload["cross_tokenizer"]["oprd_bridge"]["matched_position_share"] <= 1
+    assert payload["cross_init"]["oprd_vanilla"]["preflight_cosine_by_layer"]
+    # the two-stage run: OPRD-Bridge for the first half of the steps, OPD top-1 after
+    steps = [json.loads(l) for l in (out / "runs" / "cross_arch_bridge_then_opd" / "metrics.jsonl").read_text().splitlines()]
+    assert "rep/loss" in steps[0] and "opd/loss" not in steps[0] and "opd/loss" in steps[-1]
+    assert "Stage 1 rank sweep" in (out / "bridge_report.md").read_text()
+    assert (out / "sweep" / "sweep.png").stat().st_size > 1000

@@ -65,7 +65,7 @@ def _reference_loss(objective: Objective, student, teacher, batch):
         else:
             loss = loss + losses.opd_full_loss(s_logits, t_logits, mask)
     if objective.oprd_coef > 0:
-        pos = objective.oprd_mask(batch.response_mask)
+        pos = objective.oprd_mask(batch)
         rep = losses.representation_loss(
             [s_out.hidden_states[l][:, window] for l in objective.student_layers],
             [t_out.hidden_states[l][:, window] for l in objective.teacher_layers],
@@ -94,7 +94,7 @@ def test_trainer_path_matches_public_losses(pair_and_batch, overrides):
     student, teacher, batch, vocab = pair_and_batch
     cfg = load_config(SMOKE / "oprd.yaml", ["oprd.coef=0", "opd.chunk_size=5", *overrides])
     objective = Objective.from_config(cfg, 4, 4, vocab)
-    normalizers = objective.normalizers(batch.response_mask)
+    normalizers = objective.normalizers(batch)
 
     student.zero_grad()
     fast_total = 0.0
@@ -121,7 +121,7 @@ def test_oprd_only_never_runs_the_lm_heads(pair_and_batch):
     handles = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1)) for m in (student, teacher)]
     try:
         objective = Objective.from_config(load_config(SMOKE / "oprd.yaml"), 4, 4, vocab)
-        loss, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch.response_mask))
+        loss, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch))
         loss.backward()
     finally:
         for h in handles:
@@ -139,7 +139,7 @@ def test_padded_teacher_vocabulary_is_sliced(pair_and_batch, tmp_path):
         value[: state[name].shape[0]] = state[name]  # copy; extra rows keep random values
     padded.requires_grad_(False)
     objective = Objective.from_config(load_config(SMOKE / "opd_full.yaml"), 4, 4, vocab)
-    norms = objective.normalizers(batch.response_mask)
+    norms = objective.normalizers(batch)
     with torch.no_grad():
         a, _ = distillation_loss(objective, student, teacher, batch, norms)
         b, _ = distillation_loss(objective, student, padded, batch, norms)
@@ -314,3 +314,84 @@ def test_save_every_zero_writes_only_the_final_model(tmp_path):
     run_dir = train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1", "save_every=0"]))
     assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- across tokenizers, stages, pre-flight
+
+
+@pytest.fixture(scope="module")
+def char_teacher(tmp_path_factory):
+    """Saved weights of the smoke student, and a 3 x 48 teacher with a character-level tokenizer."""
+    from oprd.data import load_problems
+    from oprd.toy import tiny_config, train_char_tokenizer
+
+    student_dir, teacher_dir = tmp_path_factory.mktemp("student"), tmp_path_factory.mktemp("char-teacher")
+    load_model(ModelSpec(model=TINY, random_init=True), torch.device("cpu")).save_pretrained(student_dir)
+    load_tokenizer(ModelSpec(model=TINY)).save_pretrained(student_dir)
+    texts = [p.messages[-1]["content"] for p in load_problems(str(SMOKE / "prompts.parquet"))]
+    tokenizer = train_char_tokenizer(texts, teacher_dir)
+    config = tiny_config(len(tokenizer), hidden_size=48, num_layers=3, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        AutoModelForCausalLM.from_config(config).save_pretrained(teacher_dir)
+    return student_dir, teacher_dir
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
+    student_dir, teacher_dir = char_teacher
+    stage1 = ["--student", str(student_dir), "--teacher", str(teacher_dir), "--data", str(SMOKE / "prompts.parquet"),
+              "--prompts", "4", "--max-new-tokens", "12", "--epochs", "3"]
+    sweep = CliRunner().invoke(app, ["bridge", "sweep", *stage1, "--ranks", "1,4", "--out", str(tmp_path / "sweep")])
+    assert sweep.exit_code == 0, sweep.output
+    table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["rank"] for r in table["ranks"]] == [1, 4] and 0 < table["matched_position_share"] <= 1
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    bridge = tmp_path / "bridge.safetensors"
+    fitted = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--out", str(bridge)])
+    assert fitted.exit_code == 0, fitted.output
+    again = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--out", str(bridge)])
+    assert again.exit_code == 2 and "exists" in again.output  # never overwrites without asking
+
+    common = [f"student.model={student_dir}", "student.random_init=false", f"teacher.model={teacher_dir}",
+              "teacher.random_init=false", "max_steps=2", "oprd.positions=all"]
+    with pytest.raises(Exception, match="tokenizers differ.*OPRD-Bridge"):
+        train(load_config(SMOKE / "oprd_plus_opd.yaml", [*common, f"output_dir={tmp_path / 'opd'}"]))
+    run_dir = train(load_config(SMOKE / "oprd.yaml", [*common, f"bridge.path={bridge}", f"output_dir={tmp_path / 'r'}"]))
+    rows = _read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.3 < row["align/matched_share"] <= 1.0
+        assert torch.isfinite(torch.tensor(row["rep/loss"])) and row["rep/loss"] > 0
+    assert json.loads((run_dir / "preflight.json").read_text())["cosine_by_layer"]
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    start = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+
+
+def test_staged_recipe_switches_objective(tmp_path):
+    cfg = load_config(SMOKE / "oprd_plus_opd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=2", "save_every=0",
+                                                      "oprd.stop_step=1", "opd.start_step=1"])
+    rows = _read_metrics(train(cfg))
+    assert "rep/loss" in rows[0] and "opd/loss" not in rows[0]
+    assert "opd/loss" in rows[1] and "rep/loss" not in rows[1]
+
+
+def test_preflight_warns_when_hidden_states_disagree(tmp_path):
+    """The smoke teacher is another random initialisation: its states share nothing with the student's."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    run_dir = train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1", "save_every=0"]),
+                    console=Console(file=buffer, width=400))
+    cosines = json.loads((run_dir / "preflight.json").read_text())["cosine_by_layer"]
+    assert set(cosines) == {"1", "2", "3", "4"} and all(abs(c) < 0.5 for c in cosines.values())
+    assert "OPRD-Vanilla matches states position by position" in buffer.getvalue()
+    assert "oprd bridge fit" in buffer.getvalue()
+    quiet = io.StringIO()
+    train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 's'}", "max_steps=1", "save_every=0",
+                                            "oprd.preflight_min_cos=-1"]), console=Console(file=quiet, width=400))
+    assert "OPRD-Vanilla matches" not in quiet.getvalue()

@@ -121,7 +121,7 @@ def update_fn(method: str, student, teacher, batch: RolloutBatch, vocab: int):
     if method in METHODS:
         cfg = load_config(None, ["student.model=x", "teacher.model=x", "data.path=x", *METHODS[method]])
         objective = Objective.from_config(cfg, layers, teacher.config.num_hidden_layers, vocab)
-        normalizers = objective.normalizers(batch.response_mask)
+        normalizers = objective.normalizers(batch)
         return lambda: distillation_loss(objective, student, teacher, batch, normalizers)[0].backward()
     if method == "floor":
         inputs, rows = model_inputs(batch), response_rows(batch.response_mask, batch.prompt_ids.shape[1])

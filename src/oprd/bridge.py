@@ -11,9 +11,9 @@ r the bridge rank. A layer pair is `(student_layer, teacher_layer)`, 1-based as 
 `hidden_states`.
 
   fit_teacher_pca         P_T and mu_T from teacher rows (float64 eigendecomposition)
-  align_by_offsets        cross-tokenizer position matching by character offsets
+  align_by_offsets        cross-tokenizer position matching by character offsets (oprd.alignment)
   RowReservoir            bounded, paired sample of rows per layer pair (uniform over all rows seen)
-  collect_layer_rows      Stage 1 rows for a same-tokenizer pair, from rollout batches
+  collect_layer_rows      Stage 1 rows from rollout batches, across tokenizers too
   fit_student_projector   P_S by Adam on the MSE, with held-out report
   fit_bridge              both, per layer pair -> Bridge
   save_bridge/load_bridge one safetensors file, JSON metadata
@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from oprd.alignment import align_by_offsets, matched_share, paired_states, usable_rows  # noqa: F401  (public here)
 from oprd.losses import layer_map, representation_loss_rows
 from oprd.rollout import RolloutBatch
-from oprd.teacher import capture_hidden, model_inputs, response_rows
 
 Pair = tuple[int, int]  # (student_layer, teacher_layer), 1-based
 FORMAT = "oprd-bridge"
@@ -94,70 +94,6 @@ def explained_variance_ratio(rows: torch.Tensor, components: torch.Tensor, mean:
     total = centred.pow(2).sum()
     kept = (centred @ components.double().T).pow(2).sum()
     return float(kept / total) if total > 0 else 0.0
-
-
-# --------------------------------------------------------------------------- cross-tokenizer
-
-
-def _clean_ends(offsets: Sequence[Sequence[int]], side: str) -> list[tuple[int, int]]:
-    """(end, token index) of the tokens after which a whole prefix of the text has been read."""
-    spans = [(int(start), int(end)) for start, end in offsets]
-    next_start = [math.inf] * len(spans)  # start of the next non-empty token after each token
-    upcoming = math.inf
-    for i in range(len(spans) - 1, -1, -1):
-        next_start[i] = upcoming
-        if spans[i][0] < spans[i][1]:
-            upcoming = spans[i][0]
-    ends: list[tuple[int, int]] = []
-    last_end = -1
-    for i, (start, end) in enumerate(spans):
-        if start > end:
-            raise ValueError(f"{side} token {i} has a reversed span ({start}, {end})")
-        if start == end:
-            continue  # special token added outside the text, or a zero-width piece
-        if end < last_end:
-            raise ValueError(f"{side} offsets are not in text order: token {i} ends at {end} after {last_end}")
-        last_end = end
-        # A byte-level piece can end in the middle of a character: HF then reports the whole
-        # character in its span and the next token starts before this one's end ('hÃ' (0, 2),
-        # '©llo' (1, 5) for "héllo"). Such a position has not read text[:end], so it is skipped;
-        # this also keeps only the last of several pieces ending at the same character.
-        if next_start[i] < end:
-            continue
-        ends.append((end, i))  # strictly increasing: of equal ends, only the last passes the test above
-    return ends
-
-
-def align_by_offsets(
-    student_offsets: Sequence[Sequence[int]], teacher_offsets: Sequence[Sequence[int]]
-) -> list[tuple[int, int]]:
-    """(student_index, teacher_index) pairs at which both tokenizers have read the same text.
-
-    Offsets are per-token (start, end) character spans of one text under each tokenizer, as
-    `tokenizer(text, return_offsets_mapping=True)` gives them. A pair is formed where the end
-    offsets coincide, so both models have read exactly `text[:end]`; pairs come in text order.
-    Tokens with empty spans (special tokens added outside the text, (0, 0)) never match, nor do
-    byte pieces that stop inside a character (the next token starts before their end); of several
-    pieces ending at the same character, the last one is used. One walk over both lists: O(S + T).
-    """
-    student, teacher = _clean_ends(student_offsets, "student"), _clean_ends(teacher_offsets, "teacher")
-    pairs, i, j = [], 0, 0
-    while i < len(student) and j < len(teacher):
-        (s_end, s_index), (t_end, t_index) = student[i], teacher[j]
-        if s_end == t_end:
-            pairs.append((s_index, t_index))
-            i, j = i + 1, j + 1
-        elif s_end < t_end:
-            i += 1
-        else:
-            j += 1
-    return pairs
-
-
-def matched_share(pairs: Sequence[tuple[int, int]], student_offsets: Sequence[Sequence[int]]) -> float:
-    """Share of the student's text tokens (non-empty spans) that `align_by_offsets` matched."""
-    text_tokens = sum(1 for start, end in student_offsets if int(end) > int(start))
-    return len(pairs) / text_tokens if text_tokens else 0.0
 
 
 # --------------------------------------------------------------------------- Stage 1: rows
@@ -234,15 +170,16 @@ def collect_layer_rows(
     *,
     seed: int = 0,
 ) -> dict[Pair, tuple[torch.Tensor, torch.Tensor]]:
-    """Stage 1 rows of a same-tokenizer pair: {(s, t): (S_rows (N, D_S), T_rows (N, D_T))}.
+    """Stage 1 rows: {(s, t): (S_rows (N, D_S), T_rows (N, D_T))}.
 
-    For each rollout batch, both models read `[prompt | response]` (no grad) and the hidden states
-    at the response positions (the outputs that predict response tokens, as the trainer's losses
-    read them) are captured after student layer s and teacher layer t, for each pair
-    zip(student_layers, teacher_layers). Batches are streamed through a `RowReservoir`, so N is at
-    most `max_rows` per layer pair, sampled uniformly over all response positions seen; the caller
-    bounds the compute by the number of batches it yields. Both models must use one tokenizer:
-    across tokenizers, align positions with `align_by_offsets` and feed a `RowReservoir` directly.
+    For each rollout batch, both models read the sampled tokens (no grad) and the hidden states at
+    the response positions (the outputs that predict response tokens, as the trainer's losses read
+    them) are captured after student layer s and teacher layer t, for each pair
+    zip(student_layers, teacher_layers). Across tokenizers (batches carrying a `TeacherView`, see
+    `oprd.alignment.retokenize`) the teacher reads its own tokens of the same text and only
+    positions with a partner are kept. Batches are streamed through a `RowReservoir`, so N is at
+    most `max_rows` per layer pair, sampled uniformly over all positions seen; the caller bounds
+    the compute by the number of batches it yields.
     """
     if len(student_layers) != len(teacher_layers) or not student_layers:
         raise ValueError(
@@ -251,20 +188,10 @@ def collect_layer_rows(
     pairs = list(zip(student_layers, teacher_layers))
     reservoir = RowReservoir(max_rows, seed)
     for batch in batches:
-        student_device = next(student.parameters()).device
-        teacher_device = next(teacher.parameters()).device
-        rows = response_rows(batch.response_mask, batch.prompt_ids.shape[1])  # (B, P + T - 1)
-        if not rows.any():
+        keep = usable_rows(batch).bool()  # (B, T)
+        if not keep.any():
             continue
-        inputs = model_inputs(batch)
-        s = capture_hidden(
-            student, {k: v.to(student_device) for k, v in inputs.items()}, sorted(set(student_layers)),
-            rows.to(student_device),
-        )
-        t = capture_hidden(
-            teacher, {k: v.to(teacher_device) for k, v in inputs.items()}, sorted(set(teacher_layers)),
-            rows.to(teacher_device),
-        )
+        s, t = paired_states(student, teacher, batch, keep, student_layers, teacher_layers)
         reservoir.add({p: s[p[0]] for p in pairs}, {p: t[p[1]] for p in pairs})
     if reservoir.rows_seen == 0:
         raise ValueError("no response positions in the given batches")

@@ -214,6 +214,134 @@ def eval_grade(
         )
 
 
+# --- bridge ---
+
+bridge_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="OPRD-Bridge Stage 1: fit frozen projectors between a student and a teacher.")
+app.add_typer(bridge_app, name="bridge")
+
+
+def _fit_settings(student: str, teacher: str, data: str, **options):
+    from oprd.bridge_fit import FitSettings
+
+    return FitSettings(student=student, teacher=teacher, data=data, **options)
+
+
+def _stage1_options(
+    prompts: int = typer.Option(64, help="prompts (the first N of --data) the student answers"),
+    responses_per_prompt: int = typer.Option(2),
+    max_new_tokens: int = typer.Option(512),
+    temperature: float = typer.Option(1.0),
+    max_rows: int = typer.Option(16_384, help="hidden-state rows kept per layer pair (uniform sample; the paper's)"),
+    layers: str = typer.Option("all", help="student layers: all, or e.g. 4,8,12"),
+    epochs: int = typer.Option(20, help="passes of the student-projector fit (the paper's 20)"),
+    lr: float = typer.Option(1e-2, help="Adam lr of the student-projector fit (cosine-decayed)"),
+    holdout: float = typer.Option(0.1, help="share of rows held out of both fits, for the reported cosine"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = typer.Option(False, help="run model code from the hub (off: safe default)"),
+) -> dict:
+    return dict(locals())
+
+
+def _with_stage1_options(command):
+    """Gives a bridge command the shared Stage 1 options (typer reads them from the signature)."""
+    import inspect
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
+    shared = list(inspect.signature(_stage1_options).parameters.values())
+
+    def wrapped(**kwargs):
+        options = {name: kwargs.pop(name) for name in [p.name for p in shared]}
+        return command(**kwargs, options=options)
+
+    wrapped.__signature__ = inspect.Signature(own + shared)
+    wrapped.__annotations__ = {**_stage1_options.__annotations__, **command.__annotations__}
+    wrapped.__doc__, wrapped.__name__ = command.__doc__, command.__name__
+    return wrapped
+
+
+def _bridge_errors(console: Console, action):
+    try:
+        return action()
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=2) from error
+
+
+@bridge_app.command("fit")
+@_with_stage1_options
+def bridge_fit(
+    student: str = typer.Option(..., help="student model: hub id or local path"),
+    teacher: str = typer.Option(..., help="teacher model: hub id or local path"),
+    data: str = typer.Option(..., help="prompts: parquet/JSONL file, shipped benchmark name or hub dataset"),
+    rank: int = typer.Option(8, help="bridge rank r (at most the smaller hidden size)"),
+    out: Path = typer.Option(Path("bridge.safetensors"), help="the bridge file to write"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    options: dict | None = None,
+) -> None:
+    """Stage 1: rollouts, hidden-state rows, teacher PCA and a trained student projector -> one file.
+
+    Example: oprd bridge fit --student S --teacher T --data prompts.parquet --rank 8 --out bridge.safetensors
+    """
+    from oprd.bridge import save_bridge
+    from oprd.bridge_fit import collect_bridge_rows, fit_from_rows
+
+    console = Console(stderr=True, soft_wrap=True)
+    if out.exists() and not overwrite:
+        console.print(f"[bold red]error:[/] {out} exists; pass --overwrite or choose another --out")
+        raise typer.Exit(code=2)
+
+    def run():
+        settings = _fit_settings(student, teacher, data, **options)
+        rows, info = collect_bridge_rows(settings, console)
+        bridge = fit_from_rows(rows, rank, settings, info)
+        save_bridge(bridge, out)
+        for layer in bridge.metadata["layers"]:
+            console.print(f"layer {layer['student_layer']} <- teacher {layer['teacher_layer']}: held-out cosine "
+                          f"{layer['cos_before']:.3f} before, {layer['cos_after']:.3f} after")
+        console.print(f"mean held-out cosine {bridge.metadata['cos_after']:.3f}; bridge written to {out}")
+
+    _bridge_errors(console, run)
+
+
+@bridge_app.command("sweep")
+@_with_stage1_options
+def bridge_sweep(
+    student: str = typer.Option(..., help="student model: hub id or local path"),
+    teacher: str = typer.Option(..., help="teacher model: hub id or local path"),
+    data: str = typer.Option(..., help="prompts: parquet/JSONL file, shipped benchmark name or hub dataset"),
+    ranks: str = typer.Option("1,2,4,8,16,32,64", help="comma-separated ranks"),
+    out: Path = typer.Option(Path("runs/bridge_sweep"), help="folder for sweep.json/md/png and one bridge per rank"),
+    overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+    options: dict | None = None,
+) -> None:
+    """The paper's rank study: one bridge per rank on the same rows; cosine before and after, table and plot.
+
+    Example: oprd bridge sweep --student S --teacher T --data prompts.parquet --ranks 1,2,4,8,16,32,64 --out DIR
+    """
+    from oprd.bridge_fit import collect_bridge_rows, sweep_ranks
+
+    console = Console(stderr=True, soft_wrap=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        console.print(f"[bold red]error:[/] {out} is not empty; pass --overwrite or choose another --out")
+        raise typer.Exit(code=2)
+
+    def run():
+        try:
+            rank_list = [int(r) for r in ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--ranks must be comma-separated integers, got {ranks!r}") from None
+        settings = _fit_settings(student, teacher, data, **options)
+        rows, info = collect_bridge_rows(settings, console)
+        table = sweep_ranks(rows, rank_list, settings, info, out)
+        for row in table:
+            console.print(f"rank {row['rank']:>3}: cosine {row['cos_before']:.3f} -> {row['cos_after']:.3f}")
+        console.print(f"wrote {out / 'sweep.md'}, {out / 'sweep.png'}")
+
+    _bridge_errors(console, run)
+
+
 # --- demo ---
 
 
@@ -231,11 +359,14 @@ def demo(
     methods: str = typer.Option(None, help="comma-separated subset of teacher,student,opd_top1,opd_top16,oprd,"
                                            "opd_top1_plus_oprd,seq_kd"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    bridge: bool = typer.Option(False, "--bridge", help="the OPRD-Bridge experiments instead: cross-architecture, "
+                                                        "cross-tokenizer, cross-initialisation teachers"),
 ) -> None:
     """The paper's same-architecture experiment in miniature on a toy reasoning task (CPU, minutes).
 
-    Example: oprd demo --out runs/demo
+    Example: oprd demo --out runs/demo        (--bridge: Tables 4-6 in miniature, bridge_results.json)
     """
+    from oprd.bridge_demo import run_bridge_demo
     from oprd.demo import DemoSettings, run_demo
 
     given = {"steps": steps, "lr": lr, "oprd_k": oprd_k, "oprd_normalize": normalize, "oprd_coef": oprd_coef, "seq_kd_steps": seq_kd_steps,
@@ -245,7 +376,7 @@ def demo(
     settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
     console = Console(stderr=True, soft_wrap=True)
     try:
-        run_demo(settings, console)
+        (run_bridge_demo if bridge else run_demo)(settings, console)
     except (FileExistsError, ValueError) as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(code=2) from error

@@ -57,6 +57,7 @@ class OPDConfig:
     k: int = 16  # top-k support size
     support: str = "student"  # student | teacher | intersection | union
     chunk_size: int = 0  # positions per LM-head chunk; 0 = auto, about 2^22 logits (16 MiB fp32) per chunk
+    start_step: int = 0  # OPD applies from step start_step + 1 on (two-stage recipes: bridge, then OPD)
 
 
 @dataclass
@@ -67,6 +68,9 @@ class OPRDConfig:
     positions: str = "last_k"  # all | last | first_k | last_k
     k: int = 2000
     aggregation: str = "token"  # token (reference code) | sequence (paper Eq. 6)
+    stop_step: int = 0  # OPRD applies up to this step; 0 = every step
+    preflight_prompts: int = 4  # rollouts of this many prompts measure student-teacher cosine before training; 0 = skip
+    preflight_min_cos: float = 0.5  # warn when the pre-flight cosine similarity is below this
 
 
 @dataclass
@@ -289,6 +293,16 @@ def validate(cfg: TrainConfig) -> None:
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
     _require(cfg.bridge.path is None or cfg.uses_oprd,
              "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
+    _require(cfg.opd.start_step >= 0 and cfg.oprd.stop_step >= 0, "opd.start_step and oprd.stop_step must be >= 0")
+    _require(not cfg.uses_opd or cfg.opd.start_step < cfg.max_steps,
+             f"opd.start_step={cfg.opd.start_step} leaves no step for OPD (max_steps={cfg.max_steps})")
+    _require(cfg.oprd.stop_step == 0 or cfg.uses_oprd, "oprd.stop_step is set but OPRD is off (oprd.coef=0)")
+    oprd_last = (cfg.oprd.stop_step or cfg.max_steps) if cfg.uses_oprd else 0
+    opd_first = cfg.opd.start_step + 1 if cfg.uses_opd else cfg.max_steps + 1
+    _require(oprd_last + 1 >= min(opd_first, cfg.max_steps + 1),
+             f"steps {oprd_last + 1}..{min(opd_first, cfg.max_steps + 1) - 1} have no objective: OPRD stops after "
+             f"oprd.stop_step={cfg.oprd.stop_step} and OPD starts after opd.start_step={cfg.opd.start_step}")
+    _require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
     for sink in cfg.report_to:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
 
@@ -299,27 +313,31 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
     Reads configs and tokenizers only, so a bad pairing fails before gigabytes of weights load.
     """
     warnings: list[str] = []
-    same_text = student_tok.get_vocab() == teacher_tok.get_vocab()
-    if not same_text:
-        objective = f"opd.objective={cfg.opd.objective}" if cfg.uses_opd else "OPRD-Vanilla"
-        raise ConfigError(
-            f"{objective} needs the student and the teacher to read the same tokens, but their tokenizers "
-            f"differ ({len(student_tok)} vs {len(teacher_tok)} tokens, different vocabularies). "
-            "Use a teacher with the student's tokenizer; across tokenizers only OPRD-Bridge can distil, and its "
-            "cross-tokenizer training is not in this version."
-        )
+    same_tokens = student_tok.get_vocab() == teacher_tok.get_vocab()
+    if not same_tokens:
+        differ = f"the student and teacher tokenizers differ ({len(student_tok)} vs {len(teacher_tok)} tokens)"
+        _require(not cfg.uses_opd,
+                 f"opd.objective={cfg.opd.objective} compares next-token distributions over one vocabulary, but "
+                 f"{differ}. Across tokenizers only OPRD-Bridge can distil: set opd.objective=none, oprd.coef > 0 and "
+                 "bridge.path=FILE (fit one with `oprd bridge fit`).")
+        _require(cfg.bridge.path is not None,
+                 f"OPRD-Vanilla compares hidden states position by position, but {differ}, so positions do not "
+                 "correspond. Fit an OPRD-Bridge with `oprd bridge fit` and pass bridge.path=FILE: it matches "
+                 "positions by character offsets.")
+        warnings.append(f"{differ}: the teacher re-reads each response's text with its own tokenizer and prompt "
+                        "template; OPRD uses the positions at which both have read the same text")
     for name in ("eos_token", "bos_token", "pad_token"):
         a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
         if a != b:
             warnings.append(f"student and teacher tokenizers differ in {name}: {a!r} vs {b!r}")
-    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+    if same_tokens and getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
         warnings.append("student and teacher chat templates differ: prompts are rendered with the student's, "
                         "so the teacher reads a template it may not have been trained on")
     vocab = len(student_tok)
-    for side, config in (("student", student_config), ("teacher", teacher_config)):
-        _require(config.vocab_size >= vocab,
-                 f"{side} model has {config.vocab_size} embedding rows, fewer than its tokenizer's {vocab} tokens: "
-                 f"{side}.tokenizer does not belong to {side}.model")
+    for side, config, tokenizer in (("student", student_config, student_tok), ("teacher", teacher_config, teacher_tok)):
+        _require(config.vocab_size >= len(tokenizer),
+                 f"{side} model has {config.vocab_size} embedding rows, fewer than its tokenizer's {len(tokenizer)} "
+                 f"tokens: {side}.tokenizer does not belong to {side}.model")
     if cfg.opd.objective == "topk":
         _require(cfg.opd.k <= vocab, f"opd.k={cfg.opd.k} is larger than the vocabulary ({vocab} tokens); lower opd.k")
     if cfg.uses_oprd and cfg.bridge.path is None:

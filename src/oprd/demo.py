@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from rich.console import Console
@@ -159,8 +160,8 @@ def max_response_tokens(world: toy.World) -> int:
 # --------------------------------------------------------------------------- the methods
 
 
-def train_config(method: str, world: toy.World, s: DemoSettings, run_dir: Path):
-    """The `oprd train` config of an on-policy method: shared settings plus the method's objective."""
+def train_config(method: str, world: toy.World, s: DemoSettings, run_dir: Path, extra: Sequence[str] = ()):
+    """The `oprd train` config of an on-policy method: shared settings, the method's objective, then `extra`."""
     shared = [
         f"output_dir={run_dir}", f"seed={s.seed}", f"max_steps={s.steps}", "save_every=0", "overwrite=true",
         "device=cpu", f"student.model={world.student}", f"teacher.model={world.teacher}",
@@ -175,14 +176,16 @@ def train_config(method: str, world: toy.World, s: DemoSettings, run_dir: Path):
         f"eval_every={s.curve_every}", f"eval_benchmarks=[{world.test_path}]", f"eval_limit={s.curve_problems}",
         "eval_samples=2", f"eval_temperature={s.eval_temperature}", f"eval_max_new_tokens={max_response_tokens(world)}",
     ]
-    return load_config(None, shared + ON_POLICY[method])
+    return load_config(None, shared + ON_POLICY[method] + list(extra))
 
 
-def run_on_policy(method: str, world: toy.World, s: DemoSettings, console: Console) -> dict:
+def run_on_policy(method: str, world: toy.World, s: DemoSettings, console: Console, extra: Sequence[str] = (),
+                  name: str | None = None) -> dict:
+    """Trains one method through `oprd.trainer.train` in runs/<name or method>; `extra` overrides the config."""
     from oprd.trainer import train
 
-    run_dir = s.out / "runs" / method
-    cfg = train_config(method, world, s, run_dir)
+    run_dir = s.out / "runs" / (name or method)
+    cfg = train_config(method, world, s, run_dir, extra)
     started = time.perf_counter()
     with PeakRSS() as memory:
         train(cfg, console=console)

@@ -12,10 +12,13 @@ Shape letters used here and in the trainer:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+if TYPE_CHECKING:
+    from oprd.alignment import TeacherView
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class RolloutBatch:
     response_mask: torch.Tensor  # (B, T) long; 1 on valid tokens, contiguous from 0, EOS included
     prompt_index: torch.Tensor  # (B,) long: which input prompt each row answers
     truncated: torch.Tensor  # (B,) bool: stopped by max_new_tokens, not by EOS
+    # Across tokenizers: the teacher's own tokens of these rows (oprd.alignment.retokenize)
+    teacher_view: "TeacherView | None" = None
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + T)
@@ -72,10 +77,11 @@ class RolloutBatch:
             response_mask=self.response_mask[rows, :width],
             prompt_index=self.prompt_index[rows],
             truncated=self.truncated[rows],
+            teacher_view=self.teacher_view.select(rows, width) if self.teacher_view is not None else None,
         )
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
-        return RolloutBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return RolloutBatch(**{k: v if v is None else v.to(device) for k, v in self.__dict__.items()})
 
 
 class Rollout(Protocol):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -312,11 +311,87 @@ class World:
         return self.root / "test.parquet"
 
 
+def save_pair(model: torch.nn.Module, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def train_model(recipe: ModelRecipe, settings: WorldSettings, tokenizer, examples,
+                on_step: Callable[[int, torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed`, after `recipe.steps` of SFT."""
+    config = tiny_config(
+        len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
+        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.init_seed)
+        model = AutoModelForCausalLM.from_config(config)
+    callback = (lambda step, loss: on_step(step, model)) if on_step else None
+    sft(model, examples, steps=recipe.steps, batch_size=settings.batch_size, lr=settings.lr,
+        pad_id=tokenizer.pad_token_id, seed=settings.seed, warmup=settings.warmup, callback=callback)
+    return model
+
+
+# The bridge demo's teachers, each paired with the world's student (4 x 64, BPE, init seed 0):
+BRIDGE_TEACHERS = {
+    # deeper and wider: OPD still applies (same tokenizer), OPRD-Vanilla cannot (other width)
+    "cross_arch": (ModelRecipe(hidden_size=96, num_layers=6, intermediate_size=384, steps=500), "bpe"),
+    # the student's architecture from another random initialisation: no shared representation
+    "cross_init": (ModelRecipe(init_seed=1, steps=500), "bpe"),
+    # a character-level tokenizer: no OPD, positions matched by character offsets
+    "cross_tokenizer": (ModelRecipe(init_seed=2, steps=500), "char"),
+}
+
+
+def train_char_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer with no merges: one token per character of the toy's ASCII text."""
+    return train_tokenizer(texts, len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet()), out_dir)
+
+
+def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, tokenizer_kind: str | None = None,
+                  progress=None) -> Path:
+    """A bridge-demo teacher of the world (`BRIDGE_TEACHERS[name]` unless given), built once and cached
+    beside the world; returns its folder (model and tokenizer)."""
+    default_recipe, default_kind = BRIDGE_TEACHERS.get(name, (None, "bpe"))
+    recipe, tokenizer_kind = recipe or default_recipe, tokenizer_kind or default_kind
+    if recipe is None:
+        raise ValueError(f"unknown toy teacher {name!r}; known: {sorted(BRIDGE_TEACHERS)}")
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(recipe), tokenizer_kind]).encode()).hexdigest()[:8]
+    root = world.root / f"teacher-{name}-{key}"
+    if (root / "config.json").is_file():
+        return root
+    train = train_split(world.settings)
+    texts = [p.prompt + "\n" + p.solution for p in train]
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if tokenizer_kind == "char":
+        tokenizer = train_char_tokenizer(texts, tmp)
+    elif tokenizer_kind == "bpe":
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(world.tokenizer))
+    else:
+        raise ValueError(f"tokenizer kind must be bpe or char, got {tokenizer_kind!r}")
+    examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
+    task = progress.add_task(f"toy world: SFT {name} teacher", total=recipe.steps) if progress else None
+    on_step = (lambda step, model: progress.update(task, completed=step)) if progress else None
+    save_pair(train_model(recipe, world.settings, tokenizer, examples, on_step), tokenizer, tmp)
+    if root.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)
+    return root
+
+
 def cache_root() -> Path:
     """$OPRD_CACHE_DIR, else $XDG_CACHE_HOME/oprd, else ~/.cache/oprd."""
     if os.environ.get("OPRD_CACHE_DIR"):
         return Path(os.environ["OPRD_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "oprd"
+
+
+def train_split(settings: WorldSettings) -> list[ToyProblem]:
+    return make_split(settings.train_problems, settings.seed * 2 + 1, min_steps=settings.min_ops,
+                      max_steps=settings.max_ops)
 
 
 def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> World:
@@ -333,8 +408,7 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
     tmp.mkdir(parents=True)
     started = time.perf_counter()
 
-    train = make_split(settings.train_problems, settings.seed * 2 + 1, min_steps=settings.min_ops,
-                       max_steps=settings.max_ops)
+    train = train_split(settings)
     test = make_split(settings.test_problems, settings.seed * 2 + 2, exclude={p.prompt for p in train},
                       min_steps=settings.min_ops, max_steps=settings.max_ops)
     write_problems(train, tmp / "train.parquet")
@@ -343,31 +417,17 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
         (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
     )
 
-    recipe = settings.model
-    config = tiny_config(
-        len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
-        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.init_seed)
-        model = AutoModelForCausalLM.from_config(config)
     examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
-    task = progress.add_task("toy world: SFT teacher", total=recipe.steps) if progress else None
+    task = progress.add_task("toy world: SFT teacher", total=settings.model.steps) if progress else None
 
-    def save(path: Path) -> None:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, model: torch.nn.Module) -> None:
         if step == settings.student_steps:
-            save(tmp / "student")  # the teacher's own earlier checkpoint
+            save_pair(model, tokenizer, tmp / "student")  # the teacher's own earlier checkpoint
         if progress:
             progress.update(task, completed=step)
 
-    sft(model, examples, steps=recipe.steps, batch_size=settings.batch_size, lr=settings.lr,
-        pad_id=tokenizer.pad_token_id, seed=settings.seed, warmup=settings.warmup, callback=on_step)
-    save(tmp / "teacher")
+    model = train_model(settings.model, settings, tokenizer, examples, on_step)
+    save_pair(model, tokenizer, tmp / "teacher")
     info = {
         "settings": dataclasses.asdict(settings),
         "version": TOY_VERSION,

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.utils import logging as hf_logging
 
 from oprd import checkpoint, losses
+from oprd.alignment import paired_states, retokenize, teacher_side, usable_rows
 from oprd.bridge import Bridge, bridge_loss_rows, load_bridge
 from oprd.config import TrainConfig, check_model_pairing, save_config, to_dict
 from oprd.data import load_problems, prompt_token_ids
@@ -62,6 +63,8 @@ class Objective:
     positions_k: int
     aggregation: str
     vocab_size: int  # logits beyond the shared tokenizer (embedding padding) are cut off
+    opd_start_step: int = 0  # OPD from step opd_start_step + 1 on
+    oprd_stop_step: int = 0  # OPRD up to this step; 0 = always
     bridge: Bridge | None = field(default=None, compare=False)  # OPRD through frozen projectors
 
     @classmethod
@@ -92,8 +95,16 @@ class Objective:
             positions_k=cfg.oprd.k,
             aggregation=cfg.oprd.aggregation,
             vocab_size=vocab_size,
+            opd_start_step=cfg.opd.start_step,
+            oprd_stop_step=cfg.oprd.stop_step,
             bridge=bridge,
         )
+
+    def at_step(self, step: int) -> "Objective":
+        """The objective of one step of a staged recipe (e.g. OPRD-Bridge first, then OPD)."""
+        opd = self.opd if step > self.opd_start_step else "none"
+        oprd_coef = self.oprd_coef if not self.oprd_stop_step or step <= self.oprd_stop_step else 0.0
+        return dataclasses.replace(self, opd=opd, oprd_coef=oprd_coef)
 
     @property
     def uses_opd(self) -> bool:
@@ -103,15 +114,16 @@ class Objective:
     def uses_oprd(self) -> bool:
         return self.oprd_coef > 0
 
-    def oprd_mask(self, response_mask: torch.Tensor) -> torch.Tensor:  # (B, T)
+    def oprd_mask(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, T) float: the positions OPRD supervises; across tokenizers, those of them with a partner."""
         k = self.positions_k if self.positions in ("first_k", "last_k") else None
-        return losses.position_mask(response_mask, self.positions, k)
+        return losses.position_mask(batch.response_mask, self.positions, k) * usable_rows(batch)
 
-    def normalizers(self, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Denominators of the step's averages, from the whole step's (B, T) response mask."""
-        oprd = self.oprd_mask(response_mask)
+    def normalizers(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """Denominators of the step's averages, from the whole step's batch."""
+        oprd = self.oprd_mask(batch)
         oprd_total = oprd.sum() if self.aggregation == "token" else (oprd.sum(-1) > 0).sum()
-        return {"opd": response_mask.sum().float(), "oprd": oprd_total.float()}
+        return {"opd": batch.response_mask.sum().float(), "oprd": oprd_total.float()}
 
 
 def distillation_loss(
@@ -126,22 +138,25 @@ def distillation_loss(
 
     Returns the loss (backward-ready) and metrics as weighted sums that add up over micro-batches.
     """
-    inputs = model_inputs(batch)
-    prompt_width = batch.prompt_ids.shape[1]
     response_mask = batch.response_mask.bool()
-    oprd_mask = objective.oprd_mask(batch.response_mask)
+    oprd_mask = objective.oprd_mask(batch)
     # The teacher keeps every response position when OPD needs them, else only OPRD's positions.
     keep = response_mask if objective.uses_opd else oprd_mask.bool()
-    rows = response_rows(keep, prompt_width)
+    teacher_inputs, teacher_rows = teacher_side(batch, keep)  # across tokenizers: the teacher's own tokens
 
     started = time.perf_counter()
     with torch.no_grad():
-        teacher_h = capture_hidden(teacher, inputs, list(objective.teacher_layers), rows, final=objective.uses_opd)
+        teacher_h = capture_hidden(
+            teacher, teacher_inputs, list(objective.teacher_layers), teacher_rows, final=objective.uses_opd
+        )
     _synchronize(teacher)
     if timings is not None:
         timings["teacher"] = timings.get("teacher", 0.0) + time.perf_counter() - started
 
-    student_h = capture_hidden(student, inputs, list(objective.student_layers), rows, final=objective.uses_opd)
+    student_h = capture_hidden(
+        student, model_inputs(batch), list(objective.student_layers),
+        response_rows(keep, batch.prompt_ids.shape[1]), final=objective.uses_opd,
+    )
     loss = torch.zeros((), device=batch.response_ids.device)
     metrics: dict[str, torch.Tensor] = {}
 
@@ -228,23 +243,31 @@ class PromptStream:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def load_prompts(cfg: TrainConfig, tokenizer, console: Console) -> list[list[int]]:
+def load_prompts(
+    cfg: TrainConfig, tokenizer, console: Console, teacher_tokenizer=None
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """The training prompts, tokenised for the student, and for a teacher with another tokenizer
+    (rendered with its own chat template) when one is given; else None for the teacher."""
     problems = load_problems(
         cfg.data.path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
         split=cfg.data.split, limit=cfg.data.limit,
     )
-    prompts = [prompt_token_ids(tokenizer, p.messages, use_chat_template=cfg.data.use_chat_template) for p in problems]
-    fitting = [p for p in prompts if len(p) <= cfg.data.max_prompt_tokens]
-    dropped = len(prompts) - len(fitting)
+    render = lambda tok, p: prompt_token_ids(tok, p.messages, use_chat_template=cfg.data.use_chat_template)  # noqa: E731
+    prompts = [render(tokenizer, p) for p in problems]
+    fits = [len(p) <= cfg.data.max_prompt_tokens for p in prompts]
+    dropped = fits.count(False)
     if dropped:
         longest = max(len(p) for p in prompts)
         console.print(
             f"[yellow]{dropped} of {len(prompts)} prompts are longer than data.max_prompt_tokens="
             f"{cfg.data.max_prompt_tokens} (longest {longest} tokens) and are left out, not cut."
         )
-    if not fitting:
+    if not any(fits):
         raise ValueError(f"no prompt of {cfg.data.path} fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-    return fitting
+    teacher_prompts = None
+    if teacher_tokenizer is not None:
+        teacher_prompts = [render(teacher_tokenizer, p) for p, fit in zip(problems, fits) if fit]
+    return [p for p, fit in zip(prompts, fits) if fit], teacher_prompts
 
 
 def make_validation(cfg: TrainConfig, rollout: HFRollout, tokenizer):
@@ -269,6 +292,44 @@ def make_validation(cfg: TrainConfig, rollout: HFRollout, tokenizer):
         return record
 
     return validate
+
+
+def preflight_alignment(
+    objective: Objective, student: torch.nn.Module, teacher: torch.nn.Module, batch: RolloutBatch
+) -> dict[int, float]:
+    """{student layer: mean cosine similarity} of the two models' states at OPRD's positions, before
+    training; through the bridge's projectors when there is one (what Stage 2 will compare)."""
+    keep = objective.oprd_mask(batch).bool()
+    if not keep.any():
+        return {}
+    student_h, teacher_h = paired_states(
+        student, teacher, batch, keep, objective.student_layers, objective.teacher_layers
+    )
+    cosines = {}
+    for s, t in zip(objective.student_layers, objective.teacher_layers):
+        a, b = student_h[s].float(), teacher_h[t].float()
+        if objective.bridge is not None:
+            a, b = objective.bridge.project_student((s, t), a), objective.bridge.project_teacher((s, t), b)
+        cosines[s] = float(torch.nn.functional.cosine_similarity(a, b.to(a.device), dim=-1).mean())
+    return cosines
+
+
+def preflight_warning(cosines: dict[int, float], min_cos: float, bridged: bool) -> str | None:
+    if not cosines:
+        return None
+    mean = sum(cosines.values()) / len(cosines)
+    if mean >= min_cos:
+        return None
+    per_layer = ", ".join(f"layer {l}: {c:.2f}" for l, c in cosines.items())
+    if bridged:
+        return (f"through the bridge, student and teacher states have mean cosine similarity {mean:.2f} before "
+                f"training (below oprd.preflight_min_cos={min_cos}; {per_layer}). The bridge fits these models "
+                "poorly: refit it on more rollouts or at another rank (`oprd bridge sweep`).")
+    return (f"student and teacher hidden states have mean cosine similarity {mean:.2f} before training (below "
+            f"oprd.preflight_min_cos={min_cos}; {per_layer}). OPRD-Vanilla matches states position by position and "
+            "can collapse when the two models do not share a representation (e.g. a teacher trained from another "
+            "initialisation). Fit an OPRD-Bridge (`oprd bridge fit`) and pass bridge.path=FILE, or use an OPD "
+            "objective.")
 
 
 # --------------------------------------------------------------------------- run bookkeeping
@@ -376,7 +437,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     student_config, teacher_config = load_model_config(cfg.student), load_model_config(cfg.teacher)
     for warning in check_model_pairing(cfg, student_config, teacher_config, student_tok, teacher_tok):
         console.print(f"[yellow]warning: {warning}")
-    prompts = load_prompts(cfg, student_tok, console)
+    cross_tokenizer = student_tok.get_vocab() != teacher_tok.get_vocab()  # allowed with a bridge only
+    prompts, teacher_prompts = load_prompts(cfg, student_tok, console, teacher_tok if cross_tokenizer else None)
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
 
@@ -393,7 +455,12 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if cfg.bridge.path:
         bridge = load_bridge(cfg.bridge.path)
         bridge.check_fits(student_config, teacher_config)
+        bridge.check_tokenizers(student_tok, teacher_tok)
         bridge = bridge.to(device)
+        if is_main_process():  # which bridge this run used: models, data, rank, date, Stage 1 report
+            (run_dir / "bridge.json").write_text(json.dumps(
+                {"path": str(Path(cfg.bridge.path).resolve()), "rank": bridge.rank, "pairs": bridge.pairs,
+                 "metadata": bridge.metadata}, indent=2))
     objective = Objective.from_config(
         cfg, student_config.num_hidden_layers, teacher_config.num_hidden_layers, len(student_tok), bridge
     )
@@ -419,6 +486,23 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         console.print(f"resuming from {resume_from} (step {start_step})")
     elif cfg.resume:
         console.print(f"[yellow]resume=true but {run_dir} has no checkpoint yet: starting from step 0")
+
+    def sample(prompt_indices: list[int], params: SamplingParams) -> RolloutBatch:
+        batch = rollout.generate([prompts[i] for i in prompt_indices], params).to(device)
+        if teacher_prompts is not None:
+            batch.teacher_view = retokenize(batch, student_tok, teacher_tok, [teacher_prompts[i] for i in prompt_indices])
+        return batch
+
+    if objective.uses_oprd and cfg.oprd.preflight_prompts and start_step == 0:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 1)
+            probe = sample(list(range(min(cfg.oprd.preflight_prompts, len(prompts)))), dataclasses.replace(sampling, n=1))
+            cosines = preflight_alignment(objective, student, teacher, probe)
+        if is_main_process():
+            (run_dir / "preflight.json").write_text(json.dumps({"cosine_by_layer": cosines}, indent=2))
+        warning = preflight_warning(cosines, cfg.oprd.preflight_min_cos, bridge is not None)
+        if warning:
+            console.print(f"[yellow]warning: {warning}")
     autocast = _autocast(cfg, device)
     logger = MetricsLogger(run_dir, cfg, start_step)
     validate = make_validation(cfg, rollout, student_tok)
@@ -433,18 +517,19 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         task = progress.add_task("distilling", total=cfg.max_steps, completed=start_step, live="")
         for step in range(start_step + 1, cfg.max_steps + 1):
             step_started = time.perf_counter()
-            batch = rollout.generate([prompts[i] for i in stream.next_batch()], sampling).to(device)
+            batch = sample(stream.next_batch(), sampling)
             rollout_seconds = time.perf_counter() - step_started
 
             update_started = time.perf_counter()
             timings: dict[str, float] = {}
-            normalizers = objective.normalizers(batch.response_mask)
+            step_objective = objective.at_step(step)
+            normalizers = step_objective.normalizers(batch)
             totals: dict[str, torch.Tensor] = {}
             total_loss = 0.0
             for first in range(0, batch.response_ids.shape[0], cfg.optim.micro_batch_size):
                 micro = batch.select(slice(first, first + cfg.optim.micro_batch_size))
                 with autocast:
-                    loss, metrics = distillation_loss(objective, student, teacher, micro, normalizers, timings)
+                    loss, metrics = distillation_loss(step_objective, student, teacher, micro, normalizers, timings)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss at step {step} ({_describe(metrics)}). The last checkpoint is intact. "
@@ -473,6 +558,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                 "response_length/mean": float(lengths.mean()),
                 "response_length/max": float(lengths.max()),
                 "response_length/truncated_fraction": float(batch.truncated.float().mean()),
+                **({"align/matched_share": batch.teacher_view.matched_share(batch.response_mask)}
+                   if batch.teacher_view is not None else {}),
                 **{name: float(value) for name, value in totals.items()},
                 "time/rollout_s": rollout_seconds,
                 "time/teacher_s": timings.get("teacher", 0.0),

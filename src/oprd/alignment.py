@@ -1,0 +1,237 @@
+"""Cross-tokenizer position matching: each model reads the same text with its own tokenizer.
+
+The student samples token ids. Their text is decoded once, re-tokenised by the teacher (after the
+teacher's own rendering of the prompt), and positions are paired where both models have read
+exactly the same text: a student token and a teacher token whose end offsets coincide
+(`align_by_offsets`). The paper leaves this matching unspecified.
+
+Row convention (as in the trainer): response row t is the model output that predicts response
+token t, i.e. the state after reading the prompt and response[:t]. So row 0 of both models pairs
+(both have read exactly the prompt), and a matched token pair (i, j) pairs rows (i + 1, j + 1)
+where both exist.
+
+  align_by_offsets   (student_index, teacher_index) pairs of one text whose token ends coincide
+  decoded_offsets    text and per-token spans of ids a model sampled (not necessarily canonical)
+  TeacherView        the teacher's tokens of a student batch, and each student row's partner row
+  retokenize         builds the TeacherView of a RolloutBatch
+  usable_rows        student response rows a representation loss may use (those with a partner)
+  teacher_side       teacher inputs and rows paired, in order, with a set of student rows
+  paired_states      both models' hidden states at paired rows (no grad)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from oprd.rollout import RolloutBatch, pad_left
+from oprd.teacher import capture_hidden, model_inputs, response_rows
+
+
+def _clean_ends(offsets: Sequence[Sequence[int]], side: str) -> list[tuple[int, int]]:
+    """(end, token index) of the tokens after which a whole prefix of the text has been read."""
+    spans = [(int(start), int(end)) for start, end in offsets]
+    next_start = [math.inf] * len(spans)  # start of the next non-empty token after each token
+    upcoming = math.inf
+    for i in range(len(spans) - 1, -1, -1):
+        next_start[i] = upcoming
+        if spans[i][0] < spans[i][1]:
+            upcoming = spans[i][0]
+    ends: list[tuple[int, int]] = []
+    last_end = -1
+    for i, (start, end) in enumerate(spans):
+        if start > end:
+            raise ValueError(f"{side} token {i} has a reversed span ({start}, {end})")
+        if start == end:
+            continue  # special token added outside the text, or a zero-width piece
+        if end < last_end:
+            raise ValueError(f"{side} offsets are not in text order: token {i} ends at {end} after {last_end}")
+        last_end = end
+        # A byte-level piece can end in the middle of a character: HF then reports the whole
+        # character in its span and the next token starts before this one's end ('hÃ' (0, 2),
+        # '©llo' (1, 5) for "héllo"). Such a position has not read text[:end], so it is skipped;
+        # this also keeps only the last of several pieces ending at the same character.
+        if next_start[i] < end:
+            continue
+        ends.append((end, i))  # strictly increasing: of equal ends, only the last passes the test above
+    return ends
+
+
+def align_by_offsets(
+    student_offsets: Sequence[Sequence[int]], teacher_offsets: Sequence[Sequence[int]]
+) -> list[tuple[int, int]]:
+    """(student_index, teacher_index) pairs at which both tokenizers have read the same text.
+
+    Offsets are per-token (start, end) character spans of one text under each tokenizer, as
+    `tokenizer(text, return_offsets_mapping=True)` gives them. A pair is formed where the end
+    offsets coincide, so both models have read exactly `text[:end]`; pairs come in text order.
+    Tokens with empty spans (special tokens added outside the text, (0, 0)) never match, nor do
+    byte pieces that stop inside a character (the next token starts before their end); of several
+    pieces ending at the same character, the last one is used. One walk over both lists: O(S + T).
+    """
+    student, teacher = _clean_ends(student_offsets, "student"), _clean_ends(teacher_offsets, "teacher")
+    pairs, i, j = [], 0, 0
+    while i < len(student) and j < len(teacher):
+        (s_end, s_index), (t_end, t_index) = student[i], teacher[j]
+        if s_end == t_end:
+            pairs.append((s_index, t_index))
+            i, j = i + 1, j + 1
+        elif s_end < t_end:
+            i += 1
+        else:
+            j += 1
+    return pairs
+
+
+def matched_share(pairs: Sequence[tuple[int, int]], student_offsets: Sequence[Sequence[int]]) -> float:
+    """Share of the student's text tokens (non-empty spans) that `align_by_offsets` matched."""
+    text_tokens = sum(1 for start, end in student_offsets if int(end) > int(start))
+    return len(pairs) / text_tokens if text_tokens else 0.0
+
+
+def decoded_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of `ids` and each token's (start, end) character span in it.
+
+    Sampled ids need not be the tokenizer's own encoding of their text, so a token's end is where
+    `decode(ids[:i + 1])` ends, when that is a prefix of the whole text. A token whose prefix is
+    not (a byte piece stopping inside a character decodes to U+FFFD) gets an empty span, which
+    `align_by_offsets` never matches. Fast path: when re-encoding the text gives back `ids`, its
+    offsets are used (O(T)); otherwise prefixes are decoded from the first token where the two
+    encodings part (O(T^2) characters in the worst case, in the tokenizer's Rust code).
+    """
+    ids = [int(i) for i in ids]
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=False,  # noqa: E731
+                                           clean_up_tokenization_spaces=False)
+    text = decode(ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    canonical = 0  # leading tokens that re-encoding reproduces
+    while canonical < min(len(ids), len(encoded.input_ids)) and ids[canonical] == encoded.input_ids[canonical]:
+        canonical += 1
+    if canonical == len(ids) == len(encoded.input_ids):
+        return text, [(int(a), int(b)) for a, b in encoded.offset_mapping]
+    # Re-encoding's spans are only trusted strictly before the first differing token: the token
+    # just before it may be a byte piece whose span re-encoding reports differently.
+    trusted = max(canonical - 1, 0)
+    spans = [(int(a), int(b)) for a, b in encoded.offset_mapping[:trusted]]
+    end = spans[-1][1] if spans else 0
+    for i in range(trusted, len(ids)):
+        prefix = decode(ids[: i + 1])
+        if len(prefix) >= end and text.startswith(prefix):
+            spans.append((end, len(prefix)))
+            end = len(prefix)
+        else:
+            spans.append((end, end))  # has not read a whole prefix of the text
+    return text, spans
+
+
+@dataclass
+class TeacherView:
+    """The teacher's own tokens for a student batch, and which rows pair up.
+
+    batch holds the teacher's prompt rendering (left-padded, P') and the student's response text
+    re-tokenised by the teacher (right-padded, T'), EOS appended where the student stopped.
+    partner (B, T) long: for each student response row, the teacher response row that has read
+    the same text, or -1. Partners increase along each row, so student rows and their partners
+    come out in the same row-major order.
+    """
+
+    batch: RolloutBatch
+    partner: torch.Tensor  # (B, T) long
+
+    def select(self, rows: slice | torch.Tensor, width: int) -> "TeacherView":
+        return TeacherView(self.batch.select(rows), self.partner[rows, :width])
+
+    def to(self, device: torch.device | str) -> "TeacherView":
+        return TeacherView(self.batch.to(device), self.partner.to(device))
+
+    def matched_share(self, response_mask: torch.Tensor) -> float:
+        """Share of the student's response rows that have a partner."""
+        return float((self.partner >= 0).sum()) / max(int(response_mask.sum()), 1)
+
+
+def retokenize(batch: RolloutBatch, student_tokenizer, teacher_tokenizer,
+               teacher_prompts: Sequence[Sequence[int]]) -> TeacherView:
+    """The TeacherView of `batch`: teacher_prompts[i] is the teacher's rendering of prompt i of
+    the generate() call (`batch.prompt_index`); responses are re-read from their text."""
+    if teacher_tokenizer.eos_token_id is None:
+        raise ValueError("the teacher tokenizer has no eos_token: cannot mark where a response ended")
+    prompts, responses, partners = [], [], []
+    for row, response in enumerate(batch.responses()):
+        ended = not bool(batch.truncated[row]) and len(response) > 0
+        text_ids = response[:-1] if ended else response
+        text, student_spans = decoded_offsets(student_tokenizer, text_ids)
+        encoded = teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        teacher_ids = list(encoded.input_ids) + ([teacher_tokenizer.eos_token_id] if ended else [])
+        teacher_ids = teacher_ids or [teacher_tokenizer.eos_token_id]  # an empty text still gets one row
+        partner = [-1] * len(response)
+        if response:
+            partner[0] = 0  # both have read exactly their prompt
+        for i, j in align_by_offsets(student_spans, encoded.offset_mapping):
+            if i + 1 < len(response) and j + 1 < len(teacher_ids):
+                partner[i + 1] = j + 1
+        prompts.append(list(teacher_prompts[int(batch.prompt_index[row])]))
+        responses.append(teacher_ids)
+        partners.append(partner)
+    pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
+    prompt_ids, prompt_mask = pad_left(prompts, pad)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), pad, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    partner = torch.full(tuple(batch.response_ids.shape), -1, dtype=torch.long)
+    for row, (ids, pairs) in enumerate(zip(responses, partners)):
+        response_ids[row, : len(ids)] = torch.tensor(ids)
+        response_mask[row, : len(ids)] = 1
+        partner[row, : len(pairs)] = torch.tensor(pairs, dtype=torch.long)
+    view = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
+                        batch.prompt_index.clone(), batch.truncated.clone())
+    return TeacherView(view.to(batch.response_ids.device), partner.to(batch.response_ids.device))
+
+
+def usable_rows(batch: RolloutBatch) -> torch.Tensor:
+    """(B, T) long: the response rows a representation loss may use: all valid ones, or, across
+    tokenizers, those with a teacher partner."""
+    if batch.teacher_view is None:
+        return batch.response_mask
+    return batch.response_mask * (batch.teacher_view.partner >= 0)
+
+
+def teacher_side(batch: RolloutBatch, keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Teacher inputs and rows (B, P' + T' - 1) bool for student response rows `keep` (B, T) bool.
+
+    The k-th kept student row (row-major) pairs with the k-th teacher row. Across tokenizers
+    `keep` must only hold rows with a partner (`usable_rows`).
+    """
+    if batch.teacher_view is None:
+        return model_inputs(batch), response_rows(keep, batch.prompt_ids.shape[1])
+    view = batch.teacher_view
+    if bool((keep & (view.partner < 0)).any()):
+        raise ValueError("student rows without a teacher partner were selected; mask them with usable_rows")
+    teacher_keep = torch.zeros_like(view.batch.response_mask, dtype=torch.bool)
+    b, t = keep.nonzero(as_tuple=True)
+    teacher_keep[b, view.partner[b, t]] = True
+    return model_inputs(view.batch), response_rows(teacher_keep, view.batch.prompt_ids.shape[1])
+
+
+@torch.no_grad()
+def paired_states(
+    student: torch.nn.Module, teacher: torch.nn.Module, batch: RolloutBatch, keep: torch.Tensor,
+    student_layers: Sequence[int], teacher_layers: Sequence[int],
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Hidden states of both models at paired rows: ({s: (N, D_S)}, {t: (N, D_T)}), no grad.
+
+    `keep` (B, T) bool selects student response rows (across tokenizers, only rows with a
+    partner); row n of every student tensor pairs with row n of every teacher tensor. Each model
+    reads its inputs on its own device.
+    """
+    teacher_inputs, teacher_rows = teacher_side(batch, keep)
+    student_rows = response_rows(keep, batch.prompt_ids.shape[1])
+    states = []
+    for model, inputs, rows, layers in ((student, model_inputs(batch), student_rows, student_layers),
+                                        (teacher, teacher_inputs, teacher_rows, teacher_layers)):
+        device = next(model.parameters()).device
+        states.append(capture_hidden(model, {k: v.to(device) for k, v in inputs.items()}, sorted(set(layers)),
+                                     rows.to(device)))
+    return states[0], states[1]

@@ -1,0 +1,111 @@
+"""oprd.alignment: spans of sampled (non-canonical) ids against a naive prefix decode, and a
+batch re-read by a character-level teacher, where every paired row must have read the same text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oprd.alignment import decoded_offsets, retokenize, teacher_side, usable_rows
+from oprd.data import prompt_token_ids
+from oprd.rollout import RolloutBatch, pad_left
+from oprd.toy import train_char_tokenizer, train_tokenizer
+
+CORPUS = ["Compute 3*7+2 mod 10.\n3*7=1\n1+2=3\nSo \\boxed{3}", "the quick brown fox héllo café 日本語"] * 20
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return train_tokenizer(CORPUS, 320, tmp_path_factory.mktemp("bpe"), split_digits=True)
+
+
+@pytest.fixture(scope="module")
+def chars(tmp_path_factory):
+    return train_char_tokenizer(CORPUS, tmp_path_factory.mktemp("chars"))
+
+
+def _naive_spans(tokenizer, ids):
+    """Each token's end = length of the decoded prefix when it is a prefix of the whole text."""
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    spans, end = [], 0
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.startswith(prefix) and len(prefix) >= end:
+            spans.append((end, len(prefix)))
+            end = len(prefix)
+        else:
+            spans.append((end, end))
+    return text, spans
+
+
+@pytest.mark.parametrize("text", CORPUS[:2])
+def test_canonical_ids_use_the_tokenizer_offsets(bpe, text):
+    ids = bpe(text, add_special_tokens=False).input_ids
+    decoded, spans = decoded_offsets(bpe, ids)
+    assert decoded == text
+    assert [e for _, e in spans] == [e for _, e in _naive_spans(bpe, ids)[1]]
+
+
+def test_non_canonical_ids_match_a_naive_prefix_decode(bpe):
+    text = "3*7=1 héllo café"
+    canonical = bpe(text, add_special_tokens=False).input_ids
+    # one byte-level piece per byte: a sequence the model can sample but the tokenizer never produces
+    pieces = bpe.convert_tokens_to_ids(list("".join(bpe.convert_ids_to_tokens(canonical))))
+    assert pieces != canonical and bpe.decode(pieces) == text
+    decoded, spans = decoded_offsets(bpe, pieces)
+    assert decoded == text
+    assert spans == _naive_spans(bpe, pieces)[1]
+    assert any(start == end for start, end in spans)  # byte pieces inside é never end a prefix
+    mixed = canonical[:3] + pieces[len("".join(bpe.convert_ids_to_tokens(canonical[:3]))):]
+    assert decoded_offsets(bpe, mixed) == _naive_spans(bpe, mixed)
+
+
+def _batch(bpe, responses: list[str], ended: list[bool]) -> RolloutBatch:
+    prompts = [prompt_token_ids(bpe, [{"role": "user", "content": f"Compute {i}+1 mod 10."}]) for i in range(len(responses))]
+    prompt_ids, prompt_mask = pad_left(prompts, bpe.pad_token_id)
+    encoded = [bpe(r, add_special_tokens=False).input_ids + ([bpe.eos_token_id] if e else [])
+               for r, e in zip(responses, ended)]
+    width = max(len(e) for e in encoded)
+    response_ids = torch.full((len(encoded), width), bpe.pad_token_id)
+    response_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        response_ids[row, : len(ids)], response_mask[row, : len(ids)] = torch.tensor(ids), 1
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
+                        torch.arange(len(responses)), torch.tensor([not e for e in ended]))
+
+
+def test_paired_rows_have_read_the_same_text(bpe, chars):
+    responses = ["1+1=2\n2*3=6\nSo \\boxed{6}", "héllo 日本語 café", "3*7=1"]
+    batch = _batch(bpe, responses, ended=[True, True, False])
+    teacher_prompts = [prompt_token_ids(chars, [{"role": "user", "content": f"Compute {i}+1 mod 10."}])
+                       for i in range(len(responses))]
+    view = retokenize(batch, bpe, chars, teacher_prompts)
+    decode = lambda tok, ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    for row, response in enumerate(batch.responses()):
+        teacher_response = view.batch.responses()[row]
+        ended = row != 2
+        assert (teacher_response[-1] == chars.eos_token_id) == ended
+        assert decode(chars, teacher_response[:-1] if ended else teacher_response) == responses[row]
+        assert view.batch.prompt_ids[row][view.batch.prompt_mask[row].bool()].tolist() == teacher_prompts[row]
+        for t in range(len(response)):
+            j = int(view.partner[row, t])
+            if j >= 0:  # student row t has read response[:t], teacher row j response'[:j]: the same text
+                assert decode(bpe, response[:t]) == decode(chars, teacher_response[:j])
+        matched = (view.partner[row, : len(response)] >= 0).sum()
+        if responses[row].isascii():  # split digits and ASCII: every student position has a partner
+            assert matched == len(response)
+        else:
+            assert matched >= 1
+    assert view.matched_share(batch.response_mask) == 1.0  # this BPE ends every token on a character
+
+    batch.teacher_view = view
+    keep = usable_rows(batch).bool()
+    assert (keep <= batch.response_mask.bool()).all()
+    inputs, teacher_rows = teacher_side(batch, keep)
+    assert teacher_rows.sum() == keep.sum()
+    assert inputs["input_ids"].shape[1] == view.batch.input_ids.shape[1] - 1
+    with pytest.raises(ValueError, match="without a teacher partner"):
+        teacher_side(batch, batch.response_mask.bool() | ~keep)
+    micro = batch.select(slice(1, 3))
+    assert micro.teacher_view.partner.shape == micro.response_ids.shape
+    assert torch.equal(micro.teacher_view.partner, view.partner[1:3, : micro.response_ids.shape[1]])
