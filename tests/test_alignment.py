@@ -60,6 +60,30 @@ def test_non_canonical_ids_match_a_naive_prefix_decode(bpe):
     assert decoded_offsets(bpe, mixed) == _naive_spans(bpe, mixed)
 
 
+def test_metaspace_decoder_that_strips_the_leading_space(tmp_path):
+    """SentencePiece-style tokenizers drop the space of a sequence's first piece when decoding; spans
+    must still follow the whole text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    core.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                             trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"], show_progress=False))
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    text = "the quick brown fox"
+    canonical = metaspace(text, add_special_tokens=False).input_ids
+    pieces = metaspace.convert_tokens_to_ids(list("".join(metaspace.convert_ids_to_tokens(canonical))))
+    assert pieces != canonical
+    for ids in (pieces, canonical[:2] + pieces[len("".join(metaspace.convert_ids_to_tokens(canonical[:2]))):]):
+        decoded, spans = decoded_offsets(metaspace, ids)
+        assert decoded == metaspace.decode(ids)
+        assert spans == _naive_spans(metaspace, ids)[1]
+        # only a leading lone '▁' reads nothing (decoding strips it); every other piece ends on a character
+        assert sum(b == a for a, b in spans) <= 1
+
+
 def _batch(bpe, responses: list[str], ended: list[bool]) -> RolloutBatch:
     prompts = [prompt_token_ids(bpe, [{"role": "user", "content": f"Compute {i}+1 mod 10."}]) for i in range(len(responses))]
     prompt_ids, prompt_mask = pad_left(prompts, bpe.pad_token_id)

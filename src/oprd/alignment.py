@@ -98,9 +98,10 @@ def decoded_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int,
     Sampled ids need not be the tokenizer's own encoding of their text, so a token's end is where
     `decode(ids[:i + 1])` ends, when that is a prefix of the whole text. A token whose prefix is
     not (a byte piece stopping inside a character decodes to U+FFFD) gets an empty span, which
-    `align_by_offsets` never matches. Fast path: when re-encoding the text gives back `ids`, its
-    offsets are used (O(T)); otherwise prefixes are decoded from the first token where the two
-    encodings part (O(T^2) characters in the worst case, in the tokenizer's Rust code).
+    `align_by_offsets` never matches. Cost O(T): re-encoding's offsets serve the leading tokens it
+    reproduces; after that, each token is decoded in a short window that starts one token before
+    the last token that ended on a prefix (that context token absorbs decoders that strip a
+    leading space), and the piece it adds is accepted only where the text continues with it.
     """
     ids = [int(i) for i in ids]
     decode = lambda part: tokenizer.decode(part, skip_special_tokens=False,  # noqa: E731
@@ -114,14 +115,18 @@ def decoded_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int,
         return text, [(int(a), int(b)) for a, b in encoded.offset_mapping]
     # Re-encoding's spans are only trusted strictly before the first differing token: the token
     # just before it may be a byte piece whose span re-encoding reports differently.
-    trusted = max(canonical - 1, 0)
-    spans = [(int(a), int(b)) for a, b in encoded.offset_mapping[:trusted]]
+    anchor = max(canonical - 1, 0)  # decode(ids[:anchor]) == text[:end]
+    spans = [(int(a), int(b)) for a, b in encoded.offset_mapping[:anchor]]
     end = spans[-1][1] if spans else 0
-    for i in range(trusted, len(ids)):
-        prefix = decode(ids[: i + 1])
-        if len(prefix) >= end and text.startswith(prefix):
-            spans.append((end, len(prefix)))
-            end = len(prefix)
+    for i in range(anchor, len(ids)):
+        if anchor == 0:
+            piece = decode(ids[: i + 1])
+        else:
+            context, window = decode(ids[anchor - 1 : anchor]), decode(ids[anchor - 1 : i + 1])
+            piece = window[len(context):] if window.startswith(context) else None
+        if piece is not None and text.startswith(piece, end):
+            spans.append((end, end + len(piece)))
+            end, anchor = end + len(piece), i + 1
         else:
             spans.append((end, end))  # has not read a whole prefix of the text
     return text, spans
