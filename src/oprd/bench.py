@@ -10,10 +10,17 @@ forward+backward without LM head, teacher backbone up to the deepest needed laye
 TRL's DistillationTrainer loss path (generalized JSD, beta=1: full-vocabulary reverse KL) called
 through TRL's own code.
 
-Each (method, shape) is measured in a fresh process. Time: median over repeats after warm-up.
+Each (method, shape) is measured in fresh processes. Time: median over repeats after warm-up.
 Memory: peak above the update's starting baseline — on CUDA from the allocator's peak counter, on
-CPU from the kernel's resident-set high-water mark (reset through /proc/self/clear_refs before a
-final update run with glibc returning every large block, so RSS follows live tensors).
+CPU from the kernel's resident-set high-water mark, reset through /proc/self/clear_refs before a
+final update run. On CPU the memory runs in a second fresh process whose glibc is told, before
+anything is allocated, to hand every block over 64 KiB straight back to the kernel, so RSS follows
+live tensors. Telling it only after timed updates is not enough: glibc serves later requests from the
+free heap chunks those updates left behind (trimmed, but still in its bins) and keeps them resident
+once freed, so activations freed during backward would count again on top of the parameter gradients
+allocated after them (500-770 MiB at the r1-distill-1.5b target shape) for every method whose
+peak comes at the end of backward (floor, oprd, the OPD methods) but not for one whose peak comes
+while those activations are still alive (trl).
 """
 
 from __future__ import annotations
@@ -185,13 +192,12 @@ def _release_memory() -> None:
     _libc().malloc_trim(0)
 
 
-def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median seconds and peak memory above baseline of one update, in this process.
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
-    Time is taken with the allocator as users run it. On CPU the memory pass comes after, with
-    glibc told (mallopt) to hand every block over 64 KiB straight back to the kernel, so the
-    resident-set high-water mark follows live tensors rather than allocator caching.
-    """
+
+def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of one update in this process, with the allocator as users run it; on CUDA also
+    the peak memory above baseline, from the allocator's counter. CPU memory: `measure_cpu_memory`."""
     torch.manual_seed(0)
     student, teacher = build_models(shape)
     vocab = student.config.vocab_size
@@ -213,36 +219,64 @@ def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dic
             peaks.append(torch.cuda.max_memory_allocated() - baseline)
         if i >= warmup:
             seconds.append(time.perf_counter() - started)
-    if not cuda:
-        _libc().mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    result = {"step_seconds": statistics.median(seconds), "repeats": repeats}
+    if cuda:
+        result["peak_memory_delta_bytes"] = int(max(peaks))
+    return result
+
+
+def measure_cpu_memory(method: str, shape: Shape, warmup: int = 1) -> dict[str, int]:
+    """Peak resident memory above baseline of one update, from the kernel's high-water mark.
+
+    Meaningful only in a process whose glibc got `mallopt(M_MMAP_THRESHOLD, 64 KiB)` before its
+    first large allocation (`_child` does this): then every block over 64 KiB is its own mapping,
+    returned to the kernel when freed, and RSS follows live tensors.
+    """
+    torch.manual_seed(0)
+    student, teacher = build_models(shape)
+    vocab = student.config.vocab_size
+    batch = make_batch(shape, vocab)
+    run = update_fn(method, student, teacher, batch, vocab)
+    for _ in range(warmup):  # one-time state (thread pools, kernel caches) stays out of the delta
         student.zero_grad(set_to_none=True)
-        _release_memory()
-        baseline = _rss_bytes("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         run()
-        peaks.append(_rss_bytes("VmHWM") - baseline)
-    return {"step_seconds": statistics.median(seconds), "peak_memory_delta_bytes": int(max(peaks)),
-            "repeats": repeats}
+    student.zero_grad(set_to_none=True)
+    _release_memory()
+    baseline = _rss_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    run()
+    return {"peak_memory_delta_bytes": _rss_bytes("VmHWM") - baseline}
 
 
-def _child(method: str, shape: Shape, repeats: int, queue) -> None:
-    torch.set_num_threads(int(os.environ.get("OPRD_BENCH_THREADS", torch.get_num_threads())))
+def _child(part: str, method: str, shape: Shape, repeats: int, queue) -> None:
     try:
-        queue.put(measure(method, shape, repeats))
+        if part == "memory" and not _libc().mallopt(M_MMAP_THRESHOLD, 1 << 16):
+            raise RuntimeError("glibc refused mallopt(M_MMAP_THRESHOLD)")
+        torch.set_num_threads(int(os.environ.get("OPRD_BENCH_THREADS", torch.get_num_threads())))
+        queue.put(measure_cpu_memory(method, shape) if part == "memory" else measure(method, shape, repeats))
     except Exception as error:  # reported by the parent with the method's name
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
 
-def measure_in_fresh_process(method: str, shape: Shape, repeats: int) -> dict[str, float]:
+def _in_fresh_process(part: str, method: str, shape: Shape, repeats: int) -> dict:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(method, shape, repeats, queue))
+    process = context.Process(target=_child, args=(part, method, shape, repeats, queue))
     process.start()
     result = queue.get()
     process.join()
     if "error" in result:
         raise RuntimeError(f"bench method {method} failed: {result['error']}")
     return result
+
+
+def measure_in_fresh_process(method: str, shape: Shape, repeats: int) -> dict[str, float]:
+    """Time in one fresh process; on CPU, memory in another (see the module docstring)."""
+    result = _in_fresh_process("time", method, shape, repeats)
+    if not shape.device.startswith("cuda"):
+        result.update(_in_fresh_process("memory", method, shape, repeats))
+    return {"step_seconds": result["step_seconds"], "peak_memory_delta_bytes": int(result["peak_memory_delta_bytes"]),
+            "repeats": repeats}
 
 
 # --------------------------------------------------------------------------- the report
@@ -334,14 +368,18 @@ def write_report(result: dict, out: Path) -> None:
         "",
         "### What dominates",
         "",
-        f"- `floor` and `oprd`: the student's activations for backward (linear in tokens and layers) and the "
-        f"embedding's gradient ({vocab_grad / 2**20:.0f} MiB, vocabulary x width in float32). OPRD adds only the "
-        "teacher's hidden states at the supervised positions (tokens x width per layer).",
-        f"- OPD: the same, plus the LM head's gradient (another {vocab_grad / 2**20:.0f} MiB) and one chunk of "
-        f"{chunk_rows} positions x {config.vocab_size} logits at a time (a few float32 buffers of "
-        f"{chunk_rows * config.vocab_size * 4 / 2**20:.0f} MiB), independent of sequence length.",
+        f"- `floor` and `oprd`: the student's parameter gradients, all alive at the end of backward: the "
+        f"embedding's ({vocab_grad / 2**20:.0f} MiB, vocabulary x width in float32) and the blocks' (linear in "
+        "layers); or, at long sequences, the activations kept for backward (linear in tokens and layers). OPRD adds "
+        "only the teacher's hidden states at the supervised positions (tokens x width per layer).",
+        f"- OPD: the same, plus the LM head's gradient (another {vocab_grad / 2**20:.0f} MiB): the least any "
+        f"update that trains the head can hold. The chunks of {chunk_rows} positions x {config.vocab_size} logits "
+        f"(a few float32 buffers of {chunk_rows * config.vocab_size * 4 / 2**20:.0f} MiB) are freed before "
+        "backward ends and do not depend on sequence length.",
         "- `trl`: TRL's chunked divergence kernel, which also never materialises full logits but projects "
-        "every position through both heads more than once.",
+        "every position through both heads more than once; its peak comes at the start of its backward, where the "
+        "head's gradient and its tiles (without Triton: up to 4096 positions x 32768 vocabulary entries each, several "
+        "alive at once) join the student's activations.",
     ]
     if "sweep" in result:
         lines += ["", "### Sequence-length sweep", "", "| seq len | " + " | ".join(result["methods"]) + " |",
