@@ -19,6 +19,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
+from oprd.grading import extract_answer
+
 BENCHMARKS = ("aime24", "aime25", "aimo", "amc23", "math500")  # shipped in oprd/benchmarks/
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
 TEXT_KEYS = ("problem", "question", "prompt", "instruction")
@@ -173,7 +175,5 @@ def _answer(value: Any, *, from_solution: bool) -> str | None:
     if value is None or value is _MISSING:
         return None
     if from_solution:
-        from oprd.evaluation import extract_answer  # evaluation imports this module
-
         return extract_answer(str(value))
     return str(value)
