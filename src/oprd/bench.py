@@ -303,16 +303,20 @@ def flop_model(shape: Shape) -> dict[str, float]:
 
 
 def project(methods: dict[str, dict], shape: Shape) -> dict[str, dict[str, float]]:
-    """Measured costs carried to the preset's full depth: the floor's cost is taken as per-layer
-    (activations and block arithmetic), each method's excess over it as depth-independent."""
+    """Measured costs carried to the preset's full depth. Per-layer: the floor's time, and the floor's
+    memory less the embedding's gradient (vocabulary x width, alive at the end of backward whatever the
+    depth); each method's excess over the floor is taken as depth-independent (the LM heads, the loss)."""
     full = PRESETS[shape.preset]["num_layers"]
     scale = (full - shape.num_layers) / shape.num_layers
     floor = methods["floor"]
+    config = build_config(shape)
+    embedding_grad = config.vocab_size * config.hidden_size * (torch.finfo(getattr(torch, shape.dtype)).bits // 8)
+    per_layers_memory = max(floor["peak_memory_delta_bytes"] - embedding_grad, 0)
     projected = {}
     for name, m in methods.items():
         projected[name] = {
             "step_seconds": m["step_seconds"] + floor["step_seconds"] * scale,
-            "peak_memory_delta_bytes": m["peak_memory_delta_bytes"] + floor["peak_memory_delta_bytes"] * scale,
+            "peak_memory_delta_bytes": m["peak_memory_delta_bytes"] + per_layers_memory * scale,
         }
     return projected
 

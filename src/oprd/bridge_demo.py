@@ -7,7 +7,7 @@ task are trained beside it (`toy.BRIDGE_TEACHERS`):
   cross_init       the student's architecture from another random initialisation: the case where a
                    feasibility trial saw OPRD-Vanilla collapse.
 Top to bottom: Stage 1 rows once per pair (`bridge_fit.collect_bridge_rows`); on cross_arch the
-rank sweep, whose best held-out rank is used for every Stage 2 bridge; Stage 2 runs through
+rank sweep, whose choice of rank (`stage2_rank`) is used for every Stage 2 bridge; Stage 2 runs through
 `oprd.trainer.train` with the same steps, rollouts, lr and seed as `oprd demo`; every model
 evaluated on the held-out problems (Avg@k, Best@k, Dist-4g, Avg Len). Writes bridge_results.json,
 bridge_report.md and the sweep's table and plot under sweep/.
@@ -41,6 +41,13 @@ def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings) -> FitSett
         prompts=16 if s.quick else 64, responses_per_prompt=2, max_new_tokens=max_response_tokens(world),
         batch_prompts=16, max_rows=20_000, seed=s.seed, device="cpu",
     )
+
+
+def stage2_rank(sweep: list[dict], tolerance: float = 0.01) -> int:
+    """The largest rank whose held-out cosine is within `tolerance` of the sweep's best: at nearly
+    equal fit, more directions carry more of the teacher's state."""
+    best = max(r["cos_after"] for r in sweep)
+    return max(r["rank"] for r in sweep if r["cos_after"] >= best - tolerance)
 
 
 def stage2(name: str, method: str, world: toy.World, teacher: Path, s: DemoSettings, console: Console,
@@ -88,7 +95,7 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     rows, info = collect_bridge_rows(settings)
     widest = min(min(a.shape[1], b.shape[1]) for a, b in rows.values())
     sweep = sweep_ranks(rows, [r for r in RANKS if r <= widest], settings, info, out / "sweep")
-    best = max(sweep, key=lambda r: r["cos_after"])["rank"]
+    best = stage2_rank(sweep)
     arch_bridge = out / "sweep" / f"bridge-r{best}.safetensors"
     half = max(s.steps // 2, 1)
     with progress:
@@ -173,7 +180,7 @@ def bridge_report(payload: dict, s: DemoSettings) -> str:
              "## Stage 1 rank sweep (cross_arch: 4x64 student, 6x96 teacher)", "",
              "| rank | held-out cos before | after |", "|---|---|---|"]
     lines += [f"| {r['rank']} | {r['cos_before']:.3f} | {r['cos_after']:.3f} |" for r in payload["rank_sweep"]]
-    lines += ["", f"Stage 2 uses rank {payload['stage2_rank']} (best held-out cosine)."]
+    lines += ["", f"Stage 2 uses rank {payload['stage2_rank']}: the largest within 0.01 of the best held-out cosine."]
     for pair in ("cross_arch", "cross_tokenizer", "cross_init"):
         result = payload[pair]
         lines += ["", f"## {pair}", "", f"| model | Avg@{k} | Best@{k} | Dist-4g | Avg Len |", "|---|---|---|---|---|"]
