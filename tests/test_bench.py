@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from oprd.bench import ALL_METHODS, Shape, build_models, make_batch, update_fn
+from oprd.bench import ALL_METHODS, Shape, build_models, make_batch, parameter_count, sweep_fit, update_fn
 from oprd.cli import app
 from oprd.config import load_config
 from oprd.trainer import Objective, distillation_loss
@@ -27,9 +27,25 @@ def test_tiny_bench_writes_every_method(tmp_path):
             assert measured["step_seconds"] > 0, name
             assert measured["peak_memory_delta_bytes"] >= 0, name
     assert [r["seq_len"] for r in report["sweep"]] == [16, 32]
+    assert set(report["sweep_fit"]) == set(ALL_METHODS)
     assert "projection" in report  # 2 of the preset's 4 layers
     assert (out / "bench.png").stat().st_size > 0
     assert "| oprd |" in (out / "bench.md").read_text()
+
+
+def test_sweep_fit_recovers_a_line_and_reports_the_worst_residual():
+    def point(seq_len, mib, seconds):
+        return {"seq_len": seq_len, "methods": {"oprd": {"peak_memory_delta_bytes": mib * 2**20, "step_seconds": seconds}}}
+
+    fit = sweep_fit([point(512, 100 + 512 // 8, 1.0), point(1024, 100 + 1024 // 8, 2.0), point(2048, 100 + 2048 // 8, 4.0)])
+    assert fit["oprd"]["memory_bytes_per_token"] == pytest.approx(2**20 / 8)
+    assert fit["oprd"]["memory_intercept_bytes"] == pytest.approx(100 * 2**20)
+    assert fit["oprd"]["seconds_per_token"] == pytest.approx(1 / 512)
+    assert fit["oprd"]["memory_max_residual_bytes"] == pytest.approx(0, abs=1)
+
+    bent = sweep_fit([point(0, 0, 1), point(1, 10, 1), point(2, 0, 1)])  # y = 10/3 flat, residuals 10/3 and 20/3
+    assert bent["oprd"]["memory_bytes_per_token"] == pytest.approx(0, abs=1e-6)
+    assert bent["oprd"]["memory_max_residual_bytes"] == pytest.approx(20 / 3 * 2**20)
 
 
 def test_existing_out_is_refused(tmp_path):
@@ -41,6 +57,22 @@ def test_existing_out_is_refused(tmp_path):
 def test_unknown_preset_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--preset", "gpt-7", "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "unknown preset" in result.output
+
+
+def test_a_shape_larger_than_memory_is_refused_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setattr("oprd.bench.available_memory_bytes", lambda device: 2**30)
+    result = CliRunner().invoke(app, ["bench", "--preset", "qwen3-1.7b", "--num-layers", "28", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    weights_grads_teacher = 3 * parameter_count(Shape("qwen3-1.7b", 28, 1024, 1, "cpu", "float32")) * 4
+    assert f"needs at least {weights_grads_teacher / 2**30:.1f} GiB" in result.output
+    assert "1.0 GiB is free" in result.output and "--num-layers" in result.output
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_parameter_count_matches_the_built_model():
+    shape = Shape("tiny", 2, 16, 1, "cpu", "float32")
+    student, _ = build_models(shape)
+    assert parameter_count(shape) == sum(p.numel() for p in student.parameters())
 
 
 def test_trl_reference_is_the_same_reverse_kl():

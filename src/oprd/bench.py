@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from oprd.config import load_config
@@ -107,6 +108,36 @@ def build_models(shape: Shape):
     student, teacher = models
     teacher.eval().requires_grad_(False)
     return student, teacher
+
+
+def parameter_count(shape: Shape) -> int:
+    """Parameters of one model of the shape, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(build_config(shape)).parameters())
+
+
+def available_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def check_fits_in_memory(shape: Shape) -> None:
+    """Refuses a shape whose student weights + student gradients + teacher weights alone exceed the
+    free memory: a lower bound of any update, so the run would be killed part-way."""
+    floor = 3 * parameter_count(shape) * torch.finfo(getattr(torch, shape.dtype)).bits // 8
+    free = available_memory_bytes(shape.device)
+    if floor > free:
+        raise ValueError(
+            f"{shape.preset} at {shape.num_layers} layers needs at least {floor / 2**30:.1f} GiB on {shape.device} "
+            f"(student weights and gradients, teacher weights, {shape.dtype}) but {free / 2**30:.1f} GiB is free: "
+            "lower --num-layers (the report projects to full depth) or use --dtype bfloat16"
+        )
 
 
 def make_batch(shape: Shape, vocab: int) -> RolloutBatch:
@@ -321,6 +352,26 @@ def project(methods: dict[str, dict], shape: Shape) -> dict[str, dict[str, float
     return projected
 
 
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least-squares line y = intercept + slope * x; returns (slope, intercept, largest |residual|)."""
+    slope, intercept = np.polyfit(xs, ys, 1)
+    residual = np.abs(np.asarray(ys) - (intercept + slope * np.asarray(xs))).max()
+    return float(slope), float(intercept), float(residual)
+
+
+def sweep_fit(sweep: list[dict]) -> dict[str, dict[str, float]]:
+    """Per method, how memory and time grow with response tokens across a sequence-length sweep."""
+    lengths = [row["seq_len"] for row in sweep]
+    fits = {}
+    for name in sweep[0]["methods"]:
+        memory = [row["methods"][name]["peak_memory_delta_bytes"] for row in sweep]
+        seconds = [row["methods"][name]["step_seconds"] for row in sweep]
+        per_token, intercept, residual = linear_fit(lengths, memory)
+        fits[name] = {"memory_bytes_per_token": per_token, "memory_intercept_bytes": intercept,
+                      "memory_max_residual_bytes": residual, "seconds_per_token": linear_fit(lengths, seconds)[0]}
+    return fits
+
+
 def _ratio_table(methods: dict[str, dict], title: str) -> list[str]:
     oprd, floor = methods.get("oprd"), methods.get("floor")
     lines = [f"### {title}", "", "| method | update s | x oprd | x floor | peak delta MiB | x oprd | x floor |",
@@ -392,6 +443,14 @@ def write_report(result: dict, out: Path) -> None:
             cells = [f"{m['step_seconds']:.2f} s / {m['peak_memory_delta_bytes'] / 2**20:.0f} MiB"
                      for m in row["methods"].values()]
             lines.append(f"| {row['seq_len']} | " + " | ".join(cells) + " |")
+        lines += ["", "Least-squares line through each method's points (memory = intercept + slope x response "
+                  "tokens; time likewise):", "",
+                  "| method | MiB per 1k tokens | MiB at 0 tokens | s per 1k tokens | max residual MiB |",
+                  "|---|---|---|---|---|"]
+        for name, fit in result["sweep_fit"].items():
+            lines.append(f"| {name} | {fit['memory_bytes_per_token'] * 1000 / 2**20:.0f} | "
+                         f"{fit['memory_intercept_bytes'] / 2**20:.0f} | {fit['seconds_per_token'] * 1000:.3f} | "
+                         f"{fit['memory_max_residual_bytes'] / 2**20:.0f} |")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
 
@@ -425,6 +484,7 @@ def run_bench(preset: str, seq_lens: list[int], *, num_layers: int | None, batch
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
     num_layers = num_layers or PRESETS[preset]["num_layers"]
+    check_fits_in_memory(Shape(preset, num_layers, max(seq_lens), batch_size, device, dtype))
     sweep = []
     for seq_len in seq_lens:
         shape = Shape(preset, num_layers, seq_len, batch_size, device, dtype)
@@ -438,6 +498,7 @@ def run_bench(preset: str, seq_lens: list[int], *, num_layers: int | None, batch
               "batch_size": batch_size, "repeats": repeats, "methods": sweep[0]["methods"]}
     if len(sweep) > 1:
         result["sweep"] = sweep
+        result["sweep_fit"] = sweep_fit(sweep)
     shape = Shape(preset, num_layers, seq_lens[0], batch_size, device, dtype)
     if num_layers < PRESETS[preset]["num_layers"] and "floor" in result["methods"]:
         result["projection"] = {"num_layers": PRESETS[preset]["num_layers"], "methods": project(result["methods"], shape)}
