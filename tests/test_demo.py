@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from oprd.cli import app
@@ -39,6 +40,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
             assert isinstance(metrics["peak_memory_delta_bytes"], int)
     report = (out / "report.md").read_text()
     assert "Avg@" in report and "oprd" in report
+    assert f"torch {torch.__version__}" in report  # what produced the numbers
     for png in ("accuracy_vs_step.png", "rep_cosine_vs_step.png", "response_length_vs_step.png"):
         assert (out / png).stat().st_size > 1000
     assert (out / "runs" / "oprd" / "metrics.jsonl").exists()
@@ -80,5 +82,6 @@ def test_bridge_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     # the two-stage run: OPRD-Bridge for the first half of the steps, OPD top-1 after
     steps = [json.loads(l) for l in (out / "runs" / "cross_arch_bridge_then_opd" / "metrics.jsonl").read_text().splitlines()]
     assert "rep/loss" in steps[0] and "opd/loss" not in steps[0] and "opd/loss" in steps[-1]
-    assert "Stage 1 rank sweep" in (out / "bridge_report.md").read_text()
+    bridge_report = (out / "bridge_report.md").read_text()
+    assert "Stage 1 rank sweep" in bridge_report and f"torch {torch.__version__}" in bridge_report
     assert (out / "sweep" / "sweep.png").stat().st_size > 1000

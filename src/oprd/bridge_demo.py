@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from oprd import toy
 from oprd.bridge import save_bridge
 from oprd.bridge_fit import FitSettings, collect_bridge_rows, fit_from_rows, sweep_ranks
-from oprd.demo import DemoSettings, evaluate_model, max_response_tokens, run_on_policy
+from oprd.demo import DemoSettings, evaluate_model, max_response_tokens, run_on_policy, software_versions
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 REPORTED = ("accuracy", "best_at_k", "dist_4g", "avg_len")
@@ -176,7 +176,7 @@ def bridge_report(payload: dict, s: DemoSettings) -> str:
     lines = ["# OPRD-Bridge on the toy world", "",
              f"`oprd demo --bridge{' --quick' if s.quick else ''}`: {s.steps} steps x {s.prompts_per_step} prompts x "
              f"{s.responses_per_prompt} responses, lr {s.lr}, seed {s.seed}; wall clock "
-             f"{payload['wall_seconds']:.0f} s.", "",
+             f"{payload['wall_seconds']:.0f} s. Software: {software_versions()}.", "",
              "## Stage 1 rank sweep (cross_arch: 4x64 student, 6x96 teacher)", "",
              "| rank | held-out cos before | after |", "|---|---|---|"]
     lines += [f"| {r['rank']} | {r['cos_before']:.3f} | {r['cos_after']:.3f} |" for r in payload["rank_sweep"]]

@@ -385,6 +385,16 @@ def plot_curves(curves: dict[str, list[dict]], results: dict, out: Path) -> None
         plt.close(fig)
 
 
+def software_versions() -> str:
+    """What produced a demo's numbers: library versions and the CPU threads used."""
+    import platform
+
+    import transformers
+
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}, "
+            f"{torch.get_num_threads()} CPU threads")
+
+
 def report(payload: dict, s: DemoSettings, world: toy.World, extras: dict) -> str:
     results, k = payload["methods"], s.eval_samples
     example = world.info["example"]
@@ -394,6 +404,9 @@ def report(payload: dict, s: DemoSettings, world: toy.World, extras: dict) -> st
         f"Command settings: seed {s.seed}, {s.steps} steps x {s.prompts_per_step} prompts x {s.responses_per_prompt} "
         f"responses per method, lr {s.lr}, OPRD all layers, last {s.oprd_k} positions, "
         f"normalize={s.oprd_normalize}, coef (mu) {s.oprd_coef}{' (--quick)' if s.quick else ''}. Total wall clock {payload['wall_seconds']:.0f} s.",
+        "",
+        f"Software: {software_versions()}. The toy's SFT and on-policy runs are deterministic for one install, but "
+        "other torch versions or CPUs round differently, and the teacher's sudden rise in accuracy amplifies that.",
         "",
         "## The toy world",
         "",
