@@ -33,19 +33,28 @@ def test_tiny_bench_writes_every_method(tmp_path):
     assert "| oprd |" in (out / "bench.md").read_text()
 
 
-def test_sweep_fit_recovers_a_line_and_reports_the_worst_residual():
-    def point(seq_len, mib, seconds):
-        return {"seq_len": seq_len, "methods": {"oprd": {"peak_memory_delta_bytes": mib * 2**20, "step_seconds": seconds}}}
+def test_sweep_fit_separates_the_loss_from_the_backbones():
+    def point(seq_len, floor_mib, oprd_mib, seconds):
+        return {"seq_len": seq_len, "methods": {
+            "floor": {"peak_memory_delta_bytes": floor_mib * 2**20, "step_seconds": seconds},
+            "oprd": {"peak_memory_delta_bytes": oprd_mib * 2**20, "step_seconds": 2 * seconds}}}
 
-    fit = sweep_fit([point(512, 100 + 512 // 8, 1.0), point(1024, 100 + 1024 // 8, 2.0), point(2048, 100 + 2048 // 8, 4.0)])
-    assert fit["oprd"]["memory_bytes_per_token"] == pytest.approx(2**20 / 8)
-    assert fit["oprd"]["memory_intercept_bytes"] == pytest.approx(100 * 2**20)
-    assert fit["oprd"]["seconds_per_token"] == pytest.approx(1 / 512)
-    assert fit["oprd"]["memory_max_residual_bytes"] == pytest.approx(0, abs=1)
+    # floor: flat at 1000 MiB (gradients) until activations take over past 2048 tokens;
+    # oprd: the same plus 1 MiB per 64 tokens; given out of order
+    sweep = [point(4096, 3000, 3064, 8.0), point(512, 1000, 1008, 1.0), point(2048, 1000, 1032, 4.0),
+             point(1024, 1000, 1016, 2.0)]
+    fit = sweep_fit(sweep)
+    assert fit["floor"]["memory_bytes_per_token_at_longest"] == pytest.approx(2000 * 2**20 / 2048)
+    assert "memory_over_floor_bytes_per_token" not in fit["floor"]
+    assert fit["oprd"]["memory_over_floor_bytes_per_token"] == pytest.approx(2**20 / 64)
+    assert fit["oprd"]["memory_over_floor_intercept_bytes"] == pytest.approx(0, abs=1)
+    assert fit["oprd"]["memory_over_floor_max_residual_bytes"] == pytest.approx(0, abs=1)
+    assert fit["floor"]["seconds_per_token"] == pytest.approx(1 / 512)
+    assert fit["oprd"]["seconds_per_token"] == pytest.approx(2 / 512)
 
-    bent = sweep_fit([point(0, 0, 1), point(1, 10, 1), point(2, 0, 1)])  # y = 10/3 flat, residuals 10/3 and 20/3
-    assert bent["oprd"]["memory_bytes_per_token"] == pytest.approx(0, abs=1e-6)
-    assert bent["oprd"]["memory_max_residual_bytes"] == pytest.approx(20 / 3 * 2**20)
+    bent = sweep_fit([point(1, 0, 0, 1), point(2, 0, 10, 1), point(3, 0, 0, 1)])  # best line 10/3, residual 20/3
+    assert bent["oprd"]["memory_over_floor_bytes_per_token"] == pytest.approx(0, abs=1e-6)
+    assert bent["oprd"]["memory_over_floor_max_residual_bytes"] == pytest.approx(20 / 3 * 2**20)
 
 
 def test_existing_out_is_refused(tmp_path):
