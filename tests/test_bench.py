@@ -78,6 +78,12 @@ def test_a_shape_larger_than_memory_is_refused_before_measuring(tmp_path, monkey
     assert not (tmp_path / "b" / "bench.json").exists()
 
 
+@pytest.mark.parametrize("lengths", ["512,512", "0,512"])
+def test_bad_sequence_lengths_are_refused(tmp_path, lengths):
+    result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--seq-lens", lengths, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "distinct positive" in result.output
+
+
 def test_parameter_count_matches_the_built_model():
     shape = Shape("tiny", 2, 16, 1, "cpu", "float32")
     student, _ = build_models(shape)

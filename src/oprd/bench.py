@@ -503,6 +503,8 @@ def run_bench(preset: str, seq_lens: list[int], *, num_layers: int | None, batch
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if not seq_lens or min(seq_lens) < 1 or len(set(seq_lens)) != len(seq_lens):
+        raise ValueError(f"sequence lengths must be distinct positive numbers, got {seq_lens}")
     num_layers = num_layers or PRESETS[preset]["num_layers"]
     check_fits_in_memory(Shape(preset, num_layers, max(seq_lens), batch_size, device, dtype))
     sweep = []
