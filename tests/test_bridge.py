@@ -5,10 +5,12 @@ reference, and Stage 1 row collection on two tiny Qwen3 models of different widt
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -28,6 +30,7 @@ from oprd.bridge import (
     matched_share,
     save_bridge,
     split_rows,
+    unit_rms,
 )
 from oprd.losses import layer_map
 from oprd.rollout import RolloutBatch, pad_left
@@ -234,8 +237,9 @@ def test_fit_bridge_on_a_linear_student(tmp_path):
     pairs = [(1, 1), (2, 3)]
     teacher = {p: _anisotropic_rows(1000, 16, seed=i) for i, p in enumerate(pairs)}
     student = {p: teacher[p] @ torch.randn(16, 24, generator=g) for p in pairs}
-    bridge = fit_bridge(student, teacher, rank=3, epochs=20, lr=1e-2, batch_size=100, metadata={"data": "planted"})
-    assert bridge.pairs == pairs and bridge.rank == 3
+    bridge = fit_bridge(student, teacher, rank=3, epochs=20, lr=1e-2, batch_size=100, normalize_states=False,
+                        metadata={"data": "planted"})
+    assert bridge.pairs == pairs and bridge.rank == 3 and not bridge.normalize_states
     assert bridge.teacher_components[(2, 3)].shape == (3, 16) and bridge.student_projectors[(2, 3)].shape == (3, 24)
     meta = bridge.metadata
     assert meta["data"] == "planted" and meta["rank"] == 3 and len(meta["layers"]) == 2
@@ -248,6 +252,34 @@ def test_fit_bridge_on_a_linear_student(tmp_path):
     assert len(held) == 100 and meta["layers"][0]["rows_heldout"] == 100
     mean_row = teacher[(1, 1)][train].mean(0, keepdim=True)
     assert bridge.project_teacher((1, 1), mean_row).abs().max() < 1e-2
+
+
+def test_unit_rms_states_equal_a_fit_on_rescaled_rows_and_ignore_row_norms():
+    """normalize_states=True is the raw fit on rows divided by their RMS (naive reference); it makes the
+    bridge blind to per-position norms, which the raw fit is not."""
+    g = torch.Generator().manual_seed(3)
+    pair = (1, 1)
+    direction = _anisotropic_rows(2000, 16, seed=4) + 3.0  # states with a common mean direction
+    norms_t, norms_s = (torch.empty(2000, 1).uniform_(0, 2.3, generator=g).exp() for _ in range(2))  # 1x..10x
+    teacher = {pair: direction * norms_t}
+    student = {pair: direction @ torch.randn(16, 24, generator=g) * norms_s}
+    fit = dict(rank=3, epochs=20, lr=1e-2, batch_size=100, seed=0)
+    normalised = fit_bridge(student, teacher, **fit)
+    assert normalised.normalize_states and normalised.metadata["normalize_states"] is True
+
+    def rms(h):
+        return h / h.pow(2).mean(-1, keepdim=True).sqrt()
+
+    reference = fit_bridge({pair: rms(student[pair])}, {pair: rms(teacher[pair])}, normalize_states=False, **fit)
+    for name in ("teacher_components", "teacher_means", "student_projectors"):
+        torch.testing.assert_close(getattr(normalised, name)[pair], getattr(reference, name)[pair], atol=1e-4, rtol=1e-4)
+    assert normalised.metadata["cos_after"] == pytest.approx(reference.metadata["cos_after"], abs=1e-4)
+    # projections read the state's direction only, on both sides
+    torch.testing.assert_close(unit_rms(7.0 * teacher[pair][:5]), rms(teacher[pair][:5]))
+    for project, rows in ((normalised.project_student, student[pair]), (normalised.project_teacher, teacher[pair])):
+        torch.testing.assert_close(project(pair, 5.0 * rows[:10]), project(pair, rows[:10]), atol=1e-4, rtol=1e-4)
+    raw = fit_bridge(student, teacher, normalize_states=False, **fit)
+    assert normalised.metadata["cos_after"] > 0.99 > raw.metadata["cos_after"] + 0.05
 
 
 # --------------------------------------------------------------------------- file and fit checks
@@ -277,7 +309,7 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["bridge.safetensors"]  # no temporary left behind
     loaded = load_bridge(path)
     assert loaded.pairs == bridge.pairs == [(1, 1), (2, 3), (3, 4), (4, 6)]
-    assert loaded.rank == 3 and loaded.metadata == bridge.metadata
+    assert loaded.rank == 3 and loaded.metadata == bridge.metadata and not loaded.normalize_states
     for name in ("teacher_components", "teacher_means", "student_projectors"):
         for p in bridge.pairs:
             assert torch.equal(getattr(loaded, name)[p], getattr(bridge, name)[p])
@@ -288,6 +320,26 @@ def test_save_load_round_trip(tmp_path):
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(ValueError, match="not an oprd bridge file"):
         load_bridge(other)
+    save_bridge(replace(bridge, normalize_states=True), path)
+    assert load_bridge(path).normalize_states
+
+
+def test_version_1_bridge_files_load_as_raw_states(tmp_path):
+    """Files written before normalize_states existed projected raw states; they still do."""
+    bridge = _bridge()
+    path = tmp_path / "v1.safetensors"
+    save_bridge(bridge, path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    info = json.loads(header["bridge"])
+    del info["normalize_states"]
+    save_file(tensors, str(path), metadata={**header, "format_version": "1", "bridge": json.dumps(info)})
+    loaded = load_bridge(path)
+    assert not loaded.normalize_states and loaded.pairs == bridge.pairs
+    save_file(tensors, str(path), metadata={**header, "format_version": "3"})
+    with pytest.raises(ValueError, match="newer than this oprd"):
+        load_bridge(path)
 
 
 def test_check_fits_names_the_mismatch(bpe, chars):
@@ -338,6 +390,17 @@ def test_bridge_loss_equals_naive_and_is_zero_when_aligned():
     torch.testing.assert_close(loss_sub, (naive[0] + naive[2]) / 2)
     with pytest.raises(ValueError, match=r"layer pairs \[\(2, 2\)\] are not in the bridge"):
         bridge_loss_rows(bridge, {(2, 2): student[(1, 1)]}, {(2, 2): teacher[(1, 1)]}, weights)
+    # with unit-RMS states the teacher is centred after rescaling, so the loss differs from the raw one
+    normalised = replace(bridge, normalize_states=True)
+    loss_n, _ = bridge_loss_rows(normalised, student, teacher, weights)
+    naive_n = []
+    for p in bridge.pairs:
+        s = F.normalize(student[p] @ bridge.student_projectors[p].T, dim=-1)
+        t_rms = teacher[p] / teacher[p].pow(2).mean(-1, keepdim=True).sqrt()
+        t = F.normalize((t_rms - bridge.teacher_means[p]) @ bridge.teacher_components[p].T, dim=-1)
+        naive_n.append((((s - t) ** 2).mean(-1) * weights).sum())
+    torch.testing.assert_close(loss_n, torch.stack(naive_n).mean())
+    assert not torch.allclose(loss_n, loss)
 
 
 def test_bridge_loss_zero_for_aligned_projections():

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from oprd import checkpoint, losses
+from oprd.bridge import load_bridge
 from oprd.cli import app
 from oprd.config import load_config
 from oprd.models import ModelSpec, eos_token_ids, load_model, load_tokenizer
@@ -303,6 +304,8 @@ def test_bridge_run_distils_a_wider_deeper_teacher(wider_teacher_with_bridge, tm
     for row in rows:
         assert 0 <= row["rep/mse"] <= 4.0  # normalised projections: squared distance of unit vectors / r
         assert {"rep/cosine_similarity/layer_1", "rep/cosine_similarity/layer_4"} <= row.keys()
+    used = json.loads((run_dir / "bridge.json").read_text())
+    assert used["rank"] == 4 and used["normalize_states"] is True and used["path"] == str(bridge_path.resolve())
 
 
 def test_bridge_path_needs_oprd():
@@ -353,6 +356,10 @@ def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
     assert fitted.exit_code == 0, fitted.output
     again = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--out", str(bridge)])
     assert again.exit_code == 2 and "exists" in again.output  # never overwrites without asking
+    assert load_bridge(bridge).normalize_states  # the default
+    raw = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--raw-states", "--out", str(tmp_path / "raw.safetensors")])
+    assert raw.exit_code == 0, raw.output
+    assert not load_bridge(tmp_path / "raw.safetensors").normalize_states
 
     common = [f"student.model={student_dir}", "student.random_init=false", f"teacher.model={teacher_dir}",
               "teacher.random_init=false", "max_steps=2", "oprd.positions=all"]

@@ -45,6 +45,7 @@ class FitSettings:
     epochs: int = 20
     lr: float = 1e-2
     holdout: float = 0.1
+    normalize_states: bool = True  # fit and project unit-RMS states (oprd.bridge notes); False: the paper's raw states
     seed: int = 0
     device: str = "auto"
     trust_remote_code: bool = False
@@ -131,7 +132,7 @@ def fit_from_rows(rows: dict[Pair, tuple[torch.Tensor, torch.Tensor]], rank: int
         raise ValueError(f"rank must be in 1..{min(widths)} (the smaller hidden size), got {rank}")
     return fit_bridge({p: s for p, (s, _) in rows.items()}, {p: t for p, (_, t) in rows.items()}, rank,
                       epochs=settings.epochs, lr=settings.lr, holdout=settings.holdout, seed=settings.seed,
-                      metadata=info)
+                      normalize_states=settings.normalize_states, metadata=info)
 
 
 def sweep_ranks(rows, ranks: list[int], settings: FitSettings, info: dict, out: Path) -> list[dict]:
@@ -151,7 +152,8 @@ def sweep_ranks(rows, ranks: list[int], settings: FitSettings, info: dict, out: 
             "layers": [{k: l[k] for k in ("student_layer", "teacher_layer", "cos_before", "cos_after")}
                        for l in meta["layers"]],
         })
-    summary = {k: info[k] for k in ("student", "teacher", "matched_position_share", "rows_per_pair")}
+    summary = {**{k: info[k] for k in ("student", "teacher", "matched_position_share", "rows_per_pair")},
+               "normalize_states": settings.normalize_states}
     (out / "sweep.json").write_text(json.dumps({**summary, "ranks": table}, indent=2))
     (out / "sweep.md").write_text(sweep_markdown(table, summary))
     plot_sweep(table, out / "sweep.png")
@@ -162,7 +164,8 @@ def sweep_markdown(table: list[dict], summary: dict) -> str:
     lines = [
         f"# OPRD-Bridge rank sweep: {summary['student']} <- {summary['teacher']}", "",
         f"Held-out cosine similarity of projected states, mean over layer pairs; {summary['rows_per_pair']} rows per "
-        f"pair, matched position share {summary['matched_position_share']:.3f}.", "",
+        f"pair, matched position share {summary['matched_position_share']:.3f}; "
+        f"{'unit-RMS' if summary['normalize_states'] else 'raw'} states.", "",
         "| rank | cos before (random P_S) | cos after | least-squares ceiling | teacher variance kept |",
         "|---|---|---|---|---|",
     ]

@@ -237,6 +237,8 @@ def _stage1_options(
     epochs: int = typer.Option(20, help="passes of the student-projector fit (the paper's 20)"),
     lr: float = typer.Option(1e-2, help="Adam lr of the student-projector fit (cosine-decayed)"),
     holdout: float = typer.Option(0.1, help="share of rows held out of both fits, for the reported cosine"),
+    normalize_states: bool = typer.Option(True, "--normalize-states/--raw-states",
+                                          help="fit on unit-RMS states, as pre-norm blocks read them (raw: the paper)"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     trust_remote_code: bool = typer.Option(False, help="run model code from the hub (off: safe default)"),

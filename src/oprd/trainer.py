@@ -460,6 +460,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         if is_main_process():  # which bridge this run used: models, data, rank, date, Stage 1 report
             (run_dir / "bridge.json").write_text(json.dumps(
                 {"path": str(Path(cfg.bridge.path).resolve()), "rank": bridge.rank, "pairs": bridge.pairs,
+                 "normalize_states": bridge.normalize_states,
                  "metadata": bridge.metadata}, indent=2))
     objective = Objective.from_config(
         cfg, student_config.num_hidden_layers, teacher_config.num_hidden_layers, len(student_tok), bridge
