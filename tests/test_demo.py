@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from oprd.bridge import load_bridge
 from oprd.cli import app
 
 METHODS = ("teacher", "student", "opd_top1", "opd_top16", "oprd", "opd_top1_plus_oprd", "seq_kd")
@@ -63,8 +64,21 @@ def test_bridge_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     payload = json.loads((out / "bridge_results.json").read_text())
     sweep = payload["rank_sweep"]
     assert [r["rank"] for r in sweep] == [1, 2, 4, 8, 16, 32]  # up to the quick student's width
-    for row in sweep:
+    raw_sweep = payload["rank_sweep_raw_states"]  # the paper's recipe as written, on the same rows
+    assert [r["rank"] for r in raw_sweep] == [r["rank"] for r in sweep]
+    for row in sweep + raw_sweep:
         assert -1 <= row["cos_before"] <= 1 and -1 <= row["cos_after"] <= 1
+    assert load_bridge(out / "sweep" / "bridge-r4.safetensors").normalize_states
+    assert not load_bridge(out / "sweep_raw_states" / "bridge-r4.safetensors").normalize_states
+    # Stage 2 at the best-cosine, the paper's (8) and the widest rank; the widest is the one used after
+    best_cos = max(sweep, key=lambda r: r["cos_after"])["rank"]
+    assert [r["rank"] for r in payload["stage2_rank_sweep"]] == sorted({best_cos, 8, 32})
+    assert payload["stage2_rank"] == 32
+    by_rank = {r["rank"]: r for r in payload["stage2_rank_sweep"]}
+    assert by_rank[32]["accuracy"] == payload["cross_arch"]["oprd_bridge"]["accuracy"]
+    raw_stage2 = payload["stage2_raw_states"]  # the same rank on the paper's raw states
+    assert raw_stage2["rank"] == 32 and raw_stage2["cos_after"] == raw_sweep[-1]["cos_after"]
+    assert 0 <= raw_stage2["accuracy"] <= raw_stage2["best_at_k"] <= 1
     expected = {
         "cross_arch": {"teacher", "student", "oprd_bridge", "opd_top1", "bridge_then_opd"},
         "cross_tokenizer": {"teacher", "student", "oprd_bridge", "matched_position_share"},

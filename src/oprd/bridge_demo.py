@@ -7,10 +7,12 @@ task are trained beside it (`toy.BRIDGE_TEACHERS`):
   cross_init       the student's architecture from another random initialisation: the case where a
                    feasibility trial saw OPRD-Vanilla collapse.
 Top to bottom: Stage 1 rows once per pair (`bridge_fit.collect_bridge_rows`); on cross_arch the
-rank sweep, whose choice of rank (`stage2_rank`) is used for every Stage 2 bridge; Stage 2 runs through
-`oprd.trainer.train` with the same steps, rollouts, lr and seed as `oprd demo`; every model
-evaluated on the held-out problems (Avg@k, Best@k, Dist-4g, Avg Len). Writes bridge_results.json,
-bridge_report.md and the sweep's table and plot under sweep/.
+rank sweep on unit-RMS states (the default, `oprd.bridge` notes) and, for comparison, on raw states
+(the paper's recipe as written); Stage 2 on cross_arch at three ranks (`stage2_ranks`), then every
+other Stage 2 run with the widest bridge. Stage 2 runs through `oprd.trainer.train` with the same
+steps, rollouts, lr and seed as `oprd demo`; every model is evaluated on the held-out problems
+(Avg@k, Best@k, Dist-4g, Avg Len). Writes bridge_results.json, bridge_report.md and the sweeps'
+tables and plots under sweep/ and sweep_raw_states/.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -32,22 +34,24 @@ from oprd.bridge_fit import FitSettings, collect_bridge_rows, fit_from_rows, swe
 from oprd.demo import DemoSettings, evaluate_model, max_response_tokens, run_on_policy, software_versions
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
+PAPER_RANK = 8  # the paper's cross-architecture bridge
 REPORTED = ("accuracy", "best_at_k", "dist_4g", "avg_len")
 
 
 def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings) -> FitSettings:
     return FitSettings(
         student=str(world.student), teacher=str(teacher), data=str(world.train_path),
-        prompts=16 if s.quick else 64, responses_per_prompt=2, max_new_tokens=max_response_tokens(world),
+        prompts=16 if s.quick else 256, responses_per_prompt=2, max_new_tokens=max_response_tokens(world),
         batch_prompts=16, max_rows=20_000, seed=s.seed, device="cpu",
     )
 
 
-def stage2_rank(sweep: list[dict], tolerance: float = 0.01) -> int:
-    """The largest rank whose held-out cosine is within `tolerance` of the sweep's best: at nearly
-    equal fit, more directions carry more of the teacher's state."""
-    best = max(r["cos_after"] for r in sweep)
-    return max(r["rank"] for r in sweep if r["cos_after"] >= best - tolerance)
+def stage2_ranks(sweep: list[dict]) -> list[int]:
+    """The ranks cross_arch's Stage 2 runs at: the best held-out Stage 1 cosine, the paper's rank and the
+    widest of the sweep. Stage 1 cosine falls with rank while a wider bridge carries more of the
+    teacher's state; the Stage 2 runs show which matters for the student."""
+    widest = max(r["rank"] for r in sweep)
+    return sorted({max(sweep, key=lambda r: r["cos_after"])["rank"], min(PAPER_RANK, widest), widest})
 
 
 def stage2(name: str, method: str, world: toy.World, teacher: Path, s: DemoSettings, console: Console,
@@ -89,21 +93,28 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     bridges.mkdir()
     oprd = ["oprd.normalize=true"]  # the bridge loss compares L2-normalised projections
 
-    # cross-architecture: the rank sweep, then Stage 2 at its best held-out rank
+    # cross-architecture: the rank sweep, then Stage 2 at a few ranks
     console.rule("[bold]cross_arch: Stage 1 rank sweep")
     settings = stage1_settings(world, teachers["cross_arch"], s)
     rows, info = collect_bridge_rows(settings)
     widest = min(min(a.shape[1], b.shape[1]) for a, b in rows.values())
-    sweep = sweep_ranks(rows, [r for r in RANKS if r <= widest], settings, info, out / "sweep")
-    best = stage2_rank(sweep)
-    arch_bridge = out / "sweep" / f"bridge-r{best}.safetensors"
+    ranks = [r for r in RANKS if r <= widest]
+    sweep = sweep_ranks(rows, ranks, settings, info, out / "sweep")
+    raw_sweep = sweep_ranks(rows, ranks, replace(settings, normalize_states=False), info, out / "sweep_raw_states")
+    # Stage 2 at a few ranks; every other Stage 2 run uses the widest bridge (README: accuracy rises with rank)
+    by_rank = {r: stage2(f"cross_arch_oprd_bridge_r{r}", "oprd", world, teachers["cross_arch"], s, console, progress,
+                         oprd + [f"bridge.path={out / 'sweep' / f'bridge-r{r}.safetensors'}"])
+               for r in stage2_ranks(sweep)}
+    used = max(by_rank)  # the widest
+    raw_stage2 = stage2(f"cross_arch_oprd_bridge_raw_states_r{used}", "oprd", world, teachers["cross_arch"], s, console,
+                        progress, oprd + [f"bridge.path={out / 'sweep_raw_states' / f'bridge-r{used}.safetensors'}"])
+    arch_bridge = out / "sweep" / f"bridge-r{used}.safetensors"
     half = max(s.steps // 2, 1)
     with progress:
         arch_teacher = evaluate_model(teachers["cross_arch"], world, s, progress, "cross_arch teacher")
     cross_arch = {
         "teacher": arch_teacher, "student": student,
-        "oprd_bridge": stage2("cross_arch_oprd_bridge", "oprd", world, teachers["cross_arch"], s, console, progress,
-                              oprd + [f"bridge.path={arch_bridge}"]),
+        "oprd_bridge": by_rank[used],
         "opd_top1": stage2("cross_arch_opd_top1", "opd_top1", world, teachers["cross_arch"], s, console, progress, []),
         "bridge_then_opd": stage2(
             "cross_arch_bridge_then_opd", "opd_top1_plus_oprd", world, teachers["cross_arch"], s, console, progress,
@@ -113,11 +124,11 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     # cross-tokenizer and cross-initialisation: one bridge each, at the same rank
     fitted = {}
     for name in ("cross_tokenizer", "cross_init"):
-        console.rule(f"[bold]{name}: Stage 1 (rank {best})")
+        console.rule(f"[bold]{name}: Stage 1 (rank {used})")
         settings = stage1_settings(world, teachers[name], s)
         rows, info = collect_bridge_rows(settings)
-        bridge = fit_from_rows(rows, best, settings, info)
-        save_bridge(bridge, bridges / f"{name}-r{best}.safetensors")
+        bridge = fit_from_rows(rows, used, settings, info)
+        save_bridge(bridge, bridges / f"{name}-r{used}.safetensors")
         fitted[name] = bridge.metadata
     with progress:
         token_teacher = evaluate_model(teachers["cross_tokenizer"], world, s, progress, "cross_tokenizer teacher")
@@ -125,7 +136,7 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     cross_tokenizer = {
         "teacher": token_teacher, "student": student,
         "oprd_bridge": stage2("cross_tokenizer_oprd_bridge", "oprd", world, teachers["cross_tokenizer"], s, console,
-                              progress, oprd + [f"bridge.path={bridges / f'cross_tokenizer-r{best}.safetensors'}"]),
+                              progress, oprd + [f"bridge.path={bridges / f'cross_tokenizer-r{used}.safetensors'}"]),
         "matched_position_share": fitted["cross_tokenizer"]["matched_position_share"],
     }
     cross_init = {
@@ -133,15 +144,20 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
         "oprd_vanilla": stage2("cross_init_oprd_vanilla", "oprd", world, teachers["cross_init"], s, console, progress,
                                []),
         "oprd_bridge": stage2("cross_init_oprd_bridge", "oprd", world, teachers["cross_init"], s, console, progress,
-                              oprd + [f"bridge.path={bridges / f'cross_init-r{best}.safetensors'}"]),
+                              oprd + [f"bridge.path={bridges / f'cross_init-r{used}.safetensors'}"]),
     }
     payload = {
         "rank_sweep": [{k: r[k] for k in ("rank", "cos_before", "cos_after")} for r in sweep],
-        "stage2_rank": best,
+        "rank_sweep_raw_states": [{k: r[k] for k in ("rank", "cos_before", "cos_after")} for r in raw_sweep],
+        "stage2_rank": used,
+        "stage2_rank_sweep": [{"rank": r, "cos_after": next(x["cos_after"] for x in sweep if x["rank"] == r),
+                               **{k: m[k] for k in REPORTED}} for r, m in by_rank.items()],
+        "stage2_raw_states": {"rank": used, "cos_after": next(x["cos_after"] for x in raw_sweep if x["rank"] == used),
+                              **{k: raw_stage2[k] for k in REPORTED}},
         "cross_arch": cross_arch,
         "cross_tokenizer": cross_tokenizer,
         "cross_init": cross_init,
-        "stage1_cosine": {"cross_arch": next(r for r in sweep if r["rank"] == best)["cos_after"],
+        "stage1_cosine": {"cross_arch": next(r for r in sweep if r["rank"] == used)["cos_after"],
                           **{name: meta["cos_after"] for name, meta in fitted.items()}},
         "wall_seconds": time.perf_counter() - started,
     }
@@ -160,8 +176,6 @@ def _quick_recipe(name: str, s: DemoSettings):
     recipe, kind = toy.BRIDGE_TEACHERS[name]
     if not s.quick:
         return recipe, kind
-    from dataclasses import replace
-
     return replace(recipe, hidden_size=recipe.hidden_size // 2, intermediate_size=64,
                    num_layers=max(2, recipe.num_layers - 3), steps=30), kind
 
@@ -178,9 +192,19 @@ def bridge_report(payload: dict, s: DemoSettings) -> str:
              f"{s.responses_per_prompt} responses, lr {s.lr}, seed {s.seed}; wall clock "
              f"{payload['wall_seconds']:.0f} s. Software: {software_versions()}.", "",
              "## Stage 1 rank sweep (cross_arch: 4x64 student, 6x96 teacher)", "",
-             "| rank | held-out cos before | after |", "|---|---|---|"]
-    lines += [f"| {r['rank']} | {r['cos_before']:.3f} | {r['cos_after']:.3f} |" for r in payload["rank_sweep"]]
-    lines += ["", f"Stage 2 uses rank {payload['stage2_rank']}: the largest within 0.01 of the best held-out cosine."]
+             "Held-out cosine of the projected states, mean over the 4 layer pairs. Unit-RMS states are the default;",
+             "raw states are the paper's recipe as written (`--raw-states`).", "",
+             "| rank | before (random P_S) | after | after, raw states |", "|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['cos_before']:.3f} | {r['cos_after']:.3f} | {raw['cos_after']:.3f} |"
+              for r, raw in zip(payload["rank_sweep"], payload["rank_sweep_raw_states"])]
+    lines += ["", "## Stage 2 by rank (cross_arch, OPRD-Bridge)", "",
+              f"| rank | Stage 1 held-out cos | Avg@{s.eval_samples} | Best@{s.eval_samples} | Dist-4g | Avg Len |",
+              "|---|---|---|---|---|---|"]
+    runs = [(str(r["rank"]), r) for r in payload["stage2_rank_sweep"]]
+    runs.append((f"{payload['stage2_raw_states']['rank']}, raw states", payload["stage2_raw_states"]))
+    lines += [f"| {label} | {r['cos_after']:.3f} | {100 * r['accuracy']:.1f} | {100 * r['best_at_k']:.1f} | "
+              f"{r['dist_4g']:.3f} | {r['avg_len']:.1f} |" for label, r in runs]
+    lines += ["", f"Every other Stage 2 run uses rank {payload['stage2_rank']}, the widest of the sweep."]
     for pair in ("cross_arch", "cross_tokenizer", "cross_init"):
         result = payload[pair]
         lines += ["", f"## {pair}", "", f"| model | Avg@{k} | Best@{k} | Dist-4g | Avg Len |", "|---|---|---|---|---|"]
