@@ -29,10 +29,9 @@ Where this departs from the paper, and why:
   leaves this unspecified.
 - By default both models' states are scaled to unit RMS per position before anything is fitted or
   projected (`normalize_states`, `unit_rms`), as every block of a pre-norm transformer reads its
-  input through RMSNorm: what a layer passes on is the state's direction, not its norm. Raw
-  intermediate states vary in norm several-fold across positions (1st to 99th percentile 14 to 93
-  at the toy teacher's layer 1), so the paper's PCA on raw rows spends its components on norm
-  variation that the Stage 2 loss, a cosine, ignores. On the toy cross-architecture pair this
+  input through RMSNorm: what the next block reads is the state's direction, not its norm. Raw
+  intermediate states vary in norm across positions, so the paper's PCA on raw rows spends part of
+  its components on norm variation that the Stage 2 loss, a cosine, ignores. On the toy cross-architecture pair this
   raises the best held-out Stage 1 cosine from about 0.82 to about 0.91 (README, `oprd demo
   --bridge`, which measures both). `normalize_states=False` is the paper's recipe as written.
 """
