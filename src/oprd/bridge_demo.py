@@ -146,18 +146,19 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
         "oprd_bridge": stage2("cross_init_oprd_bridge", "oprd", world, teachers["cross_init"], s, console, progress,
                               oprd + [f"bridge.path={bridges / f'cross_init-r{used}.safetensors'}"]),
     }
+    cosine, raw_cosine = ({r["rank"]: r["cos_after"] for r in table} for table in (sweep, raw_sweep))
     payload = {
         "rank_sweep": [{k: r[k] for k in ("rank", "cos_before", "cos_after")} for r in sweep],
         "rank_sweep_raw_states": [{k: r[k] for k in ("rank", "cos_before", "cos_after")} for r in raw_sweep],
         "stage2_rank": used,
-        "stage2_rank_sweep": [{"rank": r, "cos_after": next(x["cos_after"] for x in sweep if x["rank"] == r),
+        "stage2_rank_sweep": [{"rank": r, "cos_after": cosine[r],
                                **{k: m[k] for k in REPORTED}} for r, m in by_rank.items()],
-        "stage2_raw_states": {"rank": used, "cos_after": next(x["cos_after"] for x in raw_sweep if x["rank"] == used),
+        "stage2_raw_states": {"rank": used, "cos_after": raw_cosine[used],
                               **{k: raw_stage2[k] for k in REPORTED}},
         "cross_arch": cross_arch,
         "cross_tokenizer": cross_tokenizer,
         "cross_init": cross_init,
-        "stage1_cosine": {"cross_arch": next(r for r in sweep if r["rank"] == used)["cos_after"],
+        "stage1_cosine": {"cross_arch": cosine[used],
                           **{name: meta["cos_after"] for name, meta in fitted.items()}},
         "wall_seconds": time.perf_counter() - started,
     }
