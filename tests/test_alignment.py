@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oprd.alignment import decoded_offsets, retokenize, teacher_side, usable_rows
+from oprd.alignment import decoded_offsets, positions_with_partner, retokenize, teacher_inputs
+from oprd.batch import RolloutBatch, pad_left
 from oprd.data import prompt_token_ids
-from oprd.rollout import RolloutBatch, pad_left
-from oprd.toy import train_char_tokenizer, train_tokenizer
+from oprd.testing import train_char_tokenizer, train_tokenizer
 
 CORPUS = ["Compute 3*7+2 mod 10.\n3*7=1\n1+2=3\nSo \\boxed{3}", "the quick brown fox héllo café 日本語"] * 20
 
@@ -85,7 +85,8 @@ def test_metaspace_decoder_that_strips_the_leading_space(tmp_path):
 
 
 def _batch(bpe, responses: list[str], ended: list[bool]) -> RolloutBatch:
-    prompts = [prompt_token_ids(bpe, [{"role": "user", "content": f"Compute {i}+1 mod 10."}]) for i in range(len(responses))]
+    prompts = [prompt_token_ids(bpe, [{"role": "user", "content": f"Compute {i}+1 mod 10."}])
+               for i in range(len(responses))]
     prompt_ids, prompt_mask = pad_left(prompts, bpe.pad_token_id)
     encoded = [bpe(r, add_special_tokens=False).input_ids + ([bpe.eos_token_id] if e else [])
                for r, e in zip(responses, ended)]
@@ -98,12 +99,14 @@ def _batch(bpe, responses: list[str], ended: list[bool]) -> RolloutBatch:
                         torch.arange(len(responses)), torch.tensor([not e for e in ended]))
 
 
-def test_paired_rows_have_read_the_same_text(bpe, chars):
+def test_paired_positions_have_read_the_same_text(bpe, chars):
     responses = ["1+1=2\n2*3=6\nSo \\boxed{6}", "héllo 日本語 café", "3*7=1"]
-    batch = _batch(bpe, responses, ended=[True, True, False])
+    sampled = _batch(bpe, responses, ended=[True, True, False])
     teacher_prompts = [prompt_token_ids(chars, [{"role": "user", "content": f"Compute {i}+1 mod 10."}])
                        for i in range(len(responses))]
-    view = retokenize(batch, bpe, chars, teacher_prompts)
+    batch = retokenize(sampled, bpe, chars, teacher_prompts)
+    assert sampled.teacher_view is None and torch.equal(batch.response_ids, sampled.response_ids)
+    view = batch.teacher_view
     decode = lambda tok, ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     for row, response in enumerate(batch.responses()):
         teacher_response = view.batch.responses()[row]
@@ -112,24 +115,23 @@ def test_paired_rows_have_read_the_same_text(bpe, chars):
         assert decode(chars, teacher_response[:-1] if ended else teacher_response) == responses[row]
         assert view.batch.prompt_ids[row][view.batch.prompt_mask[row].bool()].tolist() == teacher_prompts[row]
         for t in range(len(response)):
-            j = int(view.partner[row, t])
+            j = int(view.partner_B_T[row, t])
             if j >= 0:  # student row t has read response[:t], teacher row j response'[:j]: the same text
                 assert decode(bpe, response[:t]) == decode(chars, teacher_response[:j])
-        matched = (view.partner[row, : len(response)] >= 0).sum()
+        matched = (view.partner_B_T[row, : len(response)] >= 0).sum()
         if responses[row].isascii():  # split digits and ASCII: every student position has a partner
             assert matched == len(response)
         else:
             assert matched >= 1
     assert view.matched_share(batch.response_mask) == 1.0  # this BPE ends every token on a character
 
-    batch.teacher_view = view
-    keep = usable_rows(batch).bool()
-    assert (keep <= batch.response_mask.bool()).all()
-    inputs, teacher_rows = teacher_side(batch, keep)
-    assert teacher_rows.sum() == keep.sum()
+    keep_B_T = positions_with_partner(batch).bool()
+    assert (keep_B_T <= batch.response_mask.bool()).all()
+    inputs, teacher_keep_B_S = teacher_inputs(batch, keep_B_T)
+    assert teacher_keep_B_S.sum() == keep_B_T.sum()
     assert inputs["input_ids"].shape[1] == view.batch.input_ids.shape[1] - 1
     with pytest.raises(ValueError, match="without a teacher partner"):
-        teacher_side(batch, batch.response_mask.bool() | ~keep)
+        teacher_inputs(batch, batch.response_mask.bool() | ~keep_B_T)
     micro = batch.select(slice(1, 3))
-    assert micro.teacher_view.partner.shape == micro.response_ids.shape
-    assert torch.equal(micro.teacher_view.partner, view.partner[1:3, : micro.response_ids.shape[1]])
+    assert micro.teacher_view.partner_B_T.shape == micro.response_ids.shape
+    assert torch.equal(micro.teacher_view.partner_B_T, view.partner_B_T[1:3, : micro.response_ids.shape[1]])

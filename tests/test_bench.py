@@ -6,10 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from oprd.bench import ALL_METHODS, Shape, build_models, make_batch, parameter_count, sweep_fit, update_fn
 from oprd.cli import app
-from oprd.config import load_config
-from oprd.trainer import Objective, distillation_loss
+from oprd.config import OPDConfig, OPRDConfig
+from oprd.experiments.bench import ALL_METHODS, Shape, build_models, make_batch, parameter_count, sweep_fit, update_fn
+from oprd.objective import LossPlan, distillation_loss
 
 
 @pytest.mark.slow
@@ -69,8 +69,9 @@ def test_unknown_preset_is_refused(tmp_path):
 
 
 def test_a_shape_larger_than_memory_is_refused_before_measuring(tmp_path, monkeypatch):
-    monkeypatch.setattr("oprd.bench.available_memory_bytes", lambda device: 2**30)
-    result = CliRunner().invoke(app, ["bench", "--preset", "qwen3-1.7b", "--num-layers", "28", "--out", str(tmp_path / "b")])
+    monkeypatch.setattr("oprd.experiments.bench.available_memory_bytes", lambda device: 2**30)
+    result = CliRunner().invoke(app, ["bench", "--preset", "qwen3-1.7b", "--num-layers", "28",
+                                      "--out", str(tmp_path / "b")])
     assert result.exit_code == 2
     weights_grads_teacher = 3 * parameter_count(Shape("qwen3-1.7b", 28, 1024, 1, "cpu", "float32")) * 4
     assert f"needs at least {weights_grads_teacher / 2**30:.1f} GiB" in result.output
@@ -97,9 +98,8 @@ def test_trl_reference_is_the_same_reverse_kl():
     shape = Shape("tiny", 2, 24, 2, "cpu", "float32")
     student, teacher = build_models(shape)
     batch = make_batch(shape, student.config.vocab_size)
-    cfg = load_config(None, ["student.model=x", "teacher.model=x", "data.path=x", "opd.objective=full"])
-    objective = Objective.from_config(cfg, 2, 2, student.config.vocab_size)
-    ours, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch))
+    plan = LossPlan.from_config(OPDConfig(objective="full"), OPRDConfig(), 2, 2, student.config.vocab_size)
+    ours, _ = distillation_loss(plan, student, teacher, batch, plan.normalizers(batch))
     ours.backward()
     ours_grad = student.lm_head.weight.grad.clone()
     student.zero_grad()

@@ -15,27 +15,26 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from oprd.batch import RolloutBatch, pad_left
 from oprd.bridge import (
     Bridge,
     RowReservoir,
     align_by_offsets,
-    bridge_loss_rows,
     bridge_metadata,
-    collect_layer_rows,
     fit_bridge,
     fit_student_projector,
     fit_teacher_pca,
     layer_pairs,
     load_bridge,
     matched_share,
+    paired_rows_from_batches,
     save_bridge,
     split_rows,
     unit_rms,
 )
-from oprd.losses import layer_map
-from oprd.rollout import RolloutBatch, pad_left
-from oprd.teacher import model_inputs, response_rows
-from oprd.toy import train_tokenizer, tiny_config
+from oprd.capture import model_inputs, response_positions
+from oprd.losses import layer_map, representation_loss_rows
+from oprd.testing import tiny_config, train_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -197,7 +196,8 @@ def test_alignment_byte_level_whitespace_offsets(bpe):
 def test_alignment_edge_cases():
     # special tokens outside the text (0, 0) never match; pieces ending at the same character: the last
     assert align_by_offsets([(0, 0), (0, 3), (3, 5), (0, 0)], [(0, 3), (3, 4), (4, 5)]) == [(1, 0), (2, 2)]
-    assert align_by_offsets([(0, 1), (1, 2), (1, 2), (1, 2), (2, 3)], [(0, 1), (1, 2), (2, 3)]) == [(0, 0), (3, 1), (4, 2)]
+    pieces = [(0, 1), (1, 2), (1, 2), (1, 2), (2, 3)]
+    assert align_by_offsets(pieces, [(0, 1), (1, 2), (2, 3)]) == [(0, 0), (3, 1), (4, 2)]
     # a byte piece that stops inside a character: HF gives it the whole character ('hÃ' (0, 2) in "héllo")
     assert align_by_offsets([(0, 2), (1, 5)], [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]) == [(1, 4)]
     assert align_by_offsets([], [(0, 1)]) == [] and matched_share([], []) == 0.0
@@ -272,7 +272,8 @@ def test_unit_rms_states_equal_a_fit_on_rescaled_rows_and_ignore_row_norms():
 
     reference = fit_bridge({pair: rms(student[pair])}, {pair: rms(teacher[pair])}, normalize_states=False, **fit)
     for name in ("teacher_components", "teacher_means", "student_projectors"):
-        torch.testing.assert_close(getattr(normalised, name)[pair], getattr(reference, name)[pair], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(getattr(normalised, name)[pair], getattr(reference, name)[pair],
+                                   atol=1e-4, rtol=1e-4)
     assert normalised.metadata["cos_after"] == pytest.approx(reference.metadata["cos_after"], abs=1e-4)
     # projections read the state's direction only, on both sides
     torch.testing.assert_close(unit_rms(7.0 * teacher[pair][:5]), rms(teacher[pair][:5]))
@@ -345,7 +346,8 @@ def test_version_1_bridge_files_load_as_raw_states(tmp_path):
 def test_check_fits_names_the_mismatch(bpe, chars):
     bridge = _bridge()
     meta = bridge.metadata
-    assert (meta["student_hidden_size"], meta["teacher_hidden_size"], meta["student_num_layers"], meta["teacher_num_layers"]) == (64, 96, 4, 6)
+    sizes = ("student_hidden_size", "teacher_hidden_size", "student_num_layers", "teacher_num_layers")
+    assert tuple(meta[key] for key in sizes) == (64, 96, 4, 6)
     json.dumps(meta)
     bridge.check_fits(tiny_config(64, hidden_size=64, num_layers=4), tiny_config(64, hidden_size=96, num_layers=6))
     with pytest.raises(ValueError, match="student: its hidden size is 32.*expect \\[64\\]"):
@@ -356,7 +358,8 @@ def test_check_fits_names_the_mismatch(bpe, chars):
         bridge.check_fits(tiny_config(64, hidden_size=64, num_layers=4), tiny_config(64, hidden_size=96, num_layers=8))
     with pytest.raises(ValueError, match="student: it has 2 layers, the bridge was fitted on 4"):
         bridge.check_fits(tiny_config(64, hidden_size=64, num_layers=2), tiny_config(64, hidden_size=96, num_layers=6))
-    bridge.metadata.update(bridge_metadata(student_config=tiny_config(64, num_layers=4), teacher_config=tiny_config(64, hidden_size=96, num_layers=6),
+    bridge.metadata.update(bridge_metadata(student_config=tiny_config(64, num_layers=4),
+                                           teacher_config=tiny_config(64, hidden_size=96, num_layers=6),
                                            student_tokenizer=bpe, teacher_tokenizer=chars))
     bridge.check_tokenizers(bpe, chars)
     with pytest.raises(ValueError, match="teacher tokenizer's vocabulary differs"):
@@ -366,6 +369,14 @@ def test_check_fits_names_the_mismatch(bpe, chars):
 # --------------------------------------------------------------------------- Stage 2 loss
 
 
+def _stage2_loss(bridge, student: dict, teacher: dict, weights):
+    """Stage 2 as `oprd.objective` runs it: project the pairs given, then the representation loss."""
+    pairs = list(student)
+    projected_student, projected_teacher = bridge.project(pairs, [student[p] for p in pairs],
+                                                          [teacher[p] for p in pairs])
+    return representation_loss_rows(projected_student, projected_teacher, weights, normalize=True)
+
+
 def test_bridge_loss_equals_naive_and_is_zero_when_aligned():
     bridge = _bridge()
     g = torch.Generator().manual_seed(2)
@@ -373,7 +384,7 @@ def test_bridge_loss_equals_naive_and_is_zero_when_aligned():
     student = {p: torch.randn(N, 64, generator=g).requires_grad_() for p in bridge.pairs}
     teacher = {p: torch.randn(N, 96, generator=g) for p in bridge.pairs}
     weights = torch.rand(N, generator=g)
-    loss, metrics = bridge_loss_rows(bridge, student, teacher, weights)
+    loss, metrics = _stage2_loss(bridge, student, teacher, weights)
     naive = []
     for p in bridge.pairs:
         s = F.normalize(student[p] @ bridge.student_projectors[p].T, dim=-1)
@@ -384,15 +395,15 @@ def test_bridge_loss_equals_naive_and_is_zero_when_aligned():
     loss.backward()
     assert all(student[p].grad is not None and student[p].grad.abs().sum() > 0 for p in bridge.pairs)
     assert all(not t.requires_grad for t in bridge.student_projectors.values())
-    # a subset of pairs, in the bridge's order whatever the dict's
+    # a subset of the bridge's pairs
     sub = [(3, 4), (1, 1)]
-    loss_sub, _ = bridge_loss_rows(bridge, {p: student[p] for p in sub}, {p: teacher[p] for p in sub}, weights)
+    loss_sub, _ = _stage2_loss(bridge, {p: student[p] for p in sub}, {p: teacher[p] for p in sub}, weights)
     torch.testing.assert_close(loss_sub, (naive[0] + naive[2]) / 2)
     with pytest.raises(ValueError, match=r"layer pairs \[\(2, 2\)\] are not in the bridge"):
-        bridge_loss_rows(bridge, {(2, 2): student[(1, 1)]}, {(2, 2): teacher[(1, 1)]}, weights)
+        _stage2_loss(bridge, {(2, 2): student[(1, 1)]}, {(2, 2): teacher[(1, 1)]}, weights)
     # with unit-RMS states the teacher is centred after rescaling, so the loss differs from the raw one
     normalised = replace(bridge, normalize_states=True)
-    loss_n, _ = bridge_loss_rows(normalised, student, teacher, weights)
+    loss_n, _ = _stage2_loss(normalised, student, teacher, weights)
     naive_n = []
     for p in bridge.pairs:
         s = F.normalize(student[p] @ bridge.student_projectors[p].T, dim=-1)
@@ -409,7 +420,7 @@ def test_bridge_loss_zero_for_aligned_projections():
     bridge.student_projectors[pair] = bridge.teacher_components[pair].clone()
     teacher = torch.randn(7, 96)
     centred = teacher - bridge.teacher_means[pair]
-    loss, metrics = bridge_loss_rows(bridge, {pair: 3.0 * centred}, {pair: teacher}, torch.full((7,), 1 / 7))
+    loss, metrics = _stage2_loss(bridge, {pair: 3.0 * centred}, {pair: teacher}, torch.full((7,), 1 / 7))
     assert float(loss) < 1e-12 and float(metrics["rep/cosine_similarity"]) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -434,22 +445,23 @@ def _batch(seed: int, lengths=(5, 3, 4)) -> RolloutBatch:
     T = max(lengths)
     response_mask = (torch.arange(T) < torch.tensor(lengths).unsqueeze(-1)).long()
     response_ids = torch.randint(1, 64, (3, T), generator=g) * response_mask
-    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.arange(3), torch.zeros(3, dtype=torch.bool))
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.arange(3),
+                        torch.zeros(3, dtype=torch.bool))
 
 
 @torch.no_grad()
 def _all_rows(model, batch, layer):
     hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states[layer]
-    return hidden[response_rows(batch.response_mask, batch.prompt_ids.shape[1])]
+    return hidden[response_positions(batch.response_mask, batch.prompt_ids.shape[1])]
 
 
-def test_collect_layer_rows_pairs_layers_and_bounds_rows(pair_of_models):
+def test_paired_rows_from_batches_pairs_layers_and_bounds_rows(pair_of_models):
     student, teacher = pair_of_models
     pairs = layer_pairs(4, 6)
     assert pairs == list(zip(range(1, 5), layer_map(4, 6))) == [(1, 1), (2, 3), (3, 4), (4, 6)]
     s_layers, t_layers = [p[0] for p in pairs], [p[1] for p in pairs]
     batches = [_batch(0), _batch(1)]  # 12 response positions each
-    everything = collect_layer_rows(student, teacher, batches, s_layers, t_layers, max_rows=100)
+    everything = paired_rows_from_batches(student, teacher, batches, s_layers, t_layers, max_rows=100)
     for s, t in pairs:
         S_ref = torch.cat([_all_rows(student, b, s) for b in batches])
         T_ref = torch.cat([_all_rows(teacher, b, t) for b in batches])
@@ -457,7 +469,7 @@ def test_collect_layer_rows_pairs_layers_and_bounds_rows(pair_of_models):
         torch.testing.assert_close(everything[(s, t)][0], S_ref, atol=1e-5, rtol=1e-5)  # all rows, in order
         torch.testing.assert_close(everything[(s, t)][1], T_ref, atol=1e-5, rtol=1e-5)
 
-    sample = collect_layer_rows(student, teacher, iter(batches), s_layers, t_layers, max_rows=7, seed=3)
+    sample = paired_rows_from_batches(student, teacher, iter(batches), s_layers, t_layers, max_rows=7, seed=3)
     assert list(sample) == pairs
     kept = None
     for s, t in pairs:
@@ -471,7 +483,7 @@ def test_collect_layer_rows_pairs_layers_and_bounds_rows(pair_of_models):
         kept = index
     assert len(set(kept.tolist())) == 7 and (kept[1:] > kept[:-1]).all()  # distinct, in arrival order
     with pytest.raises(ValueError, match="one teacher layer per student layer"):
-        collect_layer_rows(student, teacher, batches, [1, 2], [1], max_rows=4)
+        paired_rows_from_batches(student, teacher, batches, [1, 2], [1], max_rows=4)
 
 
 def test_reservoir_is_uniform_over_all_rows():

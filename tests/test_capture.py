@@ -1,4 +1,4 @@
-"""oprd.teacher.capture_hidden / model_inputs / response_rows against Hugging Face's own outputs.
+"""oprd.capture.capture_hidden / model_inputs / response_positions against Hugging Face's own outputs.
 
 References are HF's `output_hidden_states=True` and `.logits` (and, for the response alignment, an
 unpadded per-row forward pass), on tiny random-initialised Qwen3 and Llama models on CPU.
@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from oprd.batch import RolloutBatch, pad_left
+from oprd.capture import FINAL, capture_hidden, model_inputs, response_positions
 from oprd.models import ModelSpec, load_model
-from oprd.rollout import RolloutBatch, pad_left
-from oprd.teacher import FINAL, capture_hidden, model_inputs, response_rows
-from oprd.toy import tiny_config
+from oprd.testing import tiny_config
 
 TINY_QWEN3 = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "tiny-qwen3"
 PAD = 0
@@ -80,10 +80,10 @@ def test_capture_equals_hf_hidden_states_every_layer(model):
     got = capture_hidden(model, inputs, list(range(1, L + 1)), final=True)
     assert set(got) == set(range(1, L + 1)) | {FINAL}
     valid = inputs["attention_mask"].bool()
-    for l in range(1, L + 1):
-        assert got[l].shape == out.hidden_states[l].shape
-        torch.testing.assert_close(got[l][valid], out.hidden_states[l][valid], rtol=0, atol=1e-6)
-        torch.testing.assert_close(got[l], out.hidden_states[l], rtol=0, atol=1e-6, equal_nan=True)
+    for layer in range(1, L + 1):
+        assert got[layer].shape == out.hidden_states[layer].shape
+        torch.testing.assert_close(got[layer][valid], out.hidden_states[layer][valid], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[layer], out.hidden_states[layer], rtol=0, atol=1e-6, equal_nan=True)
     # HF's last entry is post-norm: the LM head applied to it gives the logits
     torch.testing.assert_close(got[L], got[FINAL], rtol=0, atol=0)
     torch.testing.assert_close(model.lm_head(got[FINAL])[valid], out.logits[valid], rtol=1e-5, atol=1e-5)
@@ -105,8 +105,8 @@ def test_capture_subset_of_layers(model, layers):
     got = capture_hidden(model, inputs, layers)
     assert set(got) == set(layers)
     valid = inputs["attention_mask"].bool()
-    for l in layers:
-        torch.testing.assert_close(got[l][valid], ref[l][valid], rtol=0, atol=1e-6)
+    for layer in layers:
+        torch.testing.assert_close(got[layer][valid], ref[layer][valid], rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
@@ -116,7 +116,7 @@ def test_rows_selection_equals_boolean_indexing(model):
     rows = (torch.rand(inputs["input_ids"].shape, generator=g) < 0.4) & inputs["attention_mask"].bool()
     rows[1, -1] = True
     full = capture_hidden(model, inputs, [1, 2, 3, 4], final=True)
-    picked = capture_hidden(model, inputs, [1, 2, 3, 4], rows=rows, final=True)
+    picked = capture_hidden(model, inputs, [1, 2, 3, 4], keep_B_S=rows, final=True)
     D = model.config.hidden_size
     n = int(rows.sum())
     for key in (1, 2, 3, 4, FINAL):
@@ -197,7 +197,7 @@ def test_student_capture_keeps_gradients(model, layers, key):
     weights = torch.randn(int(rows.sum()), model.config.hidden_size, generator=g)
 
     params = [model.model.embed_tokens.weight, blocks(model)[0].mlp.down_proj.weight]
-    got = capture_hidden(model, inputs, layers, rows=rows)
+    got = capture_hidden(model, inputs, layers, keep_B_S=rows)
     assert got[key].requires_grad
     got_grads = torch.autograd.grad((got[key] * weights).sum(), params)
 
@@ -235,7 +235,7 @@ def hand_batch(vocab: int) -> tuple[RolloutBatch, list[list[int]], list[list[int
     return batch, prompts, responses
 
 
-def test_model_inputs_and_response_rows_shapes():
+def test_model_inputs_and_response_positions_shapes():
     batch, _, responses = hand_batch(100)
     P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     assert (P, T) == (4, 5)
@@ -243,7 +243,7 @@ def test_model_inputs_and_response_rows_shapes():
     for name in ("input_ids", "attention_mask", "position_ids"):
         assert inputs[name].shape == (3, P + T - 1)
     torch.testing.assert_close(inputs["input_ids"], batch.input_ids[:, :-1])
-    rows = response_rows(batch.response_mask, P)
+    rows = response_positions(batch.response_mask, P)
     assert rows.shape == (3, P + T - 1) and rows.dtype == torch.bool
     assert int(rows.sum()) == int(batch.response_mask.sum()) == 9
     # response token t of row b is predicted at column P - 1 + t
@@ -255,11 +255,11 @@ def test_model_inputs_and_response_rows_shapes():
 
 
 @torch.no_grad()
-def test_response_rows_through_lm_head_equal_hf_logits(model):
+def test_response_positions_through_lm_head_equal_hf_logits(model):
     batch, prompts, responses = hand_batch(model.config.vocab_size)
     P = batch.prompt_ids.shape[1]
-    rows = response_rows(batch.response_mask, P)
-    got = capture_hidden(model, model_inputs(batch), [], rows=rows, final=True)
+    rows = response_positions(batch.response_mask, P)
+    got = capture_hidden(model, model_inputs(batch), [], keep_B_S=rows, final=True)
     logits = model.lm_head(got[FINAL])  # (N, V)
 
     # reference 1: HF on the full padded (B, P + T) batch, logits[:, P - 1 + t] predicts token t
@@ -282,14 +282,14 @@ def test_response_rows_through_lm_head_equal_hf_logits(model):
 
 
 @torch.no_grad()
-def test_response_rows_hidden_layers_match_unpadded_rows(model):
+def test_response_positions_hidden_layers_match_unpadded_rows(model):
     batch, prompts, responses = hand_batch(model.config.vocab_size)
     P = batch.prompt_ids.shape[1]
-    rows = response_rows(batch.response_mask, P)
-    got = capture_hidden(model, model_inputs(batch), [1, 3], rows=rows)
-    for l in (1, 3):
+    rows = response_positions(batch.response_mask, P)
+    got = capture_hidden(model, model_inputs(batch), [1, 3], keep_B_S=rows)
+    for layer in (1, 3):
         expected = []
         for prompt, response in zip(prompts, responses):
-            hs = model(input_ids=torch.tensor([prompt + response]), output_hidden_states=True).hidden_states[l][0]
+            hs = model(input_ids=torch.tensor([prompt + response]), output_hidden_states=True).hidden_states[layer][0]
             expected.extend(hs[len(prompt) - 1 + t] for t in range(len(response)))
-        torch.testing.assert_close(got[l], torch.stack(expected), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[layer], torch.stack(expected), rtol=1e-4, atol=1e-4)

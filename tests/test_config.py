@@ -4,16 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from oprd.config import ConfigError, TrainConfig, check_model_pairing, load_config
+from oprd.config import ConfigError, TrainConfig, load_config
 from oprd.models import ModelSpec, load_model_config, load_tokenizer
-from oprd.toy import tiny_config, train_tokenizer
+from oprd.preflight import check_model_pairing
+from oprd.testing import tiny_config, train_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMOKE = RECIPES / "smoke"
 
 
 def test_recipe_loads_and_overrides_apply():
-    cfg = load_config(SMOKE / "oprd.yaml", ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "report_to=tensorboard"])
+    cfg = load_config(SMOKE / "oprd.yaml",
+                      ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "report_to=tensorboard"])
     assert cfg.optim.lr == pytest.approx(2e-4)
     assert cfg.max_steps == 7
     assert cfg.oprd.layers == [1, 3]
@@ -23,7 +25,8 @@ def test_recipe_loads_and_overrides_apply():
     assert Path(cfg.data.path) == (SMOKE / "prompts.parquet").resolve()
 
 
-@pytest.mark.parametrize("recipe", sorted((RECIPES / "paper").glob("*.yaml")) + sorted((RECIPES / "bridge").glob("*.yaml"))
+@pytest.mark.parametrize("recipe", sorted((RECIPES / "paper").glob("*.yaml"))
+                         + sorted((RECIPES / "bridge").glob("*.yaml"))
                          + sorted(SMOKE.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(recipe):
     cfg = load_config(recipe)

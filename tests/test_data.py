@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oprd.data import BENCHMARKS, Problem, benchmark_path, load_problems, prompt_token_ids
+from oprd.data import BENCHMARKS, Problem, PromptStream, benchmark_path, load_problems, prompt_token_ids
 from oprd.models import ModelSpec, load_tokenizer
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "tiny-qwen3"
@@ -135,3 +135,14 @@ def test_prompt_token_ids_without_chat_template(tokenizer):
     bare.chat_template = None
     with pytest.raises(ValueError, match="use_chat_template"):
         prompt_token_ids(bare, messages)
+
+
+def test_prompt_stream_resumes_exactly():
+    full = PromptStream(7, 3, seed=5)
+    expected = [full.next_batch() for _ in range(5)]
+    head = PromptStream(7, 3, seed=5)
+    got = [head.next_batch() for _ in range(2)]
+    tail = PromptStream(7, 3, seed=5, **head.state())
+    got += [tail.next_batch() for _ in range(3)]
+    assert got == expected
+    assert sorted(sum(expected, [])[:7]) == list(range(7)), "each pass visits every prompt once"

@@ -88,13 +88,14 @@ def test_bridge_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
         assert set(payload[pair]) == keys
         for name in keys - {"matched_position_share"}:
             metrics = payload[pair][name]
-            assert BRIDGE_METHOD_KEYS <= set(metrics)
+            assert set(metrics) >= BRIDGE_METHOD_KEYS
             assert 0 <= metrics["accuracy"] <= metrics["best_at_k"] <= 1 and metrics["avg_len"] > 0
     assert 0.5 < payload["cross_tokenizer"]["matched_position_share"] <= 1
     assert 0.5 < payload["cross_tokenizer"]["oprd_bridge"]["matched_position_share"] <= 1
     assert payload["cross_init"]["oprd_vanilla"]["preflight_cosine_by_layer"]
     # the two-stage run: OPRD-Bridge for the first half of the steps, OPD top-1 after
-    steps = [json.loads(l) for l in (out / "runs" / "cross_arch_bridge_then_opd" / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "runs" / "cross_arch_bridge_then_opd" / "metrics.jsonl"
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert "rep/loss" in steps[0] and "opd/loss" not in steps[0] and "opd/loss" in steps[-1]
     bridge_report = (out / "bridge_report.md").read_text()
     assert "Stage 1 rank sweep" in bridge_report and f"torch {torch.__version__}" in bridge_report

@@ -12,11 +12,13 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from oprd.batch import RolloutBatch, pad_left
 from oprd.cli import app
 from oprd.data import load_problems, prompt_token_ids
-from oprd.evaluation import evaluate, make_progress
+from oprd.display import progress_bar
+from oprd.evaluation.harness import evaluate
 from oprd.models import ModelSpec, load_model, load_tokenizer
-from oprd.rollout import RolloutBatch, SamplingParams, pad_left
+from oprd.rollout import SamplingParams
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "tiny-qwen3"
 RECORD_FIELDS = {"model", "benchmark", "index", "sample", "response", "extracted_answer", "ground_truth"}
@@ -122,11 +124,11 @@ def test_evaluate_is_seeded_and_leaves_the_callers_rng_alone(tokenizer, scripted
 
 def test_evaluate_reports_running_accuracy(tokenizer, scripted):
     problems, rollout = scripted
-    progress = make_progress(Console(file=io.StringIO()))
+    progress = progress_bar(Console(file=io.StringIO()))
     evaluate(rollout, tokenizer, problems, SamplingParams(n=2), progress=progress, description="aime24")
     [task] = progress.tasks
     assert task.completed == task.total == 3
-    assert task.fields["acc"].endswith("%")
+    assert task.fields["status"].startswith("acc ") and task.fields["status"].endswith("%")
 
 
 def test_evaluate_needs_ground_truths(tokenizer, scripted):

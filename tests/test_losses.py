@@ -167,7 +167,7 @@ def test_select_layers_contract_examples():
 def test_select_layers_matches_naive(num_layers, mode):
     got = select_layers(num_layers, mode)
     assert got == naive_select_layers(num_layers, mode)
-    assert 0 not in got and all(1 <= l <= num_layers for l in got)
+    assert 0 not in got and all(1 <= layer <= num_layers for layer in got)
 
 
 @pytest.mark.parametrize("num_layers", [4, 5, 28])
@@ -189,7 +189,7 @@ def exact_layer_map(ls: int, lt: int) -> list[int]:
     like torch.round. One-layer student: Eq. 11 is 0/0, the documented choice is the last layer."""
     if ls == 1:
         return [lt]
-    return [round(Fraction((l - 1) * (lt - 1), ls - 1)) + 1 for l in range(1, ls + 1)]
+    return [round(Fraction((layer - 1) * (lt - 1), ls - 1)) + 1 for layer in range(1, ls + 1)]
 
 
 @pytest.mark.parametrize(
@@ -220,8 +220,8 @@ def test_layer_map_matches_exact_eq11(ls, lt):
 
 
 def test_layer_map_paper_pairs():
-    # Qwen3-1.7B student (28) -> Qwen3-4B teacher (36), by hand: round((l-1)*35/27)+1
-    expected = [round((l - 1) * 35 / 27) + 1 for l in range(1, 29)]
+    # Qwen3-1.7B student (28) -> Qwen3-4B teacher (36), by hand: round((layer-1)*35/27)+1
+    expected = [round((layer - 1) * 35 / 27) + 1 for layer in range(1, 29)]
     assert layer_map(28, 36) == expected
     assert layer_map(28, 36)[:4] == [1, 2, 4, 5]
     assert layer_map(28, 32)[-3:] == [30, 31, 32]

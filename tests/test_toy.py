@@ -4,9 +4,10 @@ import random
 
 import torch
 
-from oprd import toy
+from oprd import testing
 from oprd.data import load_problems
 from oprd.evaluation import extract_answer, is_correct
+from oprd.experiments import toy
 
 
 def test_problems_are_deterministic_and_distinct():
@@ -50,21 +51,22 @@ def test_written_problems_load_in_the_verl_layout(tmp_path):
 
 def test_tokenizer_round_trip_and_single_digits(tmp_path):
     texts = [p.prompt + "\n" + p.solution for p in toy.make_split(200, seed=0)]
-    tokenizer = toy.train_tokenizer(texts, 300, tmp_path / "tok", split_digits=True)
+    tokenizer = testing.train_tokenizer(texts, 300, tmp_path / "tok", split_digits=True)
     for text in texts[:20] + ["Compute 123+45 left to right, mod 10.\n\\boxed{7}"]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert tokenizer.decode(ids) == text
     assert all(len(t.lstrip("Ġ")) <= 1 for t in tokenizer.tokenize("9876543210") if t.strip("Ġ").isdigit())
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n") and tokenizer.eos_token == "<|im_end|>"
 
 
 def test_sft_lowers_the_loss_and_is_deterministic(tmp_path):
     problems = toy.make_split(64, seed=0)
-    tokenizer = toy.train_tokenizer([p.prompt + "\n" + p.solution for p in problems], 290, tmp_path / "tok",
+    tokenizer = testing.train_tokenizer([p.prompt + "\n" + p.solution for p in problems], 290, tmp_path / "tok",
                                     split_digits=True)
     examples = toy.sft_examples(tokenizer, [(p.prompt, p.solution) for p in problems])
-    config = toy.tiny_config(len(tokenizer), hidden_size=32, num_layers=1, intermediate_size=64,
+    config = testing.tiny_config(len(tokenizer), hidden_size=32, num_layers=1, intermediate_size=64,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     from transformers import AutoModelForCausalLM
 
@@ -74,7 +76,7 @@ def test_sft_lowers_the_loss_and_is_deterministic(tmp_path):
         model = AutoModelForCausalLM.from_config(config)
         losses = []
         toy.sft(model, examples, steps=15, batch_size=8, lr=3e-3, pad_id=tokenizer.pad_token_id, seed=0,
-                callback=lambda step, loss: losses.append(loss))
+                callback=lambda step, loss, losses=losses: losses.append(loss))
         runs.append(losses)
     assert runs[0] == runs[1]
     assert runs[0][-1] < runs[0][0]

@@ -1,4 +1,5 @@
-"""The training engine: fast paths against the public loss functions, smoke runs, exact resume."""
+"""The training loop end to end: smoke runs, exact resume, errors, OPRD-Bridge runs, staged recipes,
+the pre-flight check."""
 
 import json
 from pathlib import Path
@@ -8,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from oprd import checkpoint, losses
+from oprd import checkpoint
 from oprd.bridge import load_bridge
 from oprd.cli import app
 from oprd.config import load_config
-from oprd.models import ModelSpec, eos_token_ids, load_model, load_tokenizer
+from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams
-from oprd.trainer import Objective, PromptStream, distillation_loss, train
+from oprd.trainer import train
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 TINY = str(SMOKE / "tiny-qwen3")
@@ -22,140 +23,6 @@ TINY = str(SMOKE / "tiny-qwen3")
 
 def _read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-# --------------------------------------------------------------------------- agreement
-
-
-@pytest.fixture(scope="module")
-def pair_and_batch():
-    tokenizer = load_tokenizer(ModelSpec(model=TINY))
-    student = load_model(ModelSpec(model=TINY, random_init=True, init_seed=0), torch.device("cpu"))
-    teacher = load_model(ModelSpec(model=TINY, random_init=True, init_seed=1), torch.device("cpu"))
-    teacher.requires_grad_(False)
-    rollout = HFRollout(student, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(student, tokenizer),
-                        vocab_size=len(tokenizer))
-    prompts = [tokenizer("What is 1 + 2?").input_ids, tokenizer("Name a prime number larger than ten please").input_ids]
-    torch.manual_seed(0)
-    batch = rollout.generate(prompts, SamplingParams(n=2, max_new_tokens=12))
-    # Unequal response lengths, so padding and masks are exercised.
-    batch.response_mask[0, 5:] = 0
-    batch.response_mask[3, 9:] = 0
-    return student, teacher, batch, len(tokenizer)
-
-
-def _reference_loss(objective: Objective, student, teacher, batch):
-    """The public loss functions on full HF outputs (logits and hidden_states)."""
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    s_out = student(**inputs, output_hidden_states=True)
-    with torch.no_grad():
-        t_out = teacher(**inputs, output_hidden_states=True)
-    window = slice(P - 1, P + T - 1)  # outputs that predict response tokens
-    mask = batch.response_mask.float()
-    loss = torch.zeros(())
-    if objective.opd != "none":
-        s_logits, t_logits = s_out.logits[:, window], t_out.logits[:, window]
-        if objective.opd == "sampled":
-            target = batch.response_ids.unsqueeze(-1)
-            s_lp = torch.log_softmax(s_logits, -1).gather(-1, target).squeeze(-1)
-            t_lp = torch.log_softmax(t_logits, -1).gather(-1, target).squeeze(-1)
-            loss = loss + losses.opd_sampled_loss(s_lp, t_lp, mask)
-        elif objective.opd == "topk":
-            loss = loss + losses.opd_topk_loss(s_logits, t_logits, mask, objective.topk, objective.topk_support)
-        else:
-            loss = loss + losses.opd_full_loss(s_logits, t_logits, mask)
-    if objective.oprd_coef > 0:
-        pos = objective.oprd_mask(batch)
-        rep = losses.representation_loss(
-            [s_out.hidden_states[l][:, window] for l in objective.student_layers],
-            [t_out.hidden_states[l][:, window] for l in objective.teacher_layers],
-            pos, objective.normalize, objective.aggregation,
-        )
-        loss = loss + objective.oprd_coef * rep
-    return loss
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["opd.objective=sampled"],
-        ["opd.objective=topk", "opd.k=8", "opd.support=union"],
-        ["opd.objective=topk", "opd.k=8", "opd.support=intersection"],
-        ["opd.objective=full"],
-        ["oprd.coef=1", "oprd.layers=all", "oprd.positions=last_k", "oprd.k=4"],
-        ["oprd.coef=1", "oprd.layers=even", "oprd.positions=first_k", "oprd.k=3", "oprd.aggregation=sequence", "oprd.normalize=false"],
-        ["oprd.coef=1", "oprd.layers=[2]", "oprd.positions=last"],
-        ["opd.objective=sampled", "oprd.coef=10", "oprd.layers=odd", "oprd.positions=all"],
-    ],
-    ids=lambda o: " ".join(o),
-)
-def test_trainer_path_matches_public_losses(pair_and_batch, overrides):
-    """Micro-batched, chunked, truncated forward == public functions on full outputs (value and grads)."""
-    student, teacher, batch, vocab = pair_and_batch
-    cfg = load_config(SMOKE / "oprd.yaml", ["oprd.coef=0", "opd.chunk_size=5", *overrides])
-    objective = Objective.from_config(cfg, 4, 4, vocab)
-    normalizers = objective.normalizers(batch)
-
-    student.zero_grad()
-    fast_total = 0.0
-    for first in range(0, 4, 1):
-        loss, _ = distillation_loss(objective, student, teacher, batch.select(slice(first, first + 1)), normalizers)
-        loss.backward()
-        fast_total += loss.item()
-    fast_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-
-    student.zero_grad()
-    reference = _reference_loss(objective, student, teacher, batch)
-    reference.backward()
-    assert fast_total == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
-    assert fast_grads, "no gradient reached the student"
-    for name, param in student.named_parameters():
-        expected = param.grad if param.grad is not None else torch.zeros_like(param)
-        got = fast_grads.get(name, torch.zeros_like(param))
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7, msg=name)
-
-
-def test_oprd_only_never_runs_the_lm_heads(pair_and_batch):
-    student, teacher, batch, vocab = pair_and_batch
-    calls = []
-    handles = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1)) for m in (student, teacher)]
-    try:
-        objective = Objective.from_config(load_config(SMOKE / "oprd.yaml"), 4, 4, vocab)
-        loss, _ = distillation_loss(objective, student, teacher, batch, objective.normalizers(batch))
-        loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    assert calls == []
-
-
-def test_padded_teacher_vocabulary_is_sliced(pair_and_batch, tmp_path):
-    """A teacher with extra embedding rows (same tokenizer) gives the same loss as without them."""
-    student, teacher, batch, vocab = pair_and_batch
-    config = teacher.config.__class__(**{**teacher.config.to_dict(), "vocab_size": vocab + 64})
-    padded = AutoModelForCausalLM.from_config(config)
-    state = teacher.state_dict()
-    for name, value in padded.state_dict().items():
-        value[: state[name].shape[0]] = state[name]  # copy; extra rows keep random values
-    padded.requires_grad_(False)
-    objective = Objective.from_config(load_config(SMOKE / "opd_full.yaml"), 4, 4, vocab)
-    norms = objective.normalizers(batch)
-    with torch.no_grad():
-        a, _ = distillation_loss(objective, student, teacher, batch, norms)
-        b, _ = distillation_loss(objective, student, padded, batch, norms)
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
-
-
-def test_prompt_stream_resumes_exactly():
-    full = PromptStream(7, 3, seed=5)
-    expected = [full.next_batch() for _ in range(5)]
-    head = PromptStream(7, 3, seed=5)
-    got = [head.next_batch() for _ in range(2)]
-    tail = PromptStream(7, 3, seed=5, **head.state())
-    got += [tail.next_batch() for _ in range(3)]
-    assert got == expected
-    assert sorted(sum(expected, [])[:7]) == list(range(7)), "each pass visits every prompt once"
 
 
 # --------------------------------------------------------------------------- runs
@@ -169,7 +36,8 @@ def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
     assert result.exit_code == 0, result.output
     rows = _read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/rollout_s", "time/teacher_s", "time/update_s"}
+    needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/rollout_s", "time/teacher_s",
+              "time/update_s"}
     cfg = load_config(run_dir / "config.yaml")
     if cfg.uses_opd:
         needed |= {"opd/kl_estimate", "opd/student_entropy", "opd/teacher_entropy"}
@@ -200,7 +68,7 @@ def test_resume_after_crash_reproduces_uninterrupted_run(recipe, tmp_path, monke
     real_save = checkpoint.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash right after the step-2 checkpoint")
 
     crashed_dir = tmp_path / "b"
@@ -251,13 +119,13 @@ def test_cli_bad_input_exits_nonzero_with_the_field(overrides, message, tmp_path
 def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     import oprd.trainer as trainer_module
 
-    real = trainer_module.distillation_loss
+    real = trainer_module.student_loss
 
     def poisoned(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(trainer_module, "distillation_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "student_loss", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1"]))
 
@@ -268,8 +136,8 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def wider_teacher_with_bridge(tmp_path_factory):
     """A 6-layer, 96-wide teacher sharing the smoke tokenizer, and a rank-4 bridge fitted to it."""
-    from oprd.bridge import collect_layer_rows, fit_bridge, layer_pairs, save_bridge
-    from oprd.toy import tiny_config
+    from oprd.bridge import fit_bridge, layer_pairs, paired_rows_from_batches, save_bridge
+    from oprd.testing import tiny_config
 
     folder = tmp_path_factory.mktemp("wide-teacher")
     tokenizer = load_tokenizer(ModelSpec(model=TINY))
@@ -278,13 +146,13 @@ def wider_teacher_with_bridge(tmp_path_factory):
                 pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
     student = load_model(ModelSpec(model=TINY, random_init=True), torch.device("cpu"))
     teacher = load_model(ModelSpec(model=str(folder), random_init=True, init_seed=1), torch.device("cpu"))
-    rollout = HFRollout(student, pad_token_id=tokenizer.pad_token_id,
-                        eos_token_ids=eos_token_ids(student, tokenizer), vocab_size=len(tokenizer))
+    rollout = HFRollout.for_model(student, tokenizer)
     torch.manual_seed(0)
     batch = rollout.generate([tokenizer("Add 2 and 3").input_ids, tokenizer("Is 7 prime?").input_ids],
                              SamplingParams(n=4, max_new_tokens=16))
     pairs = layer_pairs(4, 6)
-    rows = collect_layer_rows(student, teacher, [batch], [s for s, _ in pairs], [t for _, t in pairs], max_rows=256)
+    rows = paired_rows_from_batches(student, teacher, [batch], [s for s, _ in pairs], [t for _, t in pairs],
+                                    max_rows=256)
     bridge = fit_bridge({p: r[0] for p, r in rows.items()}, {p: r[1] for p, r in rows.items()}, rank=4, epochs=5)
     path = folder / "bridge.safetensors"
     save_bridge(bridge, path)
@@ -326,7 +194,7 @@ def test_save_every_zero_writes_only_the_final_model(tmp_path):
 def char_teacher(tmp_path_factory):
     """Saved weights of the smoke student, and a 3 x 48 teacher with a character-level tokenizer."""
     from oprd.data import load_problems
-    from oprd.toy import tiny_config, train_char_tokenizer
+    from oprd.testing import tiny_config, train_char_tokenizer
 
     student_dir, teacher_dir = tmp_path_factory.mktemp("student"), tmp_path_factory.mktemp("char-teacher")
     load_model(ModelSpec(model=TINY, random_init=True), torch.device("cpu")).save_pretrained(student_dir)
@@ -357,7 +225,8 @@ def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
     again = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--out", str(bridge)])
     assert again.exit_code == 2 and "exists" in again.output  # never overwrites without asking
     assert load_bridge(bridge).normalize_states  # the default
-    raw = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--raw-states", "--out", str(tmp_path / "raw.safetensors")])
+    raw = CliRunner().invoke(app, ["bridge", "fit", *stage1, "--rank", "4", "--raw-states",
+                                   "--out", str(tmp_path / "raw.safetensors")])
     assert raw.exit_code == 0, raw.output
     assert not load_bridge(tmp_path / "raw.safetensors").normalize_states
 
@@ -365,7 +234,8 @@ def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
               "teacher.random_init=false", "max_steps=2", "oprd.positions=all"]
     with pytest.raises(Exception, match="tokenizers differ.*OPRD-Bridge"):
         train(load_config(SMOKE / "oprd_plus_opd.yaml", [*common, f"output_dir={tmp_path / 'opd'}"]))
-    run_dir = train(load_config(SMOKE / "oprd.yaml", [*common, f"bridge.path={bridge}", f"output_dir={tmp_path / 'r'}"]))
+    run_dir = train(load_config(SMOKE / "oprd.yaml",
+                                [*common, f"bridge.path={bridge}", f"output_dir={tmp_path / 'r'}"]))
     rows = _read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:

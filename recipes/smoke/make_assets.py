@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from oprd.toy import tiny_config, train_tokenizer
+from oprd.testing import tiny_config, train_tokenizer
 
 here = Path(__file__).parent
 table = pq.read_table(Path("../shared/data/dapo_math_17k.parquet"))

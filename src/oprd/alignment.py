@@ -5,30 +5,29 @@ teacher's own rendering of the prompt), and positions are paired where both mode
 exactly the same text: a student token and a teacher token whose end offsets coincide
 (`align_by_offsets`). The paper leaves this matching unspecified.
 
-Row convention (as in the trainer): response row t is the model output that predicts response
-token t, i.e. the state after reading the prompt and response[:t]. So row 0 of both models pairs
-(both have read exactly the prompt), and a matched token pair (i, j) pairs rows (i + 1, j + 1)
-where both exist.
+Position convention (as in the trainer): response position t is the model output that predicts
+response token t, i.e. the state after reading the prompt and response[:t]. So position 0 of both
+models pairs (both have read exactly the prompt), and a matched token pair (i, j) pairs positions
+(i + 1, j + 1) where both exist.
 
-  align_by_offsets   (student_index, teacher_index) pairs of one text whose token ends coincide
-  decoded_offsets    text and per-token spans of ids a model sampled (not necessarily canonical)
-  TeacherView        the teacher's tokens of a student batch, and each student row's partner row
-  retokenize         builds the TeacherView of a RolloutBatch
-  usable_rows        student response rows a representation loss may use (those with a partner)
-  teacher_side       teacher inputs and rows paired, in order, with a set of student rows
-  paired_states      both models' hidden states at paired rows (no grad)
+  align_by_offsets         (student_index, teacher_index) pairs of one text whose token ends coincide
+  decoded_offsets          text and per-token spans of ids a model sampled (not necessarily canonical)
+  retokenize               a sampled batch, rebuilt with the teacher's view of it (`batch.TeacherView`)
+  positions_with_partner   the student response positions a representation loss may use
+  teacher_inputs           teacher inputs and positions paired, in order, with kept student positions
+  paired_states            both models' hidden states at paired positions (no grad)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
-from oprd.rollout import RolloutBatch, pad_left
-from oprd.teacher import capture_hidden, model_inputs, response_rows
+from oprd.batch import RolloutBatch, TeacherView, pad_left
+from oprd.capture import capture_hidden, model_inputs, response_positions
 
 
 def _clean_ends(offsets: Sequence[Sequence[int]], side: str) -> list[tuple[int, int]]:
@@ -132,35 +131,10 @@ def decoded_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int,
     return text, spans
 
 
-@dataclass
-class TeacherView:
-    """The teacher's own tokens for a student batch, and which rows pair up.
-
-    batch holds the teacher's prompt rendering (left-padded, P') and the student's response text
-    re-tokenised by the teacher (right-padded, T'), EOS appended where the student stopped.
-    partner (B, T) long: for each student response row, the teacher response row that has read
-    the same text, or -1. Partners increase along each row, so student rows and their partners
-    come out in the same row-major order.
-    """
-
-    batch: RolloutBatch
-    partner: torch.Tensor  # (B, T) long
-
-    def select(self, rows: slice | torch.Tensor, width: int) -> "TeacherView":
-        return TeacherView(self.batch.select(rows), self.partner[rows, :width])
-
-    def to(self, device: torch.device | str) -> "TeacherView":
-        return TeacherView(self.batch.to(device), self.partner.to(device))
-
-    def matched_share(self, response_mask: torch.Tensor) -> float:
-        """Share of the student's response rows that have a partner."""
-        return float((self.partner >= 0).sum()) / max(int(response_mask.sum()), 1)
-
-
 def retokenize(batch: RolloutBatch, student_tokenizer, teacher_tokenizer,
-               teacher_prompts: Sequence[Sequence[int]]) -> TeacherView:
-    """The TeacherView of `batch`: teacher_prompts[i] is the teacher's rendering of prompt i of
-    the generate() call (`batch.prompt_index`); responses are re-read from their text."""
+               teacher_prompts: Sequence[Sequence[int]]) -> RolloutBatch:
+    """`batch` with the teacher's view of it: teacher_prompts[i] is the teacher's rendering of
+    prompt i of the generate() call (`batch.prompt_index`); responses are re-read from their text."""
     if teacher_tokenizer.eos_token_id is None:
         raise ValueError("the teacher tokenizer has no eos_token: cannot mark where a response ended")
     prompts, responses, partners = [], [], []
@@ -180,7 +154,8 @@ def retokenize(batch: RolloutBatch, student_tokenizer, teacher_tokenizer,
         prompts.append(list(teacher_prompts[int(batch.prompt_index[row])]))
         responses.append(teacher_ids)
         partners.append(partner)
-    pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
+    pad = teacher_tokenizer.pad_token_id
+    pad = pad if pad is not None else teacher_tokenizer.eos_token_id
     prompt_ids, prompt_mask = pad_left(prompts, pad)
     width = max(len(r) for r in responses)
     response_ids = torch.full((len(responses), width), pad, dtype=torch.long)
@@ -190,53 +165,55 @@ def retokenize(batch: RolloutBatch, student_tokenizer, teacher_tokenizer,
         response_ids[row, : len(ids)] = torch.tensor(ids)
         response_mask[row, : len(ids)] = 1
         partner[row, : len(pairs)] = torch.tensor(pairs, dtype=torch.long)
-    view = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
-                        batch.prompt_index.clone(), batch.truncated.clone())
-    return TeacherView(view.to(batch.response_ids.device), partner.to(batch.response_ids.device))
+    teacher_batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
+                                 batch.prompt_index.clone(), batch.truncated.clone())
+    return replace(batch, teacher_view=TeacherView(teacher_batch, partner).to(batch.response_ids.device))
 
 
-def usable_rows(batch: RolloutBatch) -> torch.Tensor:
-    """(B, T) long: the response rows a representation loss may use: all valid ones, or, across
-    tokenizers, those with a teacher partner."""
+def positions_with_partner(batch: RolloutBatch) -> torch.Tensor:
+    """(B, T) long: the response positions a representation loss may use: all valid ones, or,
+    across tokenizers, those with a teacher partner."""
     if batch.teacher_view is None:
         return batch.response_mask
-    return batch.response_mask * (batch.teacher_view.partner >= 0)
+    return batch.response_mask * (batch.teacher_view.partner_B_T >= 0)
 
 
-def teacher_side(batch: RolloutBatch, keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Teacher inputs and rows (B, P' + T' - 1) bool for student response rows `keep` (B, T) bool.
+def teacher_inputs(batch: RolloutBatch, keep_B_T: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Teacher inputs and the (B, S') bool of teacher positions paired with the kept student
+    response positions `keep_B_T`.
 
-    The k-th kept student row (row-major) pairs with the k-th teacher row. Across tokenizers
-    `keep` must only hold rows with a partner (`usable_rows`).
+    The k-th kept student position (row-major) pairs with the k-th teacher position. Across
+    tokenizers `keep_B_T` must only hold positions with a partner (`positions_with_partner`).
     """
     if batch.teacher_view is None:
-        return model_inputs(batch), response_rows(keep, batch.prompt_ids.shape[1])
+        return model_inputs(batch), response_positions(keep_B_T, batch.prompt_ids.shape[1])
     view = batch.teacher_view
-    if bool((keep & (view.partner < 0)).any()):
-        raise ValueError("student rows without a teacher partner were selected; mask them with usable_rows")
-    teacher_keep = torch.zeros_like(view.batch.response_mask, dtype=torch.bool)
-    b, t = keep.nonzero(as_tuple=True)
-    teacher_keep[b, view.partner[b, t]] = True
-    return model_inputs(view.batch), response_rows(teacher_keep, view.batch.prompt_ids.shape[1])
+    if bool((keep_B_T & (view.partner_B_T < 0)).any()):
+        raise ValueError("student positions without a teacher partner were selected; mask them with "
+                         "positions_with_partner")
+    teacher_keep_B_T = torch.zeros_like(view.batch.response_mask, dtype=torch.bool)
+    b, t = keep_B_T.nonzero(as_tuple=True)
+    teacher_keep_B_T[b, view.partner_B_T[b, t]] = True
+    return model_inputs(view.batch), response_positions(teacher_keep_B_T, view.batch.prompt_ids.shape[1])
 
 
 @torch.no_grad()
 def paired_states(
-    student: torch.nn.Module, teacher: torch.nn.Module, batch: RolloutBatch, keep: torch.Tensor,
+    student: torch.nn.Module, teacher: torch.nn.Module, batch: RolloutBatch, keep_B_T: torch.Tensor,
     student_layers: Sequence[int], teacher_layers: Sequence[int],
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Hidden states of both models at paired rows: ({s: (N, D_S)}, {t: (N, D_T)}), no grad.
+    """Hidden states of both models at paired positions: ({s: (N, D_S)}, {t: (N, D_T)}), no grad.
 
-    `keep` (B, T) bool selects student response rows (across tokenizers, only rows with a
-    partner); row n of every student tensor pairs with row n of every teacher tensor. Each model
-    reads its inputs on its own device.
+    `keep_B_T` selects student response positions (across tokenizers, only those with a partner);
+    row n of every student tensor pairs with row n of every teacher tensor. Each model reads its
+    inputs on its own device.
     """
-    teacher_inputs, teacher_rows = teacher_side(batch, keep)
-    student_rows = response_rows(keep, batch.prompt_ids.shape[1])
+    teacher_in, teacher_keep_B_S = teacher_inputs(batch, keep_B_T)
+    student_keep_B_S = response_positions(keep_B_T, batch.prompt_ids.shape[1])
     states = []
-    for model, inputs, rows, layers in ((student, model_inputs(batch), student_rows, student_layers),
-                                        (teacher, teacher_inputs, teacher_rows, teacher_layers)):
+    for model, inputs, keep_B_S, layers in ((student, model_inputs(batch), student_keep_B_S, student_layers),
+                                            (teacher, teacher_in, teacher_keep_B_S, teacher_layers)):
         device = next(model.parameters()).device
         states.append(capture_hidden(model, {k: v.to(device) for k, v in inputs.items()}, sorted(set(layers)),
-                                     rows.to(device)))
+                                     keep_B_S.to(device)))
     return states[0], states[1]

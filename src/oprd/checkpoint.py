@@ -5,42 +5,24 @@
         optimizer.pt, scheduler.pt, rng.pt                 (loaded with weights_only=True)
         trainer_state.json                                 (step, data position, Python RNG)
 
-Each checkpoint is written to a hidden temporary folder and renamed into place, so a folder named
-`step_*` is always complete: a crash mid-save leaves the previous checkpoint as the newest.
+Each checkpoint is written to a hidden temporary folder and renamed into place
+(`files.write_dir_atomically`), so a folder named `step_*` is always complete: a crash mid-save
+leaves the previous checkpoint as the newest.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from oprd.files import write_dir_atomically
+
 PREFIX = "step_"
-
-
-def write_atomically(target: Path, fill) -> Path:
-    """Calls `fill(tmp_dir)` and then renames tmp_dir to `target` (replacing an older one)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,6 +36,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model_dir(target: Path, model: torch.nn.Module, tokenizer) -> Path:
+    """A plain HF model folder (safetensors weights, config, tokenizer), written atomically:
+    `AutoModelForCausalLM.from_pretrained(target)` and vLLM load it."""
+    return write_dir_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 def save_checkpoint(
@@ -75,7 +63,7 @@ def save_checkpoint(
         state = {"step": step, "python_random": _jsonable(random.getstate()), **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
-    path = write_atomically(checkpoint_dir / f"{PREFIX}{step:06d}", fill)
+    path = write_dir_atomically(checkpoint_dir / f"{PREFIX}{step:06d}", fill)
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
         shutil.rmtree(old)
     return path

@@ -6,10 +6,15 @@
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -17,6 +22,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 @app.callback()
 def main() -> None:
     """On-policy distillation of language models: OPRD and the OPD baselines."""
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]):
+    """A user's mistake (a bad value, a missing file, an output folder in use) becomes one red line
+    on stderr and exit code 2, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, FileExistsError, FileNotFoundError, *kinds) as error:
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(error)))
+        raise typer.Exit(code=2) from error
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 # --- train (core engine) ---
@@ -31,16 +51,11 @@ def train(
 
     Example: oprd train recipes/smoke/oprd.yaml output_dir=runs/smoke max_steps=3
     """
-    from oprd.config import ConfigError, load_config
+    from oprd.config import load_config
     from oprd.trainer import train as run_training
 
-    console = Console(stderr=True, soft_wrap=True)
-    try:
-        cfg = load_config(recipe, overrides or [])
-        run_training(cfg)
-    except (ConfigError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=2) from error
+    with user_errors(FloatingPointError):
+        run_training(load_config(recipe, overrides or []))
 
 
 # --- bench ---
@@ -53,7 +68,7 @@ def bench(
     seq_len: int = typer.Option(1024, help="response tokens per sequence"),
     seq_lens: str = typer.Option(None, help="comma-separated sweep, e.g. 512,1024,2048,4096"),
     batch_size: int = typer.Option(1),
-    methods: str = typer.Option(",".join(("opd_top1", "opd_top16", "opd_full", "oprd", "oprd_plus_opd", "floor", "trl"))),
+    methods: str = typer.Option("opd_top1,opd_top16,opd_full,oprd,oprd_plus_opd,floor,trl"),
     repeats: int = typer.Option(3, help="timed updates per method after one warm-up"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"),
@@ -64,40 +79,22 @@ def bench(
 
     Example: oprd bench --preset r1-distill-1.5b --num-layers 4 --seq-len 1024 --batch-size 1 --out runs/bench
     """
-    import torch
-
-    from oprd.bench import run_bench
+    from oprd.experiments.bench import BenchSettings, run_bench
 
     console = Console(stderr=True, soft_wrap=True)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        console.print(f"[bold red]error:[/] {out} is not empty; pass --overwrite or choose another --out")
-        raise typer.Exit(code=2)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
-    if num_layers is None and not device.startswith("cuda"):
-        num_layers = 4
-    lengths = [int(v) for v in seq_lens.split(",")] if seq_lens else [seq_len]
-    try:
+    with user_errors(RuntimeError):
+        settings = BenchSettings(
+            out=out, preset=preset, seq_lens=[int(v) for v in _csv(seq_lens)] if seq_lens else [seq_len],
+            num_layers=num_layers, batch_size=batch_size, methods=_csv(methods), repeats=repeats, device=device,
+            dtype=dtype, overwrite=overwrite,
+        )
         with console.status("measuring") as status:
-            result = run_bench(
-                preset, lengths, num_layers=num_layers, batch_size=batch_size,
-                methods=[m.strip() for m in methods.split(",") if m.strip()], repeats=repeats,
-                device=device, dtype=dtype, out=out, progress=lambda text: status.update(f"measuring {text}"),
-            )
-    except (ValueError, RuntimeError) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=2) from error
+            result = run_bench(settings, progress=lambda text: status.update(f"measuring {text}"))
     Console().print((out / "bench.md").read_text())
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} ({result['device']})")
 
 
 # --- eval (evaluation harness) ---
-
-from contextlib import contextmanager  # noqa: E402  (imports of the eval commands, kept with them)
-from datetime import datetime  # noqa: E402
-
-from typer.core import TyperGroup  # noqa: E402
-
 
 class _EvalGroup(TyperGroup):
     """`oprd eval MODEL ...` runs `oprd eval run MODEL ...`; `oprd eval grade FILE` grades a file."""
@@ -118,16 +115,6 @@ app.add_typer(eval_app, name="eval")
 
 def _default_eval_dir() -> Path:
     return Path("evals") / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-@contextmanager
-def _eval_errors(console: Console):
-    """A user error (bad path or model id, unknown column, existing output dir) becomes a message and exit 2."""
-    try:
-        yield
-    except (ImportError, OSError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=2) from error
 
 
 @eval_app.command("run")
@@ -158,29 +145,18 @@ def eval_run(
 
     Example: oprd eval runs/smoke/final Qwen/Qwen3-1.7B --benchmarks aime24,aime25,aimo --samples 16
     """
-    from oprd.evaluation import run_eval
+    from oprd.evaluation.harness import EvalSettings, run_eval
     from oprd.rollout import SamplingParams
 
-    console = Console(stderr=True, soft_wrap=True)
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples)
-    with _eval_errors(console):
-        run_eval(
-            models,
-            [b.strip() for b in benchmarks.split(",") if b.strip()],
-            out or _default_eval_dir(),
-            params=params,
-            seed=seed,
-            batch_size=batch_size,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            use_chat_template=chat_template,
-            prompt_key=prompt_key,
-            answer_key=answer_key,
-            limit=limit,
+    with user_errors(ImportError, OSError):
+        settings = EvalSettings(
+            models=models, benchmarks=_csv(benchmarks), out=out or _default_eval_dir(),
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples),
+            seed=seed, batch_size=batch_size, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+            use_chat_template=chat_template, prompt_key=prompt_key, answer_key=answer_key, limit=limit,
             overwrite=overwrite,
-            console=Console(),
         )
+        run_eval(settings, console=Console())
 
 
 @eval_app.command("grade")
@@ -199,19 +175,12 @@ def eval_grade(
 
     Example: oprd eval grade responses.jsonl --data aime24 --out evals/vllm --tokenizer Qwen/Qwen3-1.7B
     """
-    from oprd.evaluation import grade_responses_file
+    from oprd.evaluation.harness import GradeSettings, grade_responses_file
 
-    with _eval_errors(Console(stderr=True, soft_wrap=True)):
-        grade_responses_file(
-            responses,
-            data,
-            out or _default_eval_dir(),
-            tokenizer=tokenizer,
-            prompt_key=prompt_key,
-            answer_key=answer_key,
-            overwrite=overwrite,
-            console=Console(),
-        )
+    with user_errors(ImportError, OSError):
+        settings = GradeSettings(responses=responses, data=data, out=out or _default_eval_dir(), tokenizer=tokenizer,
+                                 prompt_key=prompt_key, answer_key=answer_key, overwrite=overwrite)
+        grade_responses_file(settings, console=Console())
 
 
 # --- bridge ---
@@ -219,12 +188,6 @@ def eval_grade(
 bridge_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="OPRD-Bridge Stage 1: fit frozen projectors between a student and a teacher.")
 app.add_typer(bridge_app, name="bridge")
-
-
-def _fit_settings(student: str, teacher: str, data: str, **options):
-    from oprd.bridge_fit import FitSettings
-
-    return FitSettings(student=student, teacher=teacher, data=data, **options)
 
 
 def _stage1_options(
@@ -248,8 +211,6 @@ def _stage1_options(
 
 def _with_stage1_options(command):
     """Gives a bridge command the shared Stage 1 options (typer reads them from the signature)."""
-    import inspect
-
     own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
     shared = list(inspect.signature(_stage1_options).parameters.values())
 
@@ -261,14 +222,6 @@ def _with_stage1_options(command):
     wrapped.__annotations__ = {**_stage1_options.__annotations__, **command.__annotations__}
     wrapped.__doc__, wrapped.__name__ = command.__doc__, command.__name__
     return wrapped
-
-
-def _bridge_errors(console: Console, action):
-    try:
-        return action()
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=2) from error
 
 
 @bridge_app.command("fit")
@@ -287,24 +240,20 @@ def bridge_fit(
     Example: oprd bridge fit --student S --teacher T --data prompts.parquet --rank 8 --out bridge.safetensors
     """
     from oprd.bridge import save_bridge
-    from oprd.bridge_fit import collect_bridge_rows, fit_from_rows
+    from oprd.bridge.stage1 import Stage1Settings, fit_bridge_at_rank, stage1_rows
+    from oprd.files import refuse_existing_file
 
     console = Console(stderr=True, soft_wrap=True)
-    if out.exists() and not overwrite:
-        console.print(f"[bold red]error:[/] {out} exists; pass --overwrite or choose another --out")
-        raise typer.Exit(code=2)
-
-    def run():
-        settings = _fit_settings(student, teacher, data, **options)
-        rows, info = collect_bridge_rows(settings, console)
-        bridge = fit_from_rows(rows, rank, settings, info)
+    with user_errors():
+        refuse_existing_file(out, overwrite=overwrite, overwrite_flag="--overwrite")
+        settings = Stage1Settings(student=student, teacher=teacher, data=data, **options)
+        rows, info = stage1_rows(settings, console)
+        bridge = fit_bridge_at_rank(rows, rank, settings, info)
         save_bridge(bridge, out)
-        for layer in bridge.metadata["layers"]:
-            console.print(f"layer {layer['student_layer']} <- teacher {layer['teacher_layer']}: held-out cosine "
-                          f"{layer['cos_before']:.3f} before, {layer['cos_after']:.3f} after")
-        console.print(f"mean held-out cosine {bridge.metadata['cos_after']:.3f}; bridge written to {out}")
-
-    _bridge_errors(console, run)
+    for layer in bridge.metadata["layers"]:
+        console.print(f"layer {layer['student_layer']} <- teacher {layer['teacher_layer']}: held-out cosine "
+                      f"{layer['cos_before']:.3f} before, {layer['cos_after']:.3f} after")
+    console.print(f"mean held-out cosine {bridge.metadata['cos_after']:.3f}; bridge written to {out}")
 
 
 @bridge_app.command("sweep")
@@ -322,26 +271,23 @@ def bridge_sweep(
 
     Example: oprd bridge sweep --student S --teacher T --data prompts.parquet --ranks 1,2,4,8,16,32,64 --out DIR
     """
-    from oprd.bridge_fit import collect_bridge_rows, sweep_ranks
+    from oprd.bridge.stage1 import Stage1Settings, stage1_rows
+    from oprd.experiments.bridge_sweep import sweep_ranks
+    from oprd.files import prepare_output_dir
 
     console = Console(stderr=True, soft_wrap=True)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        console.print(f"[bold red]error:[/] {out} is not empty; pass --overwrite or choose another --out")
-        raise typer.Exit(code=2)
-
-    def run():
+    with user_errors():
+        prepare_output_dir(out, overwrite=overwrite, overwrite_flag="--overwrite", replace=False)
         try:
-            rank_list = [int(r) for r in ranks.split(",")]
+            rank_list = [int(r) for r in _csv(ranks)]
         except ValueError:
             raise ValueError(f"--ranks must be comma-separated integers, got {ranks!r}") from None
-        settings = _fit_settings(student, teacher, data, **options)
-        rows, info = collect_bridge_rows(settings, console)
+        settings = Stage1Settings(student=student, teacher=teacher, data=data, **options)
+        rows, info = stage1_rows(settings, console)
         table = sweep_ranks(rows, rank_list, settings, info, out)
-        for row in table:
-            console.print(f"rank {row['rank']:>3}: cosine {row['cos_before']:.3f} -> {row['cos_after']:.3f}")
-        console.print(f"wrote {out / 'sweep.md'}, {out / 'sweep.png'}")
-
-    _bridge_errors(console, run)
+    for row in table:
+        console.print(f"rank {row['rank']:>3}: cosine {row['cos_before']:.3f} -> {row['cos_after']:.3f}")
+    console.print(f"wrote {out / 'sweep.md'}, {out / 'sweep.png'}")
 
 
 # --- demo ---
@@ -368,20 +314,18 @@ def demo(
 
     Example: oprd demo --out runs/demo        (--bridge: Tables 4-6 in miniature, bridge_results.json)
     """
-    from oprd.bridge_demo import run_bridge_demo
-    from oprd.demo import DemoSettings, run_demo
+    from oprd.experiments.bridge_demo import run_bridge_demo
+    from oprd.experiments.demo import DemoSettings, run_demo
 
-    given = {"steps": steps, "lr": lr, "oprd_k": oprd_k, "oprd_normalize": normalize, "oprd_coef": oprd_coef, "seq_kd_steps": seq_kd_steps,
-             "methods": [m.strip() for m in methods.split(",")] if methods else None, "seed": seed,
-             "overwrite": overwrite}
-    given = {k: v for k, v in given.items() if v is not None}
-    settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
-    console = Console(stderr=True, soft_wrap=True)
-    try:
-        (run_bridge_demo if bridge else run_demo)(settings, console)
-    except (FileExistsError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=2) from error
+    with user_errors():
+        if bridge and (methods or seq_kd_steps is not None):
+            raise ValueError("--methods and --seq-kd-steps do not apply to --bridge, which runs its own set of pairs")
+        given = {"steps": steps, "lr": lr, "oprd_k": oprd_k, "oprd_normalize": normalize, "oprd_coef": oprd_coef,
+                 "seq_kd_steps": seq_kd_steps, "methods": _csv(methods) if methods else None, "seed": seed,
+                 "overwrite": overwrite}
+        given = {k: v for k, v in given.items() if v is not None}
+        settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
+        (run_bridge_demo if bridge else run_demo)(settings, Console(stderr=True, soft_wrap=True))
 
 
 if __name__ == "__main__":

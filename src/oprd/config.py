@@ -4,7 +4,7 @@
 
 Everything is checked here, before any model is loaded: unknown keys, wrong types, values out of
 range and impossible combinations fail with a `ConfigError` that names the field and the fix.
-`check_model_pairing` then reads only the two models' configs and tokenizers.
+`preflight.check_model_pairing` then reads only the two models' configs and tokenizers.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _build(cls, raw: dict, prefix: str):
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     values = {}
-    for name, f in fields.items():
+    for name in fields:
         if name not in raw:
             continue
         hint = hints[name]
@@ -242,117 +242,75 @@ def _is_number(text: str) -> bool:
 # --------------------------------------------------------------------------- validation
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raises ConfigError(message) unless `condition` holds."""
     if not condition:
         raise ConfigError(message)
 
 
 def _one_of(value: Any, choices: tuple, name: str) -> None:
-    _require(value in choices, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    require(value in choices, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def validate_objective(opd: OPDConfig, oprd: OPRDConfig) -> None:
+    """Checks the `opd.*` and `oprd.*` sections on their own (what `objective.LossPlan` reads)."""
+    require(opd.objective != "none" or oprd.coef > 0,
+             "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
+    require(oprd.coef >= 0, f"oprd.coef (mu) must be >= 0; got {oprd.coef}")
+    _one_of(opd.objective, OPD_OBJECTIVES, "opd.objective")
+    _one_of(opd.support, TOPK_SUPPORTS, "opd.support")
+    require(opd.k >= 1, f"opd.k must be >= 1; got {opd.k}")
+    require(opd.chunk_size >= 0, f"opd.chunk_size must be >= 0 (0 = auto); got {opd.chunk_size}")
+    if isinstance(oprd.layers, str):
+        _one_of(oprd.layers, LAYER_MODES, "oprd.layers (or an explicit list of 1-based layers)")
+    else:
+        require(bool(oprd.layers) and all(layer >= 1 for layer in oprd.layers),
+                 f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {oprd.layers}")
+    _one_of(oprd.positions, POSITION_MODES, "oprd.positions")
+    _one_of(oprd.aggregation, AGGREGATIONS, "oprd.aggregation")
+    require(oprd.k >= 1, f"oprd.k must be >= 1; got {oprd.k}")
 
 
 def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model."""
-    _require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
-    _require(bool(cfg.teacher.model), "teacher.model is required (a hub id or a local path)")
-    _require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
-    _require(cfg.uses_opd or cfg.uses_oprd,
-             "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
-    _require(cfg.oprd.coef >= 0, f"oprd.coef (mu) must be >= 0; got {cfg.oprd.coef}")
-    _one_of(cfg.opd.objective, OPD_OBJECTIVES, "opd.objective")
-    _one_of(cfg.opd.support, TOPK_SUPPORTS, "opd.support")
-    _require(cfg.opd.k >= 1, f"opd.k must be >= 1; got {cfg.opd.k}")
-    _require(cfg.opd.chunk_size >= 0, f"opd.chunk_size must be >= 0 (0 = auto); got {cfg.opd.chunk_size}")
-    if isinstance(cfg.oprd.layers, str):
-        _one_of(cfg.oprd.layers, LAYER_MODES, "oprd.layers (or an explicit list of 1-based layers)")
-    else:
-        _require(bool(cfg.oprd.layers) and all(l >= 1 for l in cfg.oprd.layers),
-                 f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {cfg.oprd.layers}")
-    _one_of(cfg.oprd.positions, POSITION_MODES, "oprd.positions")
-    _one_of(cfg.oprd.aggregation, AGGREGATIONS, "oprd.aggregation")
-    _require(cfg.oprd.k >= 1, f"oprd.k must be >= 1; got {cfg.oprd.k}")
-    _require(cfg.rollout.backend == "hf", f"rollout.backend {cfg.rollout.backend!r} is not available; use hf")
+    require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
+    require(bool(cfg.teacher.model), "teacher.model is required (a hub id or a local path)")
+    require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
+    validate_objective(cfg.opd, cfg.oprd)
+    require(cfg.rollout.backend == "hf", f"rollout.backend {cfg.rollout.backend!r} is not available; use hf")
     for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_batch_sequences"):
-        _require(getattr(cfg.rollout, name) >= 1, f"rollout.{name} must be >= 1")
-    _require(cfg.rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")
-    _require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {cfg.rollout.top_p}")
-    _require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
-    _require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
-    _require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
+        require(getattr(cfg.rollout, name) >= 1, f"rollout.{name} must be >= 1")
+    require(cfg.rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")
+    require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {cfg.rollout.top_p}")
+    require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
+    require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
+    require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     _one_of(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     _one_of(cfg.optim.precision, ("auto", "fp32", "bf16"), "optim.precision")
-    _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
-    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
-    _require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
-    _require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
-    _require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    _require(cfg.eval_every >= 0, "eval_every must be >= 0")
-    _require(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
+    require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+    require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
+    require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
+    require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    require(cfg.eval_every >= 0, "eval_every must be >= 0")
+    require(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
     for side in ("student", "teacher"):
         spec: ModelSpec = getattr(cfg, side)
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
-    _require(cfg.bridge.path is None or cfg.uses_oprd,
+    require(cfg.bridge.path is None or cfg.uses_oprd,
              "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
-    _require(cfg.opd.start_step >= 0 and cfg.oprd.stop_step >= 0, "opd.start_step and oprd.stop_step must be >= 0")
-    _require(not cfg.uses_opd or cfg.opd.start_step < cfg.max_steps,
+    require(cfg.bridge.path is None or cfg.oprd.normalize,
+             "bridge.path compares L2-normalised projections (the paper's Stage 2), so oprd.normalize=false does "
+             "not apply: drop it or set oprd.normalize=true")
+    require(cfg.opd.start_step >= 0 and cfg.oprd.stop_step >= 0, "opd.start_step and oprd.stop_step must be >= 0")
+    require(not cfg.uses_opd or cfg.opd.start_step < cfg.max_steps,
              f"opd.start_step={cfg.opd.start_step} leaves no step for OPD (max_steps={cfg.max_steps})")
-    _require(cfg.oprd.stop_step == 0 or cfg.uses_oprd, "oprd.stop_step is set but OPRD is off (oprd.coef=0)")
+    require(cfg.oprd.stop_step == 0 or cfg.uses_oprd, "oprd.stop_step is set but OPRD is off (oprd.coef=0)")
     oprd_last = (cfg.oprd.stop_step or cfg.max_steps) if cfg.uses_oprd else 0
     opd_first = cfg.opd.start_step + 1 if cfg.uses_opd else cfg.max_steps + 1
-    _require(oprd_last + 1 >= min(opd_first, cfg.max_steps + 1),
+    require(oprd_last + 1 >= min(opd_first, cfg.max_steps + 1),
              f"steps {oprd_last + 1}..{min(opd_first, cfg.max_steps + 1) - 1} have no objective: OPRD stops after "
              f"oprd.stop_step={cfg.oprd.stop_step} and OPD starts after opd.start_step={cfg.opd.start_step}")
-    _require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
+    require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
     for sink in cfg.report_to:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
-
-
-def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok) -> list[str]:
-    """Checks that the chosen objectives can pair these two models; returns warnings to report.
-
-    Reads configs and tokenizers only, so a bad pairing fails before gigabytes of weights load.
-    """
-    warnings: list[str] = []
-    same_tokens = student_tok.get_vocab() == teacher_tok.get_vocab()
-    if not same_tokens:
-        differ = f"the student and teacher tokenizers differ ({len(student_tok)} vs {len(teacher_tok)} tokens)"
-        _require(not cfg.uses_opd,
-                 f"opd.objective={cfg.opd.objective} compares next-token distributions over one vocabulary, but "
-                 f"{differ}. Across tokenizers only OPRD-Bridge can distil: set opd.objective=none, oprd.coef > 0 and "
-                 "bridge.path=FILE (fit one with `oprd bridge fit`).")
-        _require(cfg.bridge.path is not None,
-                 f"OPRD-Vanilla compares hidden states position by position, but {differ}, so positions do not "
-                 "correspond. Fit an OPRD-Bridge with `oprd bridge fit` and pass bridge.path=FILE: it matches "
-                 "positions by character offsets.")
-        warnings.append(f"{differ}: the teacher re-reads each response's text with its own tokenizer and prompt "
-                        "template; OPRD uses the positions at which both have read the same text")
-    for name in ("eos_token", "bos_token", "pad_token"):
-        a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
-        if a != b:
-            warnings.append(f"student and teacher tokenizers differ in {name}: {a!r} vs {b!r}")
-    if same_tokens and getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
-        warnings.append("student and teacher chat templates differ: prompts are rendered with the student's, "
-                        "so the teacher reads a template it may not have been trained on")
-    vocab = len(student_tok)
-    for side, config, tokenizer in (("student", student_config, student_tok), ("teacher", teacher_config, teacher_tok)):
-        _require(config.vocab_size >= len(tokenizer),
-                 f"{side} model has {config.vocab_size} embedding rows, fewer than its tokenizer's {len(tokenizer)} "
-                 f"tokens: {side}.tokenizer does not belong to {side}.model")
-    if cfg.opd.objective == "topk":
-        _require(cfg.opd.k <= vocab, f"opd.k={cfg.opd.k} is larger than the vocabulary ({vocab} tokens); lower opd.k")
-    if cfg.uses_oprd and cfg.bridge.path is None:
-        ds, dt = student_config.hidden_size, teacher_config.hidden_size
-        _require(ds == dt,
-                 f"OPRD-Vanilla compares hidden states, but the student's hidden size is {ds} and the teacher's "
-                 f"{dt}. Fit an OPRD-Bridge (oprd.bridge.fit_bridge + save_bridge) and pass bridge.path=FILE, "
-                 "or set oprd.coef=0 and use an OPD objective.")
-        layers = cfg.oprd.layers
-        if isinstance(layers, list):
-            _require(max(layers) <= student_config.num_hidden_layers,
-                     f"oprd.layers={layers} names a layer beyond the student's {student_config.num_hidden_layers}")
-        if student_config.num_hidden_layers != teacher_config.num_hidden_layers:
-            warnings.append(
-                f"student has {student_config.num_hidden_layers} layers and the teacher "
-                f"{teacher_config.num_hidden_layers}: layers are paired by the paper's proportional map (Eq. 11)"
-            )
-    return warnings

@@ -1,5 +1,6 @@
 """Problems (a chat prompt and, for evaluation, a ground-truth answer) from files, shipped
-benchmarks or the hub; shared by training and evaluation.
+benchmarks or the hub, shared by training and evaluation; and the training prompts, tokenised for
+each model and drawn in a resumable order.
 
 Two layouts are recognised without configuration:
   verl   `prompt` is a list of chat messages, the answer sits in `reward_model.ground_truth`
@@ -11,15 +12,17 @@ Two layouts are recognised without configuration:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from oprd.grading import extract_answer
+from oprd.evaluation.grading import extract_answer
 
 BENCHMARKS = ("aime24", "aime25", "aimo", "amc23", "math500")  # shipped in oprd/benchmarks/
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -89,6 +92,67 @@ def prompt_token_ids(
     # transformers 5 apply_chat_template(tokenize=True) returns a BatchEncoding, not ids.
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Token ids of each prompt as the student reads it and, when the teacher has another
+    tokenizer, as the teacher reads it (its own chat template); else `teacher` is None."""
+
+    student: list[list[int]]
+    teacher: list[list[int]] | None = None
+
+    @classmethod
+    def render(
+        cls, problems: list[Problem], student_tokenizer, teacher_tokenizer=None, *, use_chat_template: bool = True
+    ) -> PromptSet:
+        def render(tokenizer) -> list[list[int]]:
+            return [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template) for p in problems]
+
+        return cls(render(student_tokenizer), render(teacher_tokenizer) if teacher_tokenizer is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    def subset(self, indices: list[int]) -> PromptSet:
+        pick = lambda ids: [ids[i] for i in indices]  # noqa: E731
+        return PromptSet(pick(self.student), pick(self.teacher) if self.teacher is not None else None)
+
+
+def drop_long_prompts(prompts: PromptSet, max_tokens: int, source: str, warn: Callable[[str], None]) -> PromptSet:
+    """The prompts the student reads in at most `max_tokens` tokens; longer ones are reported
+    through `warn` and left out, never cut (a cut prompt asks another question)."""
+    fits = [i for i, ids in enumerate(prompts.student) if len(ids) <= max_tokens]
+    if not fits:
+        raise ValueError(f"no prompt of {source} fits data.max_prompt_tokens={max_tokens}")
+    if len(fits) < len(prompts):
+        longest = max(len(ids) for ids in prompts.student)
+        warn(f"{len(prompts) - len(fits)} of {len(prompts)} prompts are longer than data.max_prompt_tokens="
+             f"{max_tokens} (longest {longest} tokens) and are left out, not cut.")
+    return prompts.subset(fits)
+
+
+class PromptStream:
+    """Shuffled passes over `size` prompts; its (epoch, position) state makes it resumable."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = epoch, position
+
+    def next_batch(self) -> list[int]:
+        picked: list[int] = []
+        while len(picked) < self.batch_size:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+            taken = order[self.position : self.position + self.batch_size - len(picked)]
+            picked += taken
+            self.position += len(taken)
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return picked
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
 
 
 def _read_rows(path: str, split: str) -> list[dict]:

@@ -15,8 +15,8 @@ Two layers of API:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,8 @@ def layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
     if num_student_layers == 1:
         return [num_teacher_layers]
     return [
-        round(Fraction((l - 1) * (num_teacher_layers - 1), num_student_layers - 1)) + 1
-        for l in range(1, num_student_layers + 1)
+        round(Fraction((layer - 1) * (num_teacher_layers - 1), num_student_layers - 1)) + 1
+        for layer in range(1, num_student_layers + 1)
     ]
 
 
@@ -139,7 +139,8 @@ def representation_loss_rows(
         metrics[f"rep/cosine_similarity/pair_{i}"] = cosine
     loss = torch.stack(per_layer).mean()
     metrics["rep/mse"] = loss.detach()
-    metrics["rep/cosine_similarity"] = torch.stack([metrics[f"rep/cosine_similarity/pair_{i}"] for i in range(len(per_layer))]).mean()
+    pair_cosines = [metrics[f"rep/cosine_similarity/pair_{i}"] for i in range(len(per_layer))]
+    metrics["rep/cosine_similarity"] = torch.stack(pair_cosines).mean()
     return loss, metrics
 
 

@@ -29,7 +29,15 @@ class ModelSpec:
     attn_implementation: str | None = None
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU, float32 on the CPU (where bfloat16 matmuls are slow)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]

@@ -1,24 +1,25 @@
 """Sampling responses from a policy, behind a small interface.
 
 Training and evaluation both go through `Rollout.generate`, so a faster backend (vLLM, an
-inference server) can replace `HFRollout` without touching either loop.
-
-Shape letters used here and in the trainer:
-  B  sequences in the batch (prompts x responses per prompt)
-  P  width of the left-padded prompt block
-  T  width of the right-padded response block
+inference server) can replace `HFRollout` without touching either loop. `Sampler` is what the
+trainer and Stage 1 sample through: it builds each batch whole, the teacher's view included when
+the teacher reads another tokenizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from oprd.alignment import TeacherView
+from oprd.alignment import retokenize
+from oprd.batch import RolloutBatch, concat, pad_left
+from oprd.data import PromptSet
+from oprd.models import eos_token_ids
 
 
 @dataclass(frozen=True)
@@ -29,59 +30,16 @@ class SamplingParams:
     n: int = 1  # responses per prompt
 
 
-@dataclass
-class RolloutBatch:
-    """Prompts and sampled responses, laid out for scoring by the student and the teacher.
-
-    The sequence fed to a model is `[prompt_ids | response_ids]` (B, P + T). Prompts are
-    left-padded and responses right-padded, so response token t sits at column P + t in every
-    row and is predicted by the model output at column P + t - 1.
-    """
-
-    prompt_ids: torch.Tensor  # (B, P) long, left-padded
-    prompt_mask: torch.Tensor  # (B, P) long
-    response_ids: torch.Tensor  # (B, T) long, right-padded
-    response_mask: torch.Tensor  # (B, T) long; 1 on valid tokens, contiguous from 0, EOS included
-    prompt_index: torch.Tensor  # (B,) long: which input prompt each row answers
-    truncated: torch.Tensor  # (B,) bool: stopped by max_new_tokens, not by EOS
-    # Across tokenizers: the teacher's own tokens of these rows (oprd.alignment.retokenize)
-    teacher_view: "TeacherView | None" = None
-
-    @property
-    def input_ids(self) -> torch.Tensor:  # (B, P + T)
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:  # (B, P + T)
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
-
-    @property
-    def position_ids(self) -> torch.Tensor:  # (B, P + T), as `generate` numbers left-padded rows
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-    @property
-    def response_lengths(self) -> torch.Tensor:  # (B,)
-        return self.response_mask.sum(-1)
-
-    def responses(self) -> list[list[int]]:
-        """Valid response tokens of each row, EOS included when sampled."""
-        return [row[: int(n)].tolist() for row, n in zip(self.response_ids, self.response_lengths)]
-
-    def select(self, rows: slice | torch.Tensor) -> "RolloutBatch":
-        """Rows of the batch (a micro-batch), with the response block trimmed to its longest row."""
-        width = max(int(self.response_lengths[rows].max()), 1)
-        return RolloutBatch(
-            prompt_ids=self.prompt_ids[rows],
-            prompt_mask=self.prompt_mask[rows],
-            response_ids=self.response_ids[rows, :width],
-            response_mask=self.response_mask[rows, :width],
-            prompt_index=self.prompt_index[rows],
-            truncated=self.truncated[rows],
-            teacher_view=self.teacher_view.select(rows, width) if self.teacher_view is not None else None,
-        )
-
-    def to(self, device: torch.device | str) -> "RolloutBatch":
-        return RolloutBatch(**{k: v if v is None else v.to(device) for k, v in self.__dict__.items()})
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Sampling seeded with `seed`, leaving the caller's RNG streams (which a trainer checkpoints
+    for exact resume) as they were. Only `device`'s generator is forked on a GPU (by default the
+    current one): forking every visible device would initialise them all."""
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class Rollout(Protocol):
@@ -94,17 +52,6 @@ class Rollout(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Called after each optimizer step; backends holding their own copy reload it here."""
         ...
-
-
-def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
 
 
 class _BlockTokensAbove(LogitsProcessor):
@@ -141,6 +88,14 @@ class HFRollout:
         self.vocab_size = vocab_size
         self.max_batch_sequences = max_batch_sequences
 
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_sequences: int = 64
+    ) -> HFRollout:
+        """Samples `model` with its tokenizer's padding, every EOS id it uses, and its vocabulary."""
+        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
+                   vocab_size=len(tokenizer), max_batch_sequences=max_batch_sequences)
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generates from the live training weights
 
@@ -153,7 +108,7 @@ class HFRollout:
             self._generate_chunk(prompts[i : i + prompts_per_call], params, first_index=i)
             for i in range(0, len(prompts), prompts_per_call)
         ]
-        return _concat(parts, self.pad_token_id)
+        return concat(parts, self.pad_token_id)
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, first_index: int) -> RolloutBatch:
         device = next(self.model.parameters()).device
@@ -205,21 +160,20 @@ def _mask_after_eos(response_ids: torch.Tensor, eos_token_ids: list[int]) -> tup
     return (~eos_seen_before).long(), ~is_eos.any(-1)
 
 
-def _concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    if len(parts) == 1:
-        return parts[0]
-    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
-    response_width = max(p.response_ids.shape[1] for p in parts)
+@dataclass
+class Sampler:
+    """Draws the batch of chosen prompts through a `Rollout`, on `device`; across tokenizers (the
+    prompt set holds the teacher's own renderings) the batch carries the teacher's view of it."""
 
-    def widen(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
-        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
-        return torch.cat([pad, t] if left else [t, pad], dim=1)
+    rollout: Rollout
+    prompts: PromptSet
+    student_tokenizer: PreTrainedTokenizerBase
+    teacher_tokenizer: PreTrainedTokenizerBase
+    device: torch.device
 
-    return RolloutBatch(
-        prompt_ids=torch.cat([widen(p.prompt_ids, prompt_width, pad_id, True) for p in parts]),
-        prompt_mask=torch.cat([widen(p.prompt_mask, prompt_width, 0, True) for p in parts]),
-        response_ids=torch.cat([widen(p.response_ids, response_width, pad_id, False) for p in parts]),
-        response_mask=torch.cat([widen(p.response_mask, response_width, 0, False) for p in parts]),
-        prompt_index=torch.cat([p.prompt_index for p in parts]),
-        truncated=torch.cat([p.truncated for p in parts]),
-    )
+    def sample(self, indices: list[int], params: SamplingParams) -> RolloutBatch:
+        batch = self.rollout.generate([self.prompts.student[i] for i in indices], params).to(self.device)
+        if self.prompts.teacher is None:
+            return batch
+        return retokenize(batch, self.student_tokenizer, self.teacher_tokenizer,
+                          [self.prompts.teacher[i] for i in indices])

@@ -1,23 +1,19 @@
-"""OPRD-Bridge, the library layer: projectors between models of different width, depth or tokenizer.
+"""OPRD-Bridge projectors between models of different width, depth or tokenizer, and their file.
 
 Paper (PAPER.md, "OPRD-Bridge"): per paired layer (student l, teacher `layer_map(L_S, L_T)[l-1]`),
 Stage 1 fits a frozen teacher projector P_T (r, D_T) = top-r principal directions of the centred
 teacher states, with mean mu_T, and trains a linear student projector P_S (r, D_S) on
 || P_S h_S - P_T (h_T - mu_T) ||^2 with both backbones frozen. Stage 2 is OPRD on the projected,
-L2-normalised vectors with both projectors frozen (`bridge_loss_rows`).
+L2-normalised vectors with both projectors frozen (`Bridge.project`, then
+`losses.representation_loss_rows`; see `oprd.objective`).
 
-Shape letters: N rows (selected positions, flattened), D_S / D_T student / teacher hidden size,
-r the bridge rank. A layer pair is `(student_layer, teacher_layer)`, 1-based as in HF
-`hidden_states`.
+A layer pair is `(student_layer, teacher_layer)`, 1-based as in HF `hidden_states`. Rows are
+hidden states at selected positions, (N, D_S) or (N, D_T).
 
   fit_teacher_pca         P_T and mu_T from teacher rows (float64 eigendecomposition)
-  align_by_offsets        cross-tokenizer position matching by character offsets (oprd.alignment)
-  RowReservoir            bounded, paired sample of rows per layer pair (uniform over all rows seen)
-  collect_layer_rows      Stage 1 rows from rollout batches, across tokenizers too
-  fit_student_projector   P_S by Adam on the MSE, with held-out report
+  fit_student_projector   P_S by Adam on the MSE, with a held-out report
   fit_bridge              both, per layer pair -> Bridge
   save_bridge/load_bridge one safetensors file, JSON metadata
-  bridge_loss_rows        the Stage 2 loss on projected rows
 
 Where this departs from the paper, and why:
 - Held-out rows are kept out of the teacher PCA too (not only out of the P_S fit), so the
@@ -31,9 +27,8 @@ Where this departs from the paper, and why:
   projected (`normalize_states`, `unit_rms`), as every block of a pre-norm transformer reads its
   input through RMSNorm: what the next block reads is the state's direction, not its norm. Raw
   intermediate states vary in norm across positions, so the paper's PCA on raw rows spends part of
-  its components on norm variation that the Stage 2 loss, a cosine, ignores. On the toy cross-architecture pair this
-  raises the best held-out Stage 1 cosine from about 0.82 to about 0.91 (README, `oprd demo
-  --bridge`, which measures both). `normalize_states=False` is the paper's recipe as written.
+  its components on norm variation that the Stage 2 loss, a cosine, ignores (README: `oprd demo
+  --bridge` measures both). `normalize_states=False` is the paper's recipe as written.
 """
 
 from __future__ import annotations
@@ -42,20 +37,16 @@ import datetime
 import hashlib
 import json
 import math
-import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from oprd.alignment import align_by_offsets, matched_share, paired_states, usable_rows  # noqa: F401  (public here)
-from oprd.losses import layer_map, representation_loss_rows
-from oprd.rollout import RolloutBatch
+from oprd.files import write_file_atomically
 
 Pair = tuple[int, int]  # (student_layer, teacher_layer), 1-based
 FORMAT = "oprd-bridge"
@@ -108,108 +99,6 @@ def explained_variance_ratio(rows: torch.Tensor, components: torch.Tensor, mean:
     total = centred.pow(2).sum()
     kept = (centred @ components.double().T).pow(2).sum()
     return float(kept / total) if total > 0 else 0.0
-
-
-# --------------------------------------------------------------------------- Stage 1: rows
-
-
-def layer_pairs(
-    num_student_layers: int, num_teacher_layers: int, student_layers: Sequence[int] | None = None
-) -> list[Pair]:
-    """(student, teacher) layer pairs by the paper's proportional map, for all or some student layers."""
-    teacher_of = layer_map(num_student_layers, num_teacher_layers)
-    chosen = list(student_layers) if student_layers is not None else list(range(1, num_student_layers + 1))
-    if any(not 1 <= l <= num_student_layers for l in chosen):
-        raise ValueError(f"student layers {chosen} outside 1..{num_student_layers}")
-    return [(l, teacher_of[l - 1]) for l in chosen]
-
-
-class RowReservoir:
-    """A uniform sample of at most `max_rows` rows per layer pair, over every row ever added.
-
-    Student and teacher rows of one position stay paired: all layer pairs share one set of kept
-    positions. Each row draws a uniform key and the `max_rows` smallest keys are kept (bottom-k
-    sampling, equivalent to reservoir sampling without replacement), so memory stays at
-    `max_rows` rows per layer and the sample does not favour the first rollouts, whose positions
-    are strongly correlated. Kept rows are returned in arrival order: with `max_rows` at least the
-    number of rows seen, the result is every row, in order. Rows are stored as float32 on CPU.
-    """
-
-    def __init__(self, max_rows: int, seed: int = 0):
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.max_rows = max_rows
-        self.rows_seen = 0
-        self._generator = torch.Generator().manual_seed(seed)
-        self._keys = torch.empty(0)  # (K,)
-        self._order = torch.empty(0, dtype=torch.long)  # (K,) arrival index of each kept row
-        self._student: dict[Pair, torch.Tensor] = {}  # pair -> (K, D_S)
-        self._teacher: dict[Pair, torch.Tensor] = {}  # pair -> (K, D_T)
-
-    def add(self, student_rows: dict[Pair, torch.Tensor], teacher_rows: dict[Pair, torch.Tensor]) -> None:
-        """Adds one batch: {pair: (n, D_S)} and {pair: (n, D_T)}, the same n positions for all pairs."""
-        if set(student_rows) != set(teacher_rows) or not student_rows:
-            raise ValueError("student and teacher rows must cover the same, non-empty set of layer pairs")
-        if self._student and set(student_rows) != set(self._student):
-            raise ValueError(f"layer pairs changed: {sorted(student_rows)} vs {sorted(self._student)}")
-        counts = {t.shape[0] for t in [*student_rows.values(), *teacher_rows.values()]}
-        if len(counts) != 1:
-            raise ValueError(f"every layer pair needs the same number of rows per batch, got {sorted(counts)}")
-        n = counts.pop()
-        keys = torch.cat([self._keys, torch.rand(n, generator=self._generator)])
-        order = torch.cat([self._order, torch.arange(self.rows_seen, self.rows_seen + n)])
-        keep = keys.topk(min(self.max_rows, keys.numel()), largest=False).indices
-        keep = keep[order[keep].argsort()]  # arrival order
-        self._keys, self._order = keys[keep], order[keep]
-        for pair in student_rows:
-            for store, new in ((self._student, student_rows[pair]), (self._teacher, teacher_rows[pair])):
-                new = new.detach().float().cpu()
-                old = store.get(pair, new.new_empty((0, new.shape[-1])))
-                store[pair] = torch.cat([old, new])[keep]
-        self.rows_seen += n
-
-    def rows(self) -> dict[Pair, tuple[torch.Tensor, torch.Tensor]]:
-        """{pair: (student rows (K, D_S), teacher rows (K, D_T))}, K = min(max_rows, rows_seen)."""
-        return {pair: (self._student[pair], self._teacher[pair]) for pair in self._student}
-
-
-@torch.no_grad()
-def collect_layer_rows(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    batches: Iterable[RolloutBatch],
-    student_layers: Sequence[int],
-    teacher_layers: Sequence[int],
-    max_rows: int,
-    *,
-    seed: int = 0,
-) -> dict[Pair, tuple[torch.Tensor, torch.Tensor]]:
-    """Stage 1 rows: {(s, t): (S_rows (N, D_S), T_rows (N, D_T))}.
-
-    For each rollout batch, both models read the sampled tokens (no grad) and the hidden states at
-    the response positions (the outputs that predict response tokens, as the trainer's losses read
-    them) are captured after student layer s and teacher layer t, for each pair
-    zip(student_layers, teacher_layers). Across tokenizers (batches carrying a `TeacherView`, see
-    `oprd.alignment.retokenize`) the teacher reads its own tokens of the same text and only
-    positions with a partner are kept. Batches are streamed through a `RowReservoir`, so N is at
-    most `max_rows` per layer pair, sampled uniformly over all positions seen; the caller bounds
-    the compute by the number of batches it yields.
-    """
-    if len(student_layers) != len(teacher_layers) or not student_layers:
-        raise ValueError(
-            f"need one teacher layer per student layer, got {list(student_layers)} and {list(teacher_layers)}"
-        )
-    pairs = list(zip(student_layers, teacher_layers))
-    reservoir = RowReservoir(max_rows, seed)
-    for batch in batches:
-        keep = usable_rows(batch).bool()  # (B, T)
-        if not keep.any():
-            continue
-        s, t = paired_states(student, teacher, batch, keep, student_layers, teacher_layers)
-        reservoir.add({p: s[p[0]] for p in pairs}, {p: t[p[1]] for p in pairs})
-    if reservoir.rows_seen == 0:
-        raise ValueError("no response positions in the given batches")
-    return reservoir.rows()
 
 
 # --------------------------------------------------------------------------- Stage 1: projectors
@@ -354,6 +243,18 @@ class Bridge:
         mean, components = self.teacher_means[pair].to(h.device), self.teacher_components[pair].to(h.device)
         return (self._read(h) - mean) @ components.T
 
+    def project(self, pairs: Sequence[Pair], student_h_N_D: Sequence[torch.Tensor],
+                teacher_h_N_D: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Both models' states of each pair projected to (N, r): the student's differentiably, the
+        teacher's as constants. What Stage 2 feeds to the representation loss."""
+        unknown = [tuple(p) for p in pairs if tuple(p) not in self.student_projectors]
+        if unknown:
+            raise ValueError(f"layer pairs {unknown} are not in the bridge (it has {self.pairs})")
+        student = [self.project_student(p, h) for p, h in zip(pairs, student_h_N_D)]
+        with torch.no_grad():
+            teacher = [self.project_teacher(p, h) for p, h in zip(pairs, teacher_h_N_D)]
+        return student, teacher
+
     def check_fits(self, student_config, teacher_config) -> None:
         """Raises ValueError naming the mismatch when the models are not the ones the bridge was fitted for."""
         for role, config, projectors in (
@@ -384,7 +285,7 @@ class Bridge:
                 raise ValueError(f"the {role} tokenizer's vocabulary differs from the one the bridge was fitted with "
                                  f"({self.metadata.get(f'{role}_tokenizer')!r})")
 
-    def to(self, device: torch.device | str) -> "Bridge":
+    def to(self, device: torch.device | str) -> Bridge:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return replace(self, teacher_components=move(self.teacher_components), teacher_means=move(self.teacher_means),
                        student_projectors=move(self.student_projectors))
@@ -503,7 +404,6 @@ def fit_bridge(
 def save_bridge(bridge: Bridge, path: str | Path) -> None:
     """One safetensors file: tensors `pair{i}.{teacher_components,teacher_mean,student_projector}`
     and JSON header metadata; written to a temporary file beside `path`, then renamed (atomic)."""
-    path = Path(path)
     tensors = {}
     for i, pair in enumerate(bridge.pairs):
         tensors[f"pair{i}.teacher_components"] = bridge.teacher_components[pair]
@@ -518,15 +418,7 @@ def save_bridge(bridge: Bridge, path: str | Path) -> None:
              "normalize_states": bridge.normalize_states, "metadata": bridge.metadata}
         ),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def load_bridge(path: str | Path) -> Bridge:
@@ -552,33 +444,3 @@ def load_bridge(path: str | Path) -> Bridge:
         metadata=info["metadata"],
         normalize_states=bool(info.get("normalize_states", False)),
     )
-
-
-# --------------------------------------------------------------------------- Stage 2
-
-
-def bridge_loss_rows(
-    bridge: Bridge,
-    student_rows_by_pair: dict[Pair, torch.Tensor],
-    teacher_rows_by_pair: dict[Pair, torch.Tensor],
-    weights: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """OPRD-Bridge loss on selected positions: {pair: (N, D_S)}, {pair: (N, D_T)}, weights (N,).
-
-    Both sides are projected to (N, r) with the frozen projectors, then
-    `losses.representation_loss_rows(normalize=True)`: per pair sum_n w_n mean_r (s - t)^2 of
-    L2-normalised projections, averaged over the pairs given (any subset of the bridge's, taken in
-    the bridge's order). Gradients reach the student rows only. Metrics as there ("rep/...",
-    pair_i indexing the pairs given); like them, they add up over micro-batches.
-    """
-    if set(student_rows_by_pair) != set(teacher_rows_by_pair) or not student_rows_by_pair:
-        raise ValueError("student and teacher rows must cover the same, non-empty set of layer pairs")
-    unknown = set(student_rows_by_pair) - set(bridge.pairs)
-    if unknown:
-        raise ValueError(f"layer pairs {sorted(unknown)} are not in the bridge (it has {bridge.pairs})")
-    pairs = [p for p in bridge.pairs if p in student_rows_by_pair]
-    student = [bridge.project_student(p, student_rows_by_pair[p]) for p in pairs]
-    with torch.no_grad():
-        teacher = [bridge.project_teacher(p, teacher_rows_by_pair[p]) for p in pairs]
-    loss, metrics = representation_loss_rows(student, teacher, weights, normalize=True)
-    return loss, metrics

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from oprd.batch import RolloutBatch
 from oprd.models import base_model, decoder_layers
-from oprd.rollout import RolloutBatch
 
 FINAL = "final"  # key of the post-norm last hidden state, the LM head's input
 
@@ -21,7 +21,7 @@ class _StopForward(Exception):
 
 
 def model_inputs(batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """The (B, P + T - 1) inputs whose outputs predict response tokens 0..T-1.
+    """The (B, S) inputs, S = P + T - 1, whose outputs predict response tokens 0..T-1.
 
     The last response column predicts nothing, so it is not fed; the outputs that predict the
     response are then exactly the last T columns.
@@ -33,51 +33,51 @@ def model_inputs(batch: RolloutBatch) -> dict[str, torch.Tensor]:
     }
 
 
-def response_rows(mask_B_T: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """(B, P + T - 1) bool selecting the model outputs that predict the masked response tokens."""
-    B = mask_B_T.shape[0]
-    lead = torch.zeros((B, prompt_width - 1), dtype=torch.bool, device=mask_B_T.device)
-    return torch.cat([lead, mask_B_T.bool()], dim=1)
+def response_positions(keep_B_T: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B, S) bool selecting the model outputs that predict the kept response tokens (B, T)."""
+    B = keep_B_T.shape[0]
+    lead = torch.zeros((B, prompt_width - 1), dtype=torch.bool, device=keep_B_T.device)
+    return torch.cat([lead, keep_B_T.bool()], dim=1)
 
 
 def capture_hidden(
     model: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
     layers: list[int],
-    rows: torch.Tensor | None = None,
+    keep_B_S: torch.Tensor | None = None,
     final: bool = False,
 ) -> dict[int | str, torch.Tensor]:
     """Hidden states after the given 1-based blocks, as in HF `hidden_states[l]`.
 
     Layer L (the last) is the post-norm state, as HF reports it; `final=True` also returns it
-    under `FINAL`. With `rows` (B, S) bool, each tensor is `h[rows]` (N, D) in row-major order;
-    otherwise (B, S, D). When neither layer L nor `final` is asked for, the forward pass stops
-    after the deepest requested block.
+    under `FINAL`. With `keep_B_S` (B, S) bool, each tensor is `h[keep_B_S]` (N, D) in row-major
+    order; otherwise (B, S, D). When neither layer L nor `final` is asked for, the forward pass
+    stops after the deepest requested block.
     """
     blocks = decoder_layers(model)
     num_layers = len(blocks)
-    if any(not 1 <= l <= num_layers for l in layers):
+    if any(not 1 <= layer <= num_layers for layer in layers):
         raise ValueError(f"layers {layers} outside 1..{num_layers} of {type(model).__name__}")
     needs_last = final or num_layers in layers
     deepest = max(layers, default=0)
     captured: dict[int | str, torch.Tensor] = {}
 
-    def keep(h: torch.Tensor) -> torch.Tensor:
-        return h[rows] if rows is not None else h
+    def kept(h: torch.Tensor) -> torch.Tensor:
+        return h[keep_B_S] if keep_B_S is not None else h
 
     def hook_for(layer: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            captured[layer] = keep(h)
+            captured[layer] = kept(h)
             if layer == deepest and not needs_last:
                 raise _StopForward
 
         return hook
 
-    handles = [blocks[l - 1].register_forward_hook(hook_for(l)) for l in layers if l < num_layers]
+    handles = [blocks[layer - 1].register_forward_hook(hook_for(layer)) for layer in layers if layer < num_layers]
     try:
         out = base_model(model)(**inputs, use_cache=False)
-        last = keep(out.last_hidden_state)
+        last = kept(out.last_hidden_state)
         if num_layers in layers:
             captured[num_layers] = last
         if final:

@@ -1,13 +1,11 @@
-"""Tiny, offline stand-ins for hub models, and the toy reasoning world of `oprd demo`.
+"""The toy reasoning world of `oprd demo`: a task, a tokenizer, a teacher and a student, built
+offline and deterministically, and cached on disk.
 
-Everything here is deterministic, so tests, smoke recipes and the demo build the same objects
-on every machine without touching a hub.
-
-  train_tokenizer, tiny_config     a locally trained BPE tokenizer, a small real architecture
   make_problem, make_split         the toy task: chains of modular arithmetic, solved step by step
   sft                              supervised fine-tuning on (prompt, solution) pairs; also the
                                    demo's sequence-level KD baseline
   build_world                      task files + tokenizer + teacher + student, cached on disk
+  build_teacher                    the bridge demo's teachers of other shapes and tokenizers
 
 The toy task ("chain"): start from a digit and apply 4-7 operations (+, -, *) with single-digit
 operands, mod 10, left to right. The solution writes one line per operation (`3*7=1`) and ends in
@@ -20,9 +18,10 @@ The student is the teacher's own earlier checkpoint (same architecture, same ini
 the paper's teacher was RL-trained from its student; so hidden states are aligned and
 OPRD-Vanilla applies. The teacher is the checkpoint right after the steep part of the SFT learning
 curve (step 500; the student is step 250), not a much longer-trained model: its weights stay close
-to the student's, as an RL-tuned teacher's do, and the world builds in about a minute.
-`ModelRecipe` names how each model of the world is made, so other pairs (a deeper or wider teacher, another initialisation, another tokenizer) can be added as new
-recipes without touching the task or the cache.
+to the student's, as an RL-tuned teacher's do, and the world builds in about a minute on a CPU.
+`ModelRecipe` names how each model of the world is made, so other pairs (a deeper or wider teacher,
+another initialisation, another tokenizer) can be added as new recipes without touching the task or
+the cache.
 """
 
 from __future__ import annotations
@@ -32,85 +31,20 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from oprd.checkpoint import save_model_dir
+from oprd.data import prompt_token_ids
+from oprd.files import write_dir_atomically
+from oprd.testing import tiny_config, train_char_tokenizer, train_tokenizer
+
 TOY_VERSION = 2  # bump when the task, the SFT or the world layout changes: it is part of the cache key
-
-
-def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, split_digits: bool = False
-) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with a ChatML template, saved in HF format to `out_dir`.
-
-    split_digits=True keeps every digit its own token (as Llama/Qwen tokenizers do), so numbers
-    are never merged into arbitrary chunks.
-    """
-    core = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if split_digits else byte_level
-    )
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-    tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
-
-
-def tiny_config(
-    vocab_size: int,
-    *,
-    model_type: str = "qwen3",
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    tie_word_embeddings: bool = False,
-):
-    """A small config of a real `transformers` architecture (qwen2, qwen3, llama, ...)."""
-    return AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        head_dim=hidden_size // num_heads,
-        max_position_embeddings=4096,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=tie_word_embeddings,
-    )
 
 
 # --------------------------------------------------------------------------- the task
@@ -172,8 +106,6 @@ def write_problems(problems: list[ToyProblem], path: Path) -> None:
 
 def sft_examples(tokenizer, pairs: Iterable[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """(ids, prompt_length) per (prompt, response) pair, chat template applied, EOS appended."""
-    from oprd.data import prompt_token_ids
-
     examples = []
     for prompt, response in pairs:
         head = prompt_token_ids(tokenizer, [{"role": "user", "content": prompt}])
@@ -266,8 +198,8 @@ class WorldSettings:
     vocab_size: int = 300
     model: ModelRecipe = field(default_factory=ModelRecipe)
     # The student is the teacher's own checkpoint at this SFT step: just before the steep part of the learning
-    # curve (held-out Avg@4 about 15% at step 250, 45% at 400, 93% at 500), so teacher and student are a short
-    # walk apart in weight space with a wide accuracy gap, as the paper's RL-trained teacher is from its student.
+    # curve, so teacher and student are a short walk apart in weight space with a wide accuracy gap, as the
+    # paper's RL-trained teacher is from its student.
     student_steps: int = 250
     batch_size: int = 32
     lr: float = 3e-3
@@ -279,7 +211,8 @@ class WorldSettings:
 
 
 QUICK_WORLD = WorldSettings(
-    train_problems=1000, test_problems=64, model=ModelRecipe(hidden_size=32, num_layers=2, intermediate_size=64, steps=60),
+    train_problems=1000, test_problems=64,
+    model=ModelRecipe(hidden_size=32, num_layers=2, intermediate_size=64, steps=60),
     student_steps=20,
 )
 
@@ -311,11 +244,6 @@ class World:
         return self.root / "test.parquet"
 
 
-def save_pair(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
 def train_model(recipe: ModelRecipe, settings: WorldSettings, tokenizer, examples,
                 on_step: Callable[[int, torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed`, after `recipe.steps` of SFT."""
@@ -335,7 +263,7 @@ def train_model(recipe: ModelRecipe, settings: WorldSettings, tokenizer, example
 
 # The bridge demo's teachers, each paired with the world's student (4 x 64, BPE, init seed 0). Each
 # trains twice as long as the world's teacher: at 500 steps the 6 x 96 teacher was still below the
-# student (18% vs 29% Avg@4), and a teacher must be clearly the stronger model for distillation to mean anything.
+# student, and a teacher must be clearly the stronger model for distillation to mean anything.
 BRIDGE_TEACHERS = {
     # deeper and wider: OPD still applies (same tokenizer), OPRD-Vanilla cannot (other width)
     "cross_arch": (ModelRecipe(hidden_size=96, num_layers=6, intermediate_size=384, steps=1000), "bpe"),
@@ -344,11 +272,6 @@ BRIDGE_TEACHERS = {
     # a character-level tokenizer: no OPD, positions matched by character offsets
     "cross_tokenizer": (ModelRecipe(init_seed=2, steps=1000), "char"),
 }
-
-
-def train_char_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer with no merges: one token per character of the toy's ASCII text."""
-    return train_tokenizer(texts, len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet()), out_dir)
 
 
 def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, tokenizer_kind: str | None = None,
@@ -363,25 +286,22 @@ def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, to
     root = world.root / f"teacher-{name}-{key}"
     if (root / "config.json").is_file():
         return root
-    train = train_split(world.settings)
-    texts = [p.prompt + "\n" + p.solution for p in train]
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if tokenizer_kind == "char":
-        tokenizer = train_char_tokenizer(texts, tmp)
-    elif tokenizer_kind == "bpe":
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(world.tokenizer))
-    else:
+    if tokenizer_kind not in ("bpe", "char"):
         raise ValueError(f"tokenizer kind must be bpe or char, got {tokenizer_kind!r}")
-    examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
-    task = progress.add_task(f"toy world: SFT {name} teacher", total=recipe.steps) if progress else None
-    on_step = (lambda step, model: progress.update(task, completed=step)) if progress else None
-    save_pair(train_model(recipe, world.settings, tokenizer, examples, on_step), tokenizer, tmp)
-    if root.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(root)
-    return root
+    train = train_split(world.settings)
+
+    def fill(tmp: Path) -> None:
+        if tokenizer_kind == "char":
+            tokenizer = train_char_tokenizer([p.prompt + "\n" + p.solution for p in train], tmp)
+        else:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(world.tokenizer))
+        examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
+        task = progress.add_task(f"toy world: SFT {name} teacher", total=recipe.steps) if progress else None
+        on_step = (lambda step, model: progress.update(task, completed=step)) if progress else None
+        train_model(recipe, world.settings, tokenizer, examples, on_step).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written teacher
 
 
 def cache_root() -> Path:
@@ -405,40 +325,35 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
     root = cache_root() / f"toy-{settings.key()}"
     if (root / "world.json").is_file():
         return World(root, settings, json.loads((root / "world.json").read_text()))
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     started = time.perf_counter()
-
     train = train_split(settings)
     test = make_split(settings.test_problems, settings.seed * 2 + 2, exclude={p.prompt for p in train},
                       min_steps=settings.min_ops, max_steps=settings.max_ops)
-    write_problems(train, tmp / "train.parquet")
-    write_problems(test, tmp / "test.parquet")
-    tokenizer = train_tokenizer(
-        (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
-    )
-
-    examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
-    task = progress.add_task("toy world: SFT teacher", total=settings.model.steps) if progress else None
-
-    def on_step(step: int, model: torch.nn.Module) -> None:
-        if step == settings.student_steps:
-            save_pair(model, tokenizer, tmp / "student")  # the teacher's own earlier checkpoint
-        if progress:
-            progress.update(task, completed=step)
-
-    model = train_model(settings.model, settings, tokenizer, examples, on_step)
-    save_pair(model, tokenizer, tmp / "teacher")
     info = {
         "settings": dataclasses.asdict(settings),
         "version": TOY_VERSION,
-        "build_seconds": time.perf_counter() - started,
         "example": {"prompt": test[0].prompt, "solution": test[0].solution, "answer": test[0].answer},
     }
-    (tmp / "world.json").write_text(json.dumps(info, indent=2))
-    if root.exists():  # another process finished first: keep its copy
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(root)
+
+    def fill(tmp: Path) -> None:
+        write_problems(train, tmp / "train.parquet")
+        write_problems(test, tmp / "test.parquet")
+        tokenizer = train_tokenizer(
+            (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
+        )
+        examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
+        task = progress.add_task("toy world: SFT teacher", total=settings.model.steps) if progress else None
+
+        def on_step(step: int, model: torch.nn.Module) -> None:
+            if step == settings.student_steps:
+                save_model_dir(tmp / "student", model, tokenizer)  # the teacher's own earlier checkpoint
+            if progress:
+                progress.update(task, completed=step)
+
+        model = train_model(settings.model, settings, tokenizer, examples, on_step)
+        save_model_dir(tmp / "teacher", model, tokenizer)
+        info["build_seconds"] = time.perf_counter() - started
+        (tmp / "world.json").write_text(json.dumps(info, indent=2))
+
+    write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written world
     return World(root, settings, info)

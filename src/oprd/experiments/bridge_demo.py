@@ -1,45 +1,48 @@
 """`oprd demo --bridge`: the paper's OPRD-Bridge experiments (Tables 4-6) in miniature, on a CPU.
 
-The student is the toy world's (`oprd.toy`, 4 x 64, byte-level BPE); three teachers of the same
+The student is the toy world's (`oprd.experiments.toy`, 4 x 64, byte-level BPE); three teachers of the same
 task are trained beside it (`toy.BRIDGE_TEACHERS`):
   cross_arch       6 x 96: deeper and wider. OPD top-1 applies (same tokenizer), OPRD-Vanilla does not.
   cross_tokenizer  a character-level tokenizer: no OPD; positions matched by character offsets.
   cross_init       the student's architecture from another random initialisation: the case where a
                    feasibility trial saw OPRD-Vanilla collapse.
-Top to bottom: Stage 1 rows once per pair (`bridge_fit.collect_bridge_rows`); on cross_arch the
-rank sweep on unit-RMS states (the default, `oprd.bridge` notes) and, for comparison, on raw states
-(the paper's recipe as written); Stage 2 on cross_arch at three ranks (`stage2_ranks`), then every
-other Stage 2 run with the widest bridge. Stage 2 runs through `oprd.trainer.train` with the same
-steps, rollouts, lr and seed as `oprd demo`; every model is evaluated on the held-out problems
-(Avg@k, Best@k, Dist-4g, Avg Len). Writes bridge_results.json, bridge_report.md and the sweeps'
-tables and plots under sweep/ and sweep_raw_states/.
+Top to bottom: Stage 1 rows once per pair (`bridge.stage1.stage1_rows`); on cross_arch the
+rank sweep on unit-RMS states (the default, `oprd.bridge.projector` notes) and, for comparison, on
+raw states (the paper's recipe as written); Stage 2 on cross_arch at three ranks (`stage2_ranks`),
+then every other Stage 2 run with the widest bridge. Stage 2 runs through `oprd.trainer.train` with
+the same steps, rollouts, lr and seed as `oprd demo`; every model is evaluated on the held-out
+problems (Avg@k, Best@k, Dist-4g, Avg Len). Writes bridge_results.json, bridge_report.md and the
+sweeps' tables and plots under sweep/ and sweep_raw_states/.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from transformers.utils import logging as hf_logging
 
-from oprd import toy
 from oprd.bridge import save_bridge
-from oprd.bridge_fit import FitSettings, collect_bridge_rows, fit_from_rows, sweep_ranks
-from oprd.demo import DemoSettings, evaluate_model, max_response_tokens, run_on_policy, software_versions
+from oprd.bridge.stage1 import Stage1Settings, fit_bridge_at_rank, stage1_rows
+from oprd.config import BridgeConfig, TrainConfig
+from oprd.display import markdown_table, progress_bar
+from oprd.experiments import toy
+from oprd.experiments.bridge_sweep import sweep_ranks
+from oprd.experiments.demo import DemoSettings, evaluate_model, max_response_tokens, run_on_policy, software_versions
+from oprd.files import prepare_output_dir
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 PAPER_RANK = 8  # the paper's cross-architecture bridge
 REPORTED = ("accuracy", "best_at_k", "dist_4g", "avg_len")
 
 
-def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings) -> FitSettings:
-    return FitSettings(
+def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings) -> Stage1Settings:
+    return Stage1Settings(
         student=str(world.student), teacher=str(teacher), data=str(world.train_path),
         prompts=16 if s.quick else 256, responses_per_prompt=2, max_new_tokens=max_response_tokens(world),
         batch_prompts=16, max_rows=20_000, seed=s.seed, device="cpu",
@@ -54,11 +57,27 @@ def stage2_ranks(sweep: list[dict]) -> list[int]:
     return sorted({max(sweep, key=lambda r: r["cos_after"])["rank"], min(PAPER_RANK, widest), widest})
 
 
-def stage2(name: str, method: str, world: toy.World, teacher: Path, s: DemoSettings, console: Console,
-           progress: Progress, extra: list[str]) -> dict:
-    """One on-policy run against `teacher`, evaluated; its record for bridge_results.json."""
+def against(teacher: Path, bridge: Path | None = None, switch_at: int | None = None):
+    """The change to a demo config for a run against `teacher`: through `bridge` when given (whose
+    loss compares L2-normalised projections), and OPRD up to step `switch_at`, OPD after it."""
+
+    def adjust(cfg: TrainConfig) -> TrainConfig:
+        cfg = replace(cfg, eval_every=0, teacher=replace(cfg.teacher, model=str(teacher)))
+        if bridge is not None:
+            cfg = replace(cfg, bridge=BridgeConfig(path=str(bridge)), oprd=replace(cfg.oprd, normalize=True))
+        if switch_at is not None:
+            cfg = replace(cfg, oprd=replace(cfg.oprd, stop_step=switch_at), opd=replace(cfg.opd, start_step=switch_at))
+        return cfg
+
+    return adjust
+
+
+def stage2(name: str, method: str, world: toy.World, s: DemoSettings, console: Console, progress: Progress,
+           adjust) -> dict:
+    """One on-policy run (its config changed by `adjust`, see `against`), evaluated; its record for
+    bridge_results.json."""
     console.rule(f"[bold]{name}")
-    run = run_on_policy(method, world, s, console, [f"teacher.model={teacher}", "eval_every=0", *extra], name=name)
+    run = run_on_policy(method, world, s, console, name=name, adjust=adjust)
     with progress:
         result = evaluate_model(run["final"], world, s, progress, name)
     records = [r for r in run["curve"] if "loss" in r]
@@ -74,16 +93,11 @@ def stage2(name: str, method: str, world: toy.World, teacher: Path, s: DemoSetti
 def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the three pairs; returns bridge_results.json's content."""
     console = console or Console(stderr=True)
-    out = Path(s.out)
-    if out.exists() and any(out.iterdir()) and not s.overwrite:
-        raise FileExistsError(f"{out} is not empty: pass --overwrite to replace it or choose another --out")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", replace=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = progress_bar(console)
     with progress:
         world = toy.build_world(toy.QUICK_WORLD if s.quick else toy.WorldSettings(seed=s.seed), progress)
         teachers = {name: toy.build_teacher(world, name, *_quick_recipe(name, s), progress=progress)
@@ -91,34 +105,33 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
         student = evaluate_model(world.student, world, s, progress, "student")
     bridges = out / "bridges"
     bridges.mkdir()
-    oprd = ["oprd.normalize=true"]  # the bridge loss compares L2-normalised projections
 
     # cross-architecture: the rank sweep, then Stage 2 at a few ranks
     console.rule("[bold]cross_arch: Stage 1 rank sweep")
-    settings = stage1_settings(world, teachers["cross_arch"], s)
-    rows, info = collect_bridge_rows(settings)
+    arch = teachers["cross_arch"]
+    settings = stage1_settings(world, arch, s)
+    rows, info = stage1_rows(settings)
     widest = min(min(a.shape[1], b.shape[1]) for a, b in rows.values())
     ranks = [r for r in RANKS if r <= widest]
     sweep = sweep_ranks(rows, ranks, settings, info, out / "sweep")
     raw_sweep = sweep_ranks(rows, ranks, replace(settings, normalize_states=False), info, out / "sweep_raw_states")
     # Stage 2 at a few ranks; every other Stage 2 run uses the widest bridge (README: accuracy rises with rank)
-    by_rank = {r: stage2(f"cross_arch_oprd_bridge_r{r}", "oprd", world, teachers["cross_arch"], s, console, progress,
-                         oprd + [f"bridge.path={out / 'sweep' / f'bridge-r{r}.safetensors'}"])
+    by_rank = {r: stage2(f"cross_arch_oprd_bridge_r{r}", "oprd", world, s, console, progress,
+                         against(arch, out / "sweep" / f"bridge-r{r}.safetensors"))
                for r in stage2_ranks(sweep)}
     used = max(by_rank)  # the widest
-    raw_stage2 = stage2(f"cross_arch_oprd_bridge_raw_states_r{used}", "oprd", world, teachers["cross_arch"], s, console,
-                        progress, oprd + [f"bridge.path={out / 'sweep_raw_states' / f'bridge-r{used}.safetensors'}"])
+    raw_stage2 = stage2(f"cross_arch_oprd_bridge_raw_states_r{used}", "oprd", world, s, console, progress,
+                        against(arch, out / "sweep_raw_states" / f"bridge-r{used}.safetensors"))
     arch_bridge = out / "sweep" / f"bridge-r{used}.safetensors"
     half = max(s.steps // 2, 1)
     with progress:
-        arch_teacher = evaluate_model(teachers["cross_arch"], world, s, progress, "cross_arch teacher")
+        arch_teacher = evaluate_model(arch, world, s, progress, "cross_arch teacher")
     cross_arch = {
         "teacher": arch_teacher, "student": student,
         "oprd_bridge": by_rank[used],
-        "opd_top1": stage2("cross_arch_opd_top1", "opd_top1", world, teachers["cross_arch"], s, console, progress, []),
-        "bridge_then_opd": stage2(
-            "cross_arch_bridge_then_opd", "opd_top1_plus_oprd", world, teachers["cross_arch"], s, console, progress,
-            oprd + [f"bridge.path={arch_bridge}", f"oprd.stop_step={half}", f"opd.start_step={half}"]),
+        "opd_top1": stage2("cross_arch_opd_top1", "opd_top1", world, s, console, progress, against(arch)),
+        "bridge_then_opd": stage2("cross_arch_bridge_then_opd", "opd_top1_plus_oprd", world, s, console, progress,
+                                  against(arch, arch_bridge, switch_at=half)),
     }
 
     # cross-tokenizer and cross-initialisation: one bridge each, at the same rank
@@ -126,8 +139,8 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     for name in ("cross_tokenizer", "cross_init"):
         console.rule(f"[bold]{name}: Stage 1 (rank {used})")
         settings = stage1_settings(world, teachers[name], s)
-        rows, info = collect_bridge_rows(settings)
-        bridge = fit_from_rows(rows, used, settings, info)
+        rows, info = stage1_rows(settings)
+        bridge = fit_bridge_at_rank(rows, used, settings, info)
         save_bridge(bridge, bridges / f"{name}-r{used}.safetensors")
         fitted[name] = bridge.metadata
     with progress:
@@ -135,16 +148,16 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
         init_teacher = evaluate_model(teachers["cross_init"], world, s, progress, "cross_init teacher")
     cross_tokenizer = {
         "teacher": token_teacher, "student": student,
-        "oprd_bridge": stage2("cross_tokenizer_oprd_bridge", "oprd", world, teachers["cross_tokenizer"], s, console,
-                              progress, oprd + [f"bridge.path={bridges / f'cross_tokenizer-r{used}.safetensors'}"]),
+        "oprd_bridge": stage2("cross_tokenizer_oprd_bridge", "oprd", world, s, console, progress,
+                              against(teachers["cross_tokenizer"], bridges / f"cross_tokenizer-r{used}.safetensors")),
         "matched_position_share": fitted["cross_tokenizer"]["matched_position_share"],
     }
     cross_init = {
         "teacher": init_teacher, "student": student,
-        "oprd_vanilla": stage2("cross_init_oprd_vanilla", "oprd", world, teachers["cross_init"], s, console, progress,
-                               []),
-        "oprd_bridge": stage2("cross_init_oprd_bridge", "oprd", world, teachers["cross_init"], s, console, progress,
-                              oprd + [f"bridge.path={bridges / f'cross_init-r{used}.safetensors'}"]),
+        "oprd_vanilla": stage2("cross_init_oprd_vanilla", "oprd", world, s, console, progress,
+                               against(teachers["cross_init"])),
+        "oprd_bridge": stage2("cross_init_oprd_bridge", "oprd", world, s, console, progress,
+                              against(teachers["cross_init"], bridges / f"cross_init-r{used}.safetensors")),
     }
     cosine, raw_cosine = ({r["rank"]: r["cos_after"] for r in table} for table in (sweep, raw_sweep))
     payload = {
@@ -181,9 +194,8 @@ def _quick_recipe(name: str, s: DemoSettings):
                    num_layers=max(2, recipe.num_layers - 3), steps=30), kind
 
 
-def _row(label: str, m: dict) -> str:
-    return (f"| {label} | {100 * m['accuracy']:.1f} | {100 * m['best_at_k']:.1f} | {m['dist_4g']:.3f} | "
-            f"{m['avg_len']:.1f} |")
+def _cells(m: dict) -> list[str]:
+    return [f"{100 * m['accuracy']:.1f}", f"{100 * m['best_at_k']:.1f}", f"{m['dist_4g']:.3f}", f"{m['avg_len']:.1f}"]
 
 
 def bridge_report(payload: dict, s: DemoSettings) -> str:
@@ -195,21 +207,20 @@ def bridge_report(payload: dict, s: DemoSettings) -> str:
              "## Stage 1 rank sweep (cross_arch: 4x64 student, 6x96 teacher)", "",
              "Held-out cosine of the projected states, mean over the 4 layer pairs. Unit-RMS states are the default;",
              "raw states are the paper's recipe as written (`--raw-states`).", "",
-             "| rank | before (random P_S) | after | after, raw states |", "|---|---|---|---|"]
-    lines += [f"| {r['rank']} | {r['cos_before']:.3f} | {r['cos_after']:.3f} | {raw['cos_after']:.3f} |"
-              for r, raw in zip(payload["rank_sweep"], payload["rank_sweep_raw_states"])]
-    lines += ["", "## Stage 2 by rank (cross_arch, OPRD-Bridge)", "",
-              f"| rank | Stage 1 held-out cos | Avg@{s.eval_samples} | Best@{s.eval_samples} | Dist-4g | Avg Len |",
-              "|---|---|---|---|---|---|"]
+             *markdown_table(["rank", "before (random P_S)", "after", "after, raw states"],
+                             ([r["rank"], f"{r['cos_before']:.3f}", f"{r['cos_after']:.3f}", f"{raw['cos_after']:.3f}"]
+                              for r, raw in zip(payload["rank_sweep"], payload["rank_sweep_raw_states"])))]
     runs = [(str(r["rank"]), r) for r in payload["stage2_rank_sweep"]]
     runs.append((f"{payload['stage2_raw_states']['rank']}, raw states", payload["stage2_raw_states"]))
-    lines += [f"| {label} | {r['cos_after']:.3f} | {100 * r['accuracy']:.1f} | {100 * r['best_at_k']:.1f} | "
-              f"{r['dist_4g']:.3f} | {r['avg_len']:.1f} |" for label, r in runs]
+    lines += ["", "## Stage 2 by rank (cross_arch, OPRD-Bridge)", "",
+              *markdown_table(["rank", "Stage 1 held-out cos", f"Avg@{k}", f"Best@{k}", "Dist-4g", "Avg Len"],
+                              ([label, f"{r['cos_after']:.3f}", *_cells(r)] for label, r in runs))]
     lines += ["", f"Every other Stage 2 run uses rank {payload['stage2_rank']}, the widest of the sweep."]
     for pair in ("cross_arch", "cross_tokenizer", "cross_init"):
         result = payload[pair]
-        lines += ["", f"## {pair}", "", f"| model | Avg@{k} | Best@{k} | Dist-4g | Avg Len |", "|---|---|---|---|---|"]
-        lines += [_row(name, m) for name, m in result.items() if isinstance(m, dict)]
+        lines += ["", f"## {pair}", "",
+                  *markdown_table(["model", f"Avg@{k}", f"Best@{k}", "Dist-4g", "Avg Len"],
+                                  ([name, *_cells(m)] for name, m in result.items() if isinstance(m, dict)))]
         if "matched_position_share" in result:
             lines += ["", f"Matched position share (Stage 1 rollouts): {result['matched_position_share']:.3f}."]
     return "\n".join(lines) + "\n"

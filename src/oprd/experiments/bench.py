@@ -3,7 +3,7 @@
     oprd bench --preset r1-distill-1.5b --num-layers 4 --seq-len 1024 --batch-size 1 --out runs/bench
     oprd bench --preset qwen3-1.7b --seq-lens 512,1024,2048,4096 --out runs/bench-sweep
 
-Every method runs the engine's own update (`trainer.distillation_loss`, then backward) on the same
+Every method runs the engine's own update (`objective.distillation_loss`, then backward) on the same
 random-weight student/teacher of the preset's real shapes and the same rollout tokens. Two
 references frame them: `floor`, the least any representation loss can cost (student backbone
 forward+backward without LM head, teacher backbone up to the deepest needed layer), and `trl`,
@@ -12,39 +12,42 @@ through TRL's own code.
 
 Each (method, shape) is measured in fresh processes. Time: median over repeats after warm-up.
 Memory: peak above the update's starting baseline — on CUDA from the allocator's peak counter, on
-CPU from the kernel's resident-set high-water mark, reset through /proc/self/clear_refs before a
-final update run. On CPU the memory runs in a second fresh process whose glibc is told, before
-anything is allocated, to hand every block over 64 KiB straight back to the kernel, so RSS follows
-live tensors. Telling it only after timed updates is not enough: glibc serves later requests from the
-free heap chunks those updates left behind (trimmed, but still in its bins) and keeps them resident
-once freed, so activations freed during backward would count again on top of the parameter gradients
-allocated after them (500-770 MiB at the r1-distill-1.5b target shape) for every method whose
-peak comes at the end of backward (floor, oprd, the OPD methods) but not for one whose peak comes
-while those activations are still alive (trl).
+CPU from the kernel's resident-set high-water mark (`measure`), reset before a final update run. On
+CPU the memory runs in a second fresh process whose glibc is told, before anything is allocated, to
+hand every block over 64 KiB straight back to the kernel, so RSS follows live tensors. Telling it
+only after timed updates is not enough: glibc serves later requests from the free heap chunks those
+updates left behind (trimmed, but still in its bins) and keeps them resident once freed, so
+activations freed during backward would count again on top of the parameter gradients allocated
+after them (README gives the size at the target shape) for every method whose peak comes at the
+end of backward (floor, oprd, the OPD methods) but not for one whose peak comes while those
+activations are still alive (trl).
 """
 
 from __future__ import annotations
 
-import gc
 import inspect
 import json
 import multiprocessing as mp
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from oprd.config import load_config
+from oprd.batch import RolloutBatch
+from oprd.capture import capture_hidden, model_inputs, response_positions
+from oprd.config import OPDConfig, OPRDConfig
+from oprd.display import markdown_table
+from oprd.experiments.measure import release_memory, reset_peak_rss, return_big_blocks_to_kernel, rss_bytes
+from oprd.files import prepare_output_dir
 from oprd.losses import default_chunk_rows, layer_map
-from oprd.rollout import RolloutBatch
-from oprd.teacher import capture_hidden, model_inputs, response_rows
-from oprd.toy import tiny_config
-from oprd.trainer import Objective, distillation_loss
+from oprd.models import resolve_device, resolve_dtype
+from oprd.objective import LossPlan, distillation_loss
+from oprd.testing import tiny_config
 
 PROMPT_TOKENS = 64
 
@@ -62,14 +65,14 @@ PRESETS = {
                  intermediate_size=128, vocab_size=1024, tie_word_embeddings=False),
 }
 
-# Each method as `oprd train` overrides; the paper's settings (all layers, last 2000 positions).
+# Each method's objective sections; OPRD at the paper's settings (all layers, last 2000 positions, 1/d MSE).
+PAPER_OPRD = OPRDConfig(coef=1.0, normalize=False, layers="all", positions="last_k", k=2000)
 METHODS = {
-    "opd_top1": ["opd.objective=sampled"],
-    "opd_top16": ["opd.objective=topk", "opd.k=16"],
-    "opd_full": ["opd.objective=full"],
-    "oprd": ["oprd.coef=1", "oprd.normalize=false", "oprd.layers=all", "oprd.positions=last_k", "oprd.k=2000"],
-    "oprd_plus_opd": ["opd.objective=sampled", "oprd.coef=1", "oprd.normalize=false", "oprd.layers=all",
-                      "oprd.positions=last_k", "oprd.k=2000"],
+    "opd_top1": (OPDConfig(objective="sampled"), OPRDConfig()),
+    "opd_top16": (OPDConfig(objective="topk", k=16), OPRDConfig()),
+    "opd_full": (OPDConfig(objective="full"), OPRDConfig()),
+    "oprd": (OPDConfig(), PAPER_OPRD),
+    "oprd_plus_opd": (OPDConfig(objective="sampled"), PAPER_OPRD),
 }
 REFERENCES = ("floor", "trl")
 ALL_METHODS = (*METHODS, *REFERENCES)
@@ -157,19 +160,19 @@ def update_fn(method: str, student, teacher, batch: RolloutBatch, vocab: int):
     """A zero-argument function running one actor update (loss + backward) of `method`."""
     layers = student.config.num_hidden_layers
     if method in METHODS:
-        cfg = load_config(None, ["student.model=x", "teacher.model=x", "data.path=x", *METHODS[method]])
-        objective = Objective.from_config(cfg, layers, teacher.config.num_hidden_layers, vocab)
-        normalizers = objective.normalizers(batch)
-        return lambda: distillation_loss(objective, student, teacher, batch, normalizers)[0].backward()
+        plan = LossPlan.from_config(*METHODS[method], layers, teacher.config.num_hidden_layers, vocab)
+        normalizers = plan.normalizers(batch)
+        return lambda: distillation_loss(plan, student, teacher, batch, normalizers)[0].backward()
     if method == "floor":
-        inputs, rows = model_inputs(batch), response_rows(batch.response_mask, batch.prompt_ids.shape[1])
+        inputs, keep_B_S = model_inputs(batch), response_positions(batch.response_mask, batch.prompt_ids.shape[1])
         deepest = max(layer_map(layers, teacher.config.num_hidden_layers))
-        probe = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(batch.prompt_ids.device)
+        probe = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(batch.prompt_ids.device)
 
         def floor() -> None:
             with torch.no_grad():
-                capture_hidden(teacher, inputs, [deepest], rows)
-            h = capture_hidden(student, inputs, [layers], rows)[layers]
+                capture_hidden(teacher, inputs, [deepest], keep_B_S)
+            h = capture_hidden(student, inputs, [layers], keep_B_S)[layers]
             (h.float() @ probe).mean().backward()
 
         return floor
@@ -203,29 +206,6 @@ def _trl_update(student, teacher, batch: RolloutBatch):
 # --------------------------------------------------------------------------- measuring
 
 
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL("libc.so.6")
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    _libc().malloc_trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
 def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
     """Median seconds of one update in this process, with the allocator as users run it; on CUDA also
     the peak memory above baseline, from the allocator's counter. CPU memory: `measure_cpu_memory`."""
@@ -238,7 +218,7 @@ def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dic
     seconds, peaks = [], []
     for i in range(warmup + repeats):
         student.zero_grad(set_to_none=True)
-        _release_memory()
+        release_memory()
         if cuda:
             torch.cuda.synchronize()
             baseline = torch.cuda.memory_allocated()
@@ -259,9 +239,9 @@ def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dic
 def measure_cpu_memory(method: str, shape: Shape, warmup: int = 1) -> dict[str, int]:
     """Peak resident memory above baseline of one update, from the kernel's high-water mark.
 
-    Meaningful only in a process whose glibc got `mallopt(M_MMAP_THRESHOLD, 64 KiB)` before its
-    first large allocation (`_child` does this): then every block over 64 KiB is its own mapping,
-    returned to the kernel when freed, and RSS follows live tensors.
+    Meaningful only in a process that called `measure.return_big_blocks_to_kernel` before its first
+    large allocation (`_child` does): then every block over 64 KiB is its own mapping, returned to
+    the kernel when freed, and RSS follows live tensors.
     """
     torch.manual_seed(0)
     student, teacher = build_models(shape)
@@ -272,17 +252,17 @@ def measure_cpu_memory(method: str, shape: Shape, warmup: int = 1) -> dict[str, 
         student.zero_grad(set_to_none=True)
         run()
     student.zero_grad(set_to_none=True)
-    _release_memory()
-    baseline = _rss_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    release_memory()
+    baseline = rss_bytes()
+    reset_peak_rss()
     run()
-    return {"peak_memory_delta_bytes": _rss_bytes("VmHWM") - baseline}
+    return {"peak_memory_delta_bytes": rss_bytes("VmHWM") - baseline}
 
 
 def _child(part: str, method: str, shape: Shape, repeats: int, queue) -> None:
     try:
-        if part == "memory" and not _libc().mallopt(M_MMAP_THRESHOLD, 1 << 16):
-            raise RuntimeError("glibc refused mallopt(M_MMAP_THRESHOLD)")
+        if part == "memory":
+            return_big_blocks_to_kernel()
         torch.set_num_threads(int(os.environ.get("OPRD_BENCH_THREADS", torch.get_num_threads())))
         queue.put(measure_cpu_memory(method, shape) if part == "memory" else measure(method, shape, repeats))
     except Exception as error:  # reported by the parent with the method's name
@@ -391,18 +371,18 @@ def sweep_fit(sweep: list[dict]) -> dict[str, dict[str, float]]:
 
 def _ratio_table(methods: dict[str, dict], title: str) -> list[str]:
     oprd, floor = methods.get("oprd"), methods.get("floor")
-    lines = [f"### {title}", "", "| method | update s | x oprd | x floor | peak delta MiB | x oprd | x floor |",
-             "|---|---|---|---|---|---|---|"]
+
+    def ratio(ref, key, value):
+        return f"{value / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
+
+    rows = []
     for name, m in methods.items():
         t, b = m["step_seconds"], m["peak_memory_delta_bytes"]
-
-        def ratio(ref, key, value):
-            return f"{value / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
-
-        lines.append(f"| {name} | {t:.3f} | {ratio(oprd, 'step_seconds', t)} | {ratio(floor, 'step_seconds', t)} | "
-                     f"{b / 2**20:.0f} | {ratio(oprd, 'peak_memory_delta_bytes', b)} | "
-                     f"{ratio(floor, 'peak_memory_delta_bytes', b)} |")
-    return lines + [""]
+        rows.append([name, f"{t:.3f}", ratio(oprd, "step_seconds", t), ratio(floor, "step_seconds", t),
+                     f"{b / 2**20:.0f}", ratio(oprd, "peak_memory_delta_bytes", b),
+                     ratio(floor, "peak_memory_delta_bytes", b)])
+    header = ["method", "update s", "x oprd", "x floor", "peak delta MiB", "x oprd", "x floor"]
+    return [f"### {title}", "", *markdown_table(header, rows), ""]
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -454,23 +434,23 @@ def write_report(result: dict, out: Path) -> None:
         "alive at once) join the student's activations.",
     ]
     if "sweep" in result:
-        lines += ["", "### Sequence-length sweep", "", "| seq len | " + " | ".join(result["methods"]) + " |",
-                  "|---|" + "---|" * len(result["methods"])]
-        for row in result["sweep"]:
-            cells = [f"{m['step_seconds']:.2f} s / {m['peak_memory_delta_bytes'] / 2**20:.0f} MiB"
-                     for m in row["methods"].values()]
-            lines.append(f"| {row['seq_len']} | " + " | ".join(cells) + " |")
+        lines += ["", "### Sequence-length sweep", "",
+                  *markdown_table(["seq len", *result["methods"]], (
+                      [row["seq_len"], *(f"{m['step_seconds']:.2f} s / {m['peak_memory_delta_bytes'] / 2**20:.0f} MiB"
+                                         for m in row["methods"].values())] for row in result["sweep"]))]
         lines += ["", "How each method grows with response tokens: time (least-squares slope), peak memory between "
                   "the two longest lengths (where activations rather than gradients set the peak), and the memory "
-                  "above `floor` (least-squares line: what the loss holds beyond the backbones).", "",
-                  "| method | s per 1k tokens | MiB per 1k tokens, longest | over floor: MiB per 1k tokens | "
-                  "over floor: MiB at 0 tokens | over floor: max residual MiB |", "|---|---|---|---|---|---|"]
+                  "above `floor` (least-squares line: what the loss holds beyond the backbones).", ""]
+        rows = []
         for name, fit in result["sweep_fit"].items():
             over = [f"{fit[key] * scale / 2**20:.0f}" if key in fit else "-" for key, scale in (
                 ("memory_over_floor_bytes_per_token", 1000), ("memory_over_floor_intercept_bytes", 1),
                 ("memory_over_floor_max_residual_bytes", 1))]
-            lines.append(f"| {name} | {fit['seconds_per_token'] * 1000:.2f} | "
-                         f"{fit['memory_bytes_per_token_at_longest'] * 1000 / 2**20:.0f} | " + " | ".join(over) + " |")
+            rows.append([name, f"{fit['seconds_per_token'] * 1000:.2f}",
+                         f"{fit['memory_bytes_per_token_at_longest'] * 1000 / 2**20:.0f}", *over])
+        lines += markdown_table(["method", "s per 1k tokens", "MiB per 1k tokens, longest",
+                                 "over floor: MiB per 1k tokens", "over floor: MiB at 0 tokens",
+                                 "over floor: max residual MiB"], rows)
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
 
@@ -485,7 +465,8 @@ def plot(result: dict, out: Path) -> None:
     for name in result["methods"]:
         lengths = [r["seq_len"] for r in rows]
         ax_time.plot(lengths, [r["methods"][name]["step_seconds"] for r in rows], marker="o", label=name)
-        ax_mem.plot(lengths, [r["methods"][name]["peak_memory_delta_bytes"] / 2**20 for r in rows], marker="o", label=name)
+        ax_mem.plot(lengths, [r["methods"][name]["peak_memory_delta_bytes"] / 2**20 for r in rows], marker="o",
+                    label=name)
     ax_time.set(xlabel="response tokens", ylabel="update seconds", title="time per actor update")
     ax_mem.set(xlabel="response tokens", ylabel="peak memory above baseline (MiB)", title="transient memory")
     ax_mem.legend()
@@ -495,37 +476,62 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(preset: str, seq_lens: list[int], *, num_layers: int | None, batch_size: int, methods: list[str],
-              repeats: int, device: str, dtype: str, out: Path, progress=None) -> dict:
+@dataclass
+class BenchSettings:
+    """`oprd bench`: one preset's shapes, the methods to measure and where the report goes."""
+
+    out: Path
+    preset: str = "r1-distill-1.5b"
+    seq_lens: list[int] = field(default_factory=lambda: [1024])  # response tokens; several make a sweep
+    num_layers: int | None = None  # None: 4 on a CPU (a depth it can run), the preset's own on a GPU
+    batch_size: int = 1
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    repeats: int = 3  # timed updates per method after one warm-up
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+        if not self.seq_lens or min(self.seq_lens) < 1 or len(set(self.seq_lens)) != len(self.seq_lens):
+            raise ValueError(f"sequence lengths must be distinct positive numbers, got {self.seq_lens}")
+
+    def shape(self, seq_len: int) -> Shape:
+        device = resolve_device(self.device)
+        num_layers = self.num_layers or (PRESETS[self.preset]["num_layers"] if device.type == "cuda" else 4)
+        dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
+        return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype)
+
+
+def run_bench(settings: BenchSettings, progress=None) -> dict:
     """Measures every method at every sequence length; writes bench.json, bench.md, bench.png."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
-    if not seq_lens or min(seq_lens) < 1 or len(set(seq_lens)) != len(seq_lens):
-        raise ValueError(f"sequence lengths must be distinct positive numbers, got {seq_lens}")
-    num_layers = num_layers or PRESETS[preset]["num_layers"]
-    check_fits_in_memory(Shape(preset, num_layers, max(seq_lens), batch_size, device, dtype))
+    s = settings
+    shapes = [s.shape(seq_len) for seq_len in s.seq_lens]
+    check_fits_in_memory(max(shapes, key=lambda shape: shape.seq_len))
+    out = prepare_output_dir(s.out, overwrite=s.overwrite, overwrite_flag="--overwrite", replace=False)
     sweep = []
-    for seq_len in seq_lens:
-        shape = Shape(preset, num_layers, seq_len, batch_size, device, dtype)
+    for shape in shapes:
         measured = {}
-        for method in methods:
+        for method in s.methods:
             if progress:
-                progress(f"{method} @ {seq_len} tokens")
-            measured[method] = measure_in_fresh_process(method, shape, repeats)
-        sweep.append({"seq_len": seq_len, "methods": measured})
-    result = {"device": device, "dtype": dtype, "preset": preset, "num_layers": num_layers, "seq_len": seq_lens[0],
-              "batch_size": batch_size, "repeats": repeats, "methods": sweep[0]["methods"]}
+                progress(f"{method} @ {shape.seq_len} tokens")
+            measured[method] = measure_in_fresh_process(method, shape, s.repeats)
+        sweep.append({"seq_len": shape.seq_len, "methods": measured})
+    first = shapes[0]
+    result = {"device": first.device, "dtype": first.dtype, "preset": s.preset, "num_layers": first.num_layers,
+              "seq_len": first.seq_len, "batch_size": s.batch_size, "repeats": s.repeats,
+              "methods": sweep[0]["methods"]}
     if len(sweep) > 1:
         result["sweep"] = sweep
         result["sweep_fit"] = sweep_fit(sweep)
-    shape = Shape(preset, num_layers, seq_lens[0], batch_size, device, dtype)
-    if num_layers < PRESETS[preset]["num_layers"] and "floor" in result["methods"]:
-        result["projection"] = {"num_layers": PRESETS[preset]["num_layers"], "methods": project(result["methods"], shape)}
-    result["flops"] = flop_model(shape)
-    out.mkdir(parents=True, exist_ok=True)
+    if first.num_layers < PRESETS[s.preset]["num_layers"] and "floor" in result["methods"]:
+        result["projection"] = {"num_layers": PRESETS[s.preset]["num_layers"],
+                                "methods": project(result["methods"], first)}
+    result["flops"] = flop_model(first)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     plot(result, out)

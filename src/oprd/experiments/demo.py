@@ -4,54 +4,56 @@
     oprd demo --out /tmp/d --quick       # a reduced run (for tests), under 2 minutes
 
 Top to bottom:
-1. The toy world (`oprd.toy.build_world`, cached): modular-arithmetic chains, a tokenizer, a
-   teacher and its own earlier checkpoint as the student.
+1. The toy world (`toy.build_world`, cached): modular-arithmetic chains, a tokenizer, a teacher and
+   its own earlier checkpoint as the student.
 2. From that student, with the same steps, rollouts per step and seed, through `oprd.trainer.train`
-   (no separate code path): OPD top-1, OPD top-16, OPRD, OPD top-1 + mu * OPRD.
+   (no separate code path; each method's config is built as a typed `TrainConfig`): OPD top-1,
+   OPD top-16, OPRD, OPD top-1 + mu * OPRD.
 3. Sequence-level KD, the off-policy reference: the teacher samples as many solutions as the
-   on-policy runs sample rollouts, and the student is fine-tuned on them (`oprd.toy.sft`) for the
-   same wall-clock budget as the on-policy runs' median training time.
+   on-policy runs sample rollouts, and the student is fine-tuned on them (`toy.sft`) for the same
+   wall-clock budget as the on-policy runs' median training time.
 4. Teacher, student and every distilled student evaluated on the held-out problems with
-   `oprd.evaluation.evaluate` (Avg@k, Best@k, Dist-4g, Avg Len).
+   `oprd.evaluation.harness.evaluate` (Avg@k, Best@k, Dist-4g, Avg Len).
 5. results.json, report.md, plots (accuracy / rep cosine / response length vs step), printed tables.
 
-Peak memory: the process's resident set size (RSS, from /proc/self/statm) is sampled every 5 ms
-by a thread while a method trains; the delta is its peak minus the RSS just before the method
-started (after garbage collection and malloc_trim, so memory freed by the previous method does not
-count). It includes loading the method's models and optimizer, which are the same for every method.
+Peak memory is the process's resident-set high-water mark while a method runs, above the resident
+set just before it (`measure.PeakRSS`). It includes loading the method's models and optimizer,
+which are the same for every method.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import statistics
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.progress import Progress
 from transformers.utils import logging as hf_logging
 
-from oprd import toy
-from oprd.config import load_config
+from oprd.checkpoint import save_model_dir
+from oprd.config import DataConfig, OPDConfig, OPRDConfig, OptimConfig, RolloutConfig, TrainConfig, validate
 from oprd.data import load_problems
-from oprd.evaluation import evaluate
-from oprd.models import ModelSpec, eos_token_ids, load_model, load_tokenizer
+from oprd.display import console_table, markdown_table, progress_bar
+from oprd.evaluation.harness import evaluate
+from oprd.experiments import toy
+from oprd.experiments.measure import PeakRSS
+from oprd.files import prepare_output_dir
+from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams
+from oprd.trainer import train
 
-ON_POLICY = {  # method -> its `oprd train` overrides (on top of the shared ones)
-    "opd_top1": ["opd.objective=sampled"],
-    "opd_top16": ["opd.objective=topk", "opd.k=16"],
-    "oprd": [],  # oprd.coef = DemoSettings.oprd_coef (shared below)
-    "opd_top1_plus_oprd": ["opd.objective=sampled"],  # L_OPD + mu * L_OPRD, mu = oprd_coef
+ON_POLICY = {  # method -> its output-space objective; OPRD (at DemoSettings.oprd_coef) in OPRD_METHODS
+    "opd_top1": OPDConfig(objective="sampled"),
+    "opd_top16": OPDConfig(objective="topk", k=16),
+    "oprd": OPDConfig(objective="none"),
+    "opd_top1_plus_oprd": OPDConfig(objective="sampled"),  # L_OPD + mu * L_OPRD, mu = oprd_coef
 }
+OPRD_METHODS = ("oprd", "opd_top1_plus_oprd")
 METHODS = ("teacher", "student", *ON_POLICY, "seq_kd")
 
 
@@ -65,8 +67,8 @@ class DemoSettings:
     responses_per_prompt: int = 2
     lr: float = 3e-3  # the toy's own SFT learning rate; the same for every method
     oprd_k: int = 64  # last-k response positions (the paper's 2000 of ~7000 tokens; here every response token)
-    # The paper's 1/d MSE (its Table 2 numbers), coefficient 1. Screened on this toy (100 held-out problems,
-    # 150 steps x 16 prompts): 89% Avg@4 vs 83.5% for the reference code's normalised MSE at coef 300.
+    # The paper's 1/d MSE (its Table 2 numbers), coefficient 1; chosen over the reference code's normalised
+    # MSE by a screen on this toy (README).
     oprd_normalize: bool = False
     oprd_coef: float = 1.0  # OPRD-only coefficient, and mu of OPD top-1 + mu * OPRD
     eval_samples: int = 4  # k of Avg@k / Best@k
@@ -78,60 +80,15 @@ class DemoSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+
     @classmethod
-    def quick_run(cls, out: Path, **kw) -> "DemoSettings":
+    def quick_run(cls, out: Path, **kw) -> DemoSettings:
         return cls(out, quick=True, **{"steps": 4, "prompts_per_step": 4, "eval_samples": 2, "eval_problems": 16,
                                        "curve_every": 2, "curve_problems": 8, **kw})
-
-
-# --------------------------------------------------------------------------- measurement
-
-
-class PeakRSS:
-    """Peak resident set size of this process while the block runs, above its value at entry."""
-
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s, self.peak, self.baseline = interval_s, 0, 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _page_size()
-
-    def __enter__(self) -> "PeakRSS":
-        gc.collect()
-        _malloc_trim()
-        self.baseline = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.baseline
-
-
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline then includes cached free memory
-        pass
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -142,11 +99,10 @@ def evaluate_model(path: Path, world: toy.World, s: DemoSettings, progress: Prog
     spec = ModelSpec(model=str(path))
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, torch.device("cpu")).eval()
-    rollout = HFRollout(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
-                        vocab_size=len(tokenizer))
     problems = load_problems(str(world.test_path), limit=s.eval_problems)
     params = SamplingParams(temperature=s.eval_temperature, max_new_tokens=max_response_tokens(world), n=s.eval_samples)
-    result = evaluate(rollout, tokenizer, problems, params, seed=s.seed, progress=progress, description=f"eval {name}")
+    result = evaluate(HFRollout.for_model(model, tokenizer), tokenizer, problems, params, seed=s.seed,
+                      progress=progress, description=f"eval {name}")
     m, k = result.metrics, s.eval_samples
     return {"accuracy": m[f"avg@{k}"], "best_at_k": m[f"best@{k}"], "dist_4g": m["dist-4g"],
             "avg_len": m["avg_len"], "k": k, "format_error_rate": m["format_error_rate"]}
@@ -160,32 +116,31 @@ def max_response_tokens(world: toy.World) -> int:
 # --------------------------------------------------------------------------- the methods
 
 
-def train_config(method: str, world: toy.World, s: DemoSettings, run_dir: Path, extra: Sequence[str] = ()):
-    """The `oprd train` config of an on-policy method: shared settings, the method's objective, then `extra`."""
-    shared = [
-        f"output_dir={run_dir}", f"seed={s.seed}", f"max_steps={s.steps}", "save_every=0", "overwrite=true",
-        "device=cpu", f"student.model={world.student}", f"teacher.model={world.teacher}",
-        f"data.path={world.train_path}", f"rollout.prompts_per_step={s.prompts_per_step}",
-        f"rollout.responses_per_prompt={s.responses_per_prompt}", "rollout.temperature=1.0",
-        f"rollout.max_new_tokens={max_response_tokens(world)}", f"optim.lr={s.lr}", "optim.warmup_ratio=0.05",
-        "optim.schedule=constant", f"optim.micro_batch_size={s.prompts_per_step * s.responses_per_prompt}",
-        "optim.weight_decay=0.0",
+def train_config(method: str, world: toy.World, s: DemoSettings, run_dir: Path) -> TrainConfig:
+    """The `oprd train` config of an on-policy method: the demo's shared settings and the method's objective."""
+    return TrainConfig(
+        output_dir=str(run_dir), seed=s.seed, max_steps=s.steps, save_every=0, overwrite=True, device="cpu",
+        student=ModelSpec(model=str(world.student)), teacher=ModelSpec(model=str(world.teacher)),
+        data=DataConfig(path=str(world.train_path)),
+        rollout=RolloutConfig(prompts_per_step=s.prompts_per_step, responses_per_prompt=s.responses_per_prompt,
+                              temperature=1.0, max_new_tokens=max_response_tokens(world)),
+        optim=OptimConfig(lr=s.lr, warmup_ratio=0.05, schedule="constant",
+                          micro_batch_size=s.prompts_per_step * s.responses_per_prompt, weight_decay=0.0),
+        opd=replace(ON_POLICY[method]),
         # OPRD: all layers, last-k response positions (paper defaults scaled to the toy's lengths)
-        "oprd.layers=all", "oprd.positions=last_k", f"oprd.k={s.oprd_k}", f"oprd.normalize={str(s.oprd_normalize).lower()}",
-        f"oprd.coef={s.oprd_coef if method in ('oprd', 'opd_top1_plus_oprd') else 0.0}",
-        f"eval_every={s.curve_every}", f"eval_benchmarks=[{world.test_path}]", f"eval_limit={s.curve_problems}",
-        "eval_samples=2", f"eval_temperature={s.eval_temperature}", f"eval_max_new_tokens={max_response_tokens(world)}",
-    ]
-    return load_config(None, shared + ON_POLICY[method] + list(extra))
+        oprd=OPRDConfig(coef=s.oprd_coef if method in OPRD_METHODS else 0.0, normalize=s.oprd_normalize,
+                        layers="all", positions="last_k", k=s.oprd_k),
+        eval_every=s.curve_every, eval_benchmarks=[str(world.test_path)], eval_limit=s.curve_problems,
+        eval_samples=2, eval_temperature=s.eval_temperature, eval_max_new_tokens=max_response_tokens(world),
+    )
 
 
-def run_on_policy(method: str, world: toy.World, s: DemoSettings, console: Console, extra: Sequence[str] = (),
-                  name: str | None = None) -> dict:
-    """Trains one method through `oprd.trainer.train` in runs/<name or method>; `extra` overrides the config."""
-    from oprd.trainer import train
-
+def run_on_policy(method: str, world: toy.World, s: DemoSettings, console: Console, name: str | None = None,
+                  adjust: Callable[[TrainConfig], TrainConfig] = lambda cfg: cfg) -> dict:
+    """Trains one method through `oprd.trainer.train` in runs/<name or method>; `adjust` changes its config."""
     run_dir = s.out / "runs" / (name or method)
-    cfg = train_config(method, world, s, run_dir, extra)
+    cfg = adjust(train_config(method, world, s, run_dir))
+    validate(cfg)
     started = time.perf_counter()
     with PeakRSS() as memory:
         train(cfg, console=console)
@@ -215,8 +170,7 @@ def run_seq_kd(world: toy.World, s: DemoSettings, budget_s: float, progress: Pro
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(ModelSpec(model=str(world.teacher)))
     teacher = load_model(ModelSpec(model=str(world.teacher)), torch.device("cpu")).eval()
-    rollout = HFRollout(teacher, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(teacher, tokenizer),
-                        vocab_size=len(tokenizer))
+    rollout = HFRollout.for_model(teacher, tokenizer)
     problems = load_problems(str(world.train_path))
     n_prompts = min(len(problems), s.steps * s.prompts_per_step)
     generator = torch.Generator().manual_seed(s.seed)
@@ -239,8 +193,7 @@ def run_seq_kd(world: toy.World, s: DemoSettings, budget_s: float, progress: Pro
                         seed=s.seed, deadline=None if s.seq_kd_steps else started + budget_s,
                         callback=lambda step, loss: progress.update(task, completed=step))
     seconds = time.perf_counter() - started
-    student.save_pretrained(run_dir / "final")
-    tokenizer.save_pretrained(run_dir / "final")
+    save_model_dir(run_dir / "final", student, tokenizer)
     return {
         "final": run_dir / "final",
         "train_seconds": seconds,
@@ -260,22 +213,11 @@ def run_seq_kd(world: toy.World, s: DemoSettings, budget_s: float, progress: Pro
 def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the whole demo; returns results.json's content."""
     console = console or Console(stderr=True)
-    out = Path(s.out)
-    if out.exists() and any(out.iterdir()) and not s.overwrite:
-        raise FileExistsError(f"{out} is not empty: pass --overwrite to replace it or choose another --out")
-    unknown = [m for m in s.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", replace=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.disable_progress_bar()  # ours are the progress bars that matter
     started = time.perf_counter()
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = progress_bar(console)
 
     with progress:
         world = toy.build_world(toy.QUICK_WORLD if s.quick else toy.WorldSettings(seed=0), progress)
@@ -303,7 +245,8 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
     gap = results["teacher"]["accuracy"] - results["student"]["accuracy"]
     for method, run in extras.items():
         results[method].update({k: v for k, v in run.items() if k not in ("final", "curve")})
-        results[method]["gap_closed"] = (results[method]["accuracy"] - results["student"]["accuracy"]) / gap if gap else None
+        gained = results[method]["accuracy"] - results["student"]["accuracy"]
+        results[method]["gap_closed"] = gained / gap if gap else None
     payload = {"wall_seconds": time.perf_counter() - started, "methods": results}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     (out / "settings.json").write_text(json.dumps({**asdict(s), "out": str(s.out), "world": str(world.root),
@@ -311,8 +254,9 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
     curves = {m: r["curve"] for m, r in extras.items() if "curve" in r}
     plot_curves(curves, results, out)
     (out / "report.md").write_text(report(payload, s, world, extras))
-    console.print(accuracy_table(results, s.eval_samples))
-    console.print(cost_table(results))
+    k = s.eval_samples
+    console.print(console_table(f"Held-out toy problems (Table 2 style), k={k}", *accuracy_rows(results, k)))
+    console.print(console_table("Cost per method (Table 3 style)", *cost_rows(results)))
     console.print(f"wall clock {payload['wall_seconds']:.0f} s; results in {out}")
     return payload
 
@@ -324,27 +268,23 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def accuracy_table(results: dict, k: int) -> Table:
-    table = Table(title=f"Held-out toy problems (Table 2 style), k={k}")
-    for column in ("method", f"Avg@{k}", f"Best@{k}", "Dist-4g", "Avg Len", "gap closed"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for method, r in results.items():
-        table.add_row(method, _pct(r["accuracy"]), _pct(r["best_at_k"]), _pct(r["dist_4g"]), f"{r['avg_len']:.1f}",
-                      _pct(r.get("gap_closed")))
-    return table
+def _seconds(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
-def cost_table(results: dict) -> Table:
-    table = Table(title="Cost per method (Table 3 style)")
-    for column in ("method", "update s/step", "rollout s/step", "peak mem Δ (MB)", "train s", "steps"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for method, r in results.items():
-        if "train_seconds" not in r:
-            continue
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"
-        table.add_row(method, fmt(r["update_seconds_per_step"]), fmt(r["rollout_seconds_per_step"]),
-                      f"{r['peak_memory_delta_bytes'] / 2**20:.1f}", f"{r['train_seconds']:.1f}", str(r["steps"]))
-    return table
+def accuracy_rows(results: dict, k: int) -> tuple[list[str], list[list[str]]]:
+    header = ["method", f"Avg@{k}", f"Best@{k}", "Dist-4g", "Avg Len", "gap closed"]
+    rows = [[method, _pct(r["accuracy"]), _pct(r["best_at_k"]), _pct(r["dist_4g"]), f"{r['avg_len']:.1f}",
+             _pct(r.get("gap_closed"))] for method, r in results.items()]
+    return header, rows
+
+
+def cost_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "update s/step", "rollout s/step", "peak memory delta (MB)", "train s", "steps"]
+    rows = [[method, _seconds(r["update_seconds_per_step"]), _seconds(r["rollout_seconds_per_step"]),
+             f"{r['peak_memory_delta_bytes'] / 2**20:.1f}", f"{r['train_seconds']:.1f}", str(r["steps"])]
+            for method, r in results.items() if "train_seconds" in r]
+    return header, rows
 
 
 def plot_curves(curves: dict[str, list[dict]], results: dict, out: Path) -> None:
@@ -403,7 +343,8 @@ def report(payload: dict, s: DemoSettings, world: toy.World, extras: dict) -> st
         "",
         f"Command settings: seed {s.seed}, {s.steps} steps x {s.prompts_per_step} prompts x {s.responses_per_prompt} "
         f"responses per method, lr {s.lr}, OPRD all layers, last {s.oprd_k} positions, "
-        f"normalize={s.oprd_normalize}, coef (mu) {s.oprd_coef}{' (--quick)' if s.quick else ''}. Total wall clock {payload['wall_seconds']:.0f} s.",
+        f"normalize={s.oprd_normalize}, coef (mu) {s.oprd_coef}{' (--quick)' if s.quick else ''}. "
+        f"Total wall clock {payload['wall_seconds']:.0f} s.",
         "",
         f"Software: {software_versions()}. The toy's SFT and on-policy runs are deterministic for one install, but "
         "other torch versions or CPUs round differently, and the teacher's sudden rise in accuracy amplifies that.",
@@ -412,8 +353,9 @@ def report(payload: dict, s: DemoSettings, world: toy.World, extras: dict) -> st
         "",
         f"Chains of {world.settings.min_ops}-{world.settings.max_ops} modular (mod 10) operations, solved one line per "
         f"operation; {world.settings.train_problems} training and {world.settings.test_problems} held-out problems. "
-        f"Teacher: a {world.settings.model.num_layers}-layer, {world.settings.model.hidden_size}-wide Qwen3 trained by SFT "
-        f"for {world.settings.model.steps} steps; student: the same run's checkpoint at step {world.settings.student_steps}. "
+        f"Teacher: a {world.settings.model.num_layers}-layer, {world.settings.model.hidden_size}-wide Qwen3 trained "
+        f"by SFT for {world.settings.model.steps} steps; student: the same run's checkpoint at step "
+        f"{world.settings.student_steps}. "
         "Example:",
         "",
         "```",
@@ -423,26 +365,19 @@ def report(payload: dict, s: DemoSettings, world: toy.World, extras: dict) -> st
         "",
         f"## Accuracy (held-out, Avg@{k} at temperature {s.eval_temperature})",
         "",
-        f"| method | Avg@{k} | Best@{k} | Dist-4g | Avg Len | gap closed |",
-        "|---|---|---|---|---|---|",
+        *markdown_table(*accuracy_rows(results, k)),
+        "",
+        "## Cost",
+        "",
+        *markdown_table(*cost_rows(results)),
     ]
-    for method, r in results.items():
-        lines.append(f"| {method} | {_pct(r['accuracy'])} | {_pct(r['best_at_k'])} | {_pct(r['dist_4g'])} | "
-                     f"{r['avg_len']:.1f} | {_pct(r.get('gap_closed'))} |")
-    lines += ["", "## Cost", "", "| method | update s/step | rollout s/step | peak memory delta (MB) | train s | steps |",
-              "|---|---|---|---|---|---|"]
-    for method, r in results.items():
-        if "train_seconds" in r:
-            f = lambda x: "-" if x is None else f"{x:.3f}"
-            lines.append(f"| {method} | {f(r['update_seconds_per_step'])} | {f(r['rollout_seconds_per_step'])} | "
-                         f"{r['peak_memory_delta_bytes'] / 2**20:.1f} | {r['train_seconds']:.1f} | {r['steps']} |")
     lines += [
         "",
         "Update time = teacher forward + student forward/backward + optimizer step (trainer's time/teacher_s + "
         "time/update_s). Train seconds exclude the held-out evaluations during training. Peak memory: this "
-        "process's RSS sampled every 5 ms by a thread during the method, minus the RSS at its start (after gc and "
-        "malloc_trim); it includes loading the method's models and optimizer, which is the same for all methods, "
-        "so on models this small the differences between methods are mostly allocator noise.",
+        "process's resident-set high-water mark during the method, minus the resident set at its start (after gc "
+        "and malloc_trim); it includes loading the method's models and optimizer, which is the same for all "
+        "methods, so on models this small the differences between methods are mostly allocator noise.",
         "",
     ]
     if "seq_kd" in extras:

@@ -14,7 +14,6 @@ or kill a whole evaluation.
 from __future__ import annotations
 
 import atexit
-import inspect
 import json
 import os
 import re
@@ -23,8 +22,10 @@ import subprocess
 import sys
 import threading
 from functools import lru_cache
+from pathlib import Path
 
 GRADE_TIMEOUT_S = 5.0  # wall clock per answer comparison; slower ones are graded wrong
+_WORKER = Path(__file__).with_name("grading_worker.py")  # the math-verify child process
 
 # ---------------------------------------------------------------------------------------------
 # Answer extraction
@@ -178,12 +179,12 @@ class _Verifier:
             return reply == "1"
 
     def _start(self) -> None:
-        # The child runs the source of `_verify_worker` alone: importing this module would pull in
-        # torch and transformers, and the child restarts after every overrun.
-        source = inspect.getsource(_verify_worker) + "\n_verify_worker()\n"
+        # The child runs grading_worker.py as a script, by path: importing it as part of the package
+        # would pull in torch and transformers, and the child restarts after every overrun. -I keeps
+        # the script's folder (this package's modules) off its import path.
         self._pid = os.getpid()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", source],
+            [sys.executable, "-I", str(_WORKER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -207,26 +208,3 @@ class _Verifier:
 
 
 _VERIFIER = _Verifier()
-
-
-def _verify_worker() -> None:
-    """The child of `_Verifier`: reads JSON [answer, ground_truth] lines, answers "1" or "0" per line.
-    Self-contained (its source runs alone in the child)."""
-    import json
-    import os
-    import sys
-
-    from math_verify import parse, verify
-
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints from sympy must not reach the reply pipe
-    print("ready", file=replies)
-    for line in sys.stdin:
-        answer, ground_truth = json.loads(line)
-        try:
-            # Timeouts off: math-verify's are SIGALRM-based; the parent enforces the deadline.
-            gold = parse(f"\\boxed{{{ground_truth}}}", parsing_timeout=None)
-            ok = verify(gold, parse(f"\\boxed{{{answer}}}", parsing_timeout=None), timeout_seconds=None)
-        except Exception:
-            ok = False
-        print(int(bool(ok)), file=replies)

@@ -1,0 +1,128 @@
+"""The batch that sampling produces and every loss reads.
+
+The sequence fed to a model is `[prompt_ids | response_ids]` (B, P + T). Prompts are left-padded
+and responses right-padded, so response token t sits at column P + t in every row and is predicted
+by the model output at column P + t - 1.
+
+A batch is built whole and never changed afterwards (the dataclasses are frozen): across
+tokenizers, `alignment.retokenize` builds the teacher's view of a sampled batch and returns a new
+batch that carries it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Prompts and sampled responses, laid out for scoring by the student and the teacher."""
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) long
+    response_ids: torch.Tensor  # (B, T) long, right-padded
+    response_mask: torch.Tensor  # (B, T) long; 1 on valid tokens, contiguous from 0, EOS included
+    prompt_index: torch.Tensor  # (B,) long: which input prompt each row answers
+    truncated: torch.Tensor  # (B,) bool: stopped by max_new_tokens, not by EOS
+    teacher_view: TeacherView | None = None  # across tokenizers: the teacher's own tokens of these rows
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:  # (B, P + T), as `generate` numbers left-padded rows
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # (B,)
+        return self.response_mask.sum(-1)
+
+    def responses(self) -> list[list[int]]:
+        """Valid response tokens of each row, EOS included when sampled."""
+        return [row[: int(n)].tolist() for row, n in zip(self.response_ids, self.response_lengths)]
+
+    def select(self, rows: slice | torch.Tensor) -> RolloutBatch:
+        """Rows of the batch (a micro-batch), with the response block trimmed to its longest row."""
+        width = max(int(self.response_lengths[rows].max()), 1)
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[rows],
+            prompt_mask=self.prompt_mask[rows],
+            response_ids=self.response_ids[rows, :width],
+            response_mask=self.response_mask[rows, :width],
+            prompt_index=self.prompt_index[rows],
+            truncated=self.truncated[rows],
+            teacher_view=self.teacher_view.select(rows, width) if self.teacher_view is not None else None,
+        )
+
+    def micro_batches(self, size: int) -> list[RolloutBatch]:
+        """Consecutive groups of `size` rows (the last may be smaller), each trimmed by `select`."""
+        return [self.select(slice(first, first + size)) for first in range(0, self.response_ids.shape[0], size)]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return RolloutBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """The teacher's own tokens for a student batch, and which positions pair up.
+
+    `batch` holds the teacher's rendering of the prompts (left-padded, P') and the student's
+    response text re-tokenised by the teacher (right-padded, T'), EOS appended where the student
+    stopped. `partner_B_T`: for each student response position, the teacher response position that
+    has read the same text, or -1. Partners increase along each row, so student positions and their
+    partners come out in the same row-major order.
+    """
+
+    batch: RolloutBatch
+    partner_B_T: torch.Tensor  # (B, T) long
+
+    def select(self, rows: slice | torch.Tensor, width: int) -> TeacherView:
+        return TeacherView(self.batch.select(rows), self.partner_B_T[rows, :width])
+
+    def to(self, device: torch.device | str) -> TeacherView:
+        return TeacherView(self.batch.to(device), self.partner_B_T.to(device))
+
+    def matched_share(self, response_mask: torch.Tensor) -> float:
+        """Share of the student's response positions that have a partner."""
+        return float((self.partner_B_T >= 0).sum()) / max(int(response_mask.sum()), 1)
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, width) ids and mask, right-aligned (prompts are left-padded)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Batches of one sampling call, stacked: prompts re-padded on the left, responses on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    response_width = max(p.response_ids.shape[1] for p in parts)
+
+    def widen(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+        return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+    return RolloutBatch(
+        prompt_ids=torch.cat([widen(p.prompt_ids, prompt_width, pad_id, True) for p in parts]),
+        prompt_mask=torch.cat([widen(p.prompt_mask, prompt_width, 0, True) for p in parts]),
+        response_ids=torch.cat([widen(p.response_ids, response_width, pad_id, False) for p in parts]),
+        response_mask=torch.cat([widen(p.response_mask, response_width, 0, False) for p in parts]),
+        prompt_index=torch.cat([p.prompt_index for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+    )

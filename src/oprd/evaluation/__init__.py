@@ -1,0 +1,21 @@
+"""Evaluation with the paper's metrics: grading answers by value, the metrics, the benchmark
+harness (`oprd.evaluation.harness`) and its reports (`oprd.evaluation.reports`).
+
+This face holds what needs neither torch nor a model: answer extraction and grading, and the
+metric formulas.
+"""
+
+from oprd.evaluation.grading import GRADE_TIMEOUT_S, answers_match, extract_answer, is_correct
+from oprd.evaluation.metrics import (
+    GradedSample,
+    distinct_ngrams,
+    majority_correct,
+    pass_at_k,
+    pass_ks,
+    summarize,
+)
+
+__all__ = [
+    "GRADE_TIMEOUT_S", "GradedSample", "answers_match", "distinct_ngrams", "extract_answer", "is_correct",
+    "majority_correct", "pass_at_k", "pass_ks", "summarize",
+]

@@ -1,0 +1,264 @@
+"""Sampling and grading whole benchmarks.
+
+  evaluate               sample through a `Rollout`, grade, summarise: the trainer's periodic
+                         validation and `oprd eval`
+  run_eval               `oprd eval MODEL...` (EvalSettings): models x benchmarks, with a report
+  grade_responses_file   `oprd eval grade FILE` (GradeSettings): responses sampled elsewhere
+
+Answers are graded by `grading` (math-verify in a child process with a hard deadline), the metrics
+come from `metrics`, the report files from `reports`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import mean
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from transformers import PreTrainedTokenizerBase
+
+from oprd.data import BENCHMARKS, Problem, load_problems, prompt_token_ids
+from oprd.display import progress_bar
+from oprd.evaluation.grading import GRADE_TIMEOUT_S, extract_answer, is_correct
+from oprd.evaluation.metrics import GradedSample, summarize
+from oprd.evaluation.reports import append_samples, prepare_report_dir, print_tables, write_report
+from oprd.models import ModelSpec, load_model, load_tokenizer, resolve_device
+from oprd.rollout import HFRollout, Rollout, SamplingParams, seeded
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # summarize()
+    samples: list[dict]  # one record per response, grouped by problem: see `sample_records`
+
+
+def evaluate(
+    rollout: Rollout,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    params: SamplingParams,
+    *,
+    seed: int = 0,
+    use_chat_template: bool = True,
+    batch_size: int = 64,
+    timeout_s: float = GRADE_TIMEOUT_S,
+    progress: Progress | None = None,
+    description: str = "eval",
+) -> EvalResult:
+    """Samples `params.n` responses per problem, grades them and summarises.
+
+    Generation runs in chunks of about `batch_size` sequences so `progress` (`display.progress_bar`)
+    can show the running accuracy. Sampling is seeded with `seed` (`rollout.seeded`): the caller's
+    RNG stream (which a trainer checkpoints for exact resume) is left as it was.
+    """
+    if not problems:
+        raise ValueError("evaluate needs at least one problem")
+    if any(p.answer is None for p in problems):
+        raise ValueError("every problem needs a ground-truth answer to be evaluated (see --answer-key)")
+    prompts = [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template) for p in problems]
+    per_chunk = max(1, batch_size // params.n)
+    task = progress.add_task(description, total=len(problems), status="acc -") if progress else None
+    graded: list[list[GradedSample]] = []
+    with seeded(seed):
+        for start in range(0, len(problems), per_chunk):
+            chunk = problems[start : start + per_chunk]
+            batch = rollout.generate(prompts[start : start + per_chunk], params)
+            texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
+            rows = [[] for _ in chunk]
+            for text, i, length, truncated in zip(
+                texts, batch.prompt_index.tolist(), batch.response_lengths.tolist(), batch.truncated.tolist()
+            ):
+                rows[i].append(grade(text, chunk[i].answer, length=length, truncated=truncated, timeout_s=timeout_s))
+            graded += rows
+            if progress:
+                accuracy = mean(s.correct for p in graded for s in p)
+                progress.update(task, advance=len(chunk), status=f"acc {100 * accuracy:.1f}%")
+    return EvalResult(summarize(graded), sample_records(problems, graded))
+
+
+def grade(
+    response: str, ground_truth: str, *, length: int, truncated: bool = False, timeout_s: float = GRADE_TIMEOUT_S
+) -> GradedSample:
+    """One response, extracted and graded."""
+    return GradedSample(
+        response=response,
+        answer=extract_answer(response),
+        correct=is_correct(response, ground_truth, timeout_s=timeout_s),
+        length=length,
+        truncated=truncated,
+    )
+
+
+def sample_records(problems: list[Problem], graded: list[list[GradedSample]]) -> list[dict]:
+    """samples.jsonl rows: index (row of the benchmark), sample, response, extracted_answer,
+    ground_truth, correct, length, truncated."""
+    return [
+        {
+            "index": problem.index,
+            "sample": j,
+            "response": s.response,
+            "extracted_answer": s.answer,
+            "ground_truth": problem.answer,
+            "correct": s.correct,
+            "length": s.length,
+            "truncated": s.truncated,
+        }
+        for problem, samples in zip(problems, graded)
+        for j, s in enumerate(samples)
+    ]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """`oprd eval MODEL...`: every model (hub id or local dir) on every benchmark (shipped name or
+    file), sampled with `sampling`, reported in `out`."""
+
+    models: list[str]
+    benchmarks: list[str]
+    out: Path
+    sampling: SamplingParams
+    seed: int = 0
+    batch_size: int = 64  # sequences per generate() call
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    use_chat_template: bool = True
+    prompt_key: str | None = None
+    answer_key: str | None = None
+    limit: int | None = None  # the first N problems of each benchmark
+    overwrite: bool = False
+
+
+def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
+    """Evaluates every model on every benchmark and writes the report; returns the summary (also
+    summary.json)."""
+    s = settings
+    out = prepare_report_dir(s.out, s.overwrite)
+    data = {
+        benchmark_label(b): load_problems(b, prompt_key=s.prompt_key, answer_key=s.answer_key, limit=s.limit)
+        for b in s.benchmarks
+    }
+    device = resolve_device(s.device)
+    summary = {
+        "models": list(s.models),
+        "benchmarks": list(data),
+        "sampling": asdict(s.sampling),
+        "seed": s.seed,
+        "length_unit": "tokens",
+        "results": {},
+    }
+    with progress_bar() as progress:
+        for name in s.models:
+            spec = ModelSpec(model=name, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+            tokenizer = load_tokenizer(spec)
+            model = load_model(spec, device)
+            rollout = HFRollout.for_model(model, tokenizer, s.batch_size)
+            for bench, problems in data.items():
+                result = evaluate(
+                    rollout,
+                    tokenizer,
+                    problems,
+                    s.sampling,
+                    seed=s.seed,
+                    use_chat_template=s.use_chat_template,
+                    batch_size=s.batch_size,
+                    progress=progress,
+                    description=f"{name} | {bench}",
+                )
+                summary["results"].setdefault(name, {})[bench] = result.metrics
+                append_samples(out, name, bench, result.samples)
+                write_report(out, summary)  # after every benchmark, so a crash keeps what finished
+            del model, rollout
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print_tables(console or Console(), summary, out)
+    return summary
+
+
+@dataclass(frozen=True)
+class GradeSettings:
+    """`oprd eval grade FILE`: responses sampled elsewhere, the benchmark their indices refer to."""
+
+    responses: Path
+    data: str
+    out: Path
+    tokenizer: str | None = None  # count lengths in this tokenizer's tokens (default: whitespace tokens)
+    prompt_key: str | None = None
+    answer_key: str | None = None
+    overwrite: bool = False
+    timeout_s: float = GRADE_TIMEOUT_S
+
+
+def grade_responses_file(settings: GradeSettings, console: Console | None = None) -> dict:
+    """Grades responses sampled elsewhere (e.g. by vLLM) against the benchmark and writes the same
+    report as `run_eval`."""
+    s = settings
+    out = prepare_report_dir(s.out, s.overwrite)
+    problems = load_problems(s.data, prompt_key=s.prompt_key, answer_key=s.answer_key)
+    responses = read_responses(s.responses)
+    unknown = [i for i in responses if not 0 <= i < len(problems)]
+    if unknown:
+        raise ValueError(f"{s.responses}: indices {unknown[:10]} are not rows of {s.data} ({len(problems)} rows)")
+    if s.tokenizer:
+        tok = load_tokenizer(ModelSpec(model=s.tokenizer))
+        count_tokens = lambda t: len(tok(t, add_special_tokens=False).input_ids)
+        length_unit = f"tokens ({s.tokenizer})"
+    else:
+        count_tokens, length_unit = (lambda t: len(t.split())), "whitespace tokens"
+    graded_problems = [problems[i] for i in sorted(responses)]
+    graded = []
+    with progress_bar() as progress:
+        task = progress.add_task(f"grading {s.responses.name}", total=len(graded_problems), status="acc -")
+        for problem in graded_problems:
+            graded.append(
+                [
+                    grade(text, problem.answer, length=count_tokens(text), truncated=cut, timeout_s=s.timeout_s)
+                    for text, cut in responses[problem.index]
+                ]
+            )
+            accuracy = mean(sample.correct for p in graded for sample in p)
+            progress.update(task, advance=1, status=f"acc {100 * accuracy:.1f}%")
+    label, bench = s.responses.stem, benchmark_label(s.data)
+    summary = {
+        "models": [label],
+        "benchmarks": [bench],
+        "responses": str(s.responses),
+        "data": s.data,
+        "length_unit": length_unit,
+        "problems_without_responses": len(problems) - len(graded_problems),
+        "results": {label: {bench: summarize(graded)}},
+    }
+    append_samples(out, label, bench, sample_records(graded_problems, graded))
+    write_report(out, summary)
+    print_tables(console or Console(), summary, out)
+    return summary
+
+
+def read_responses(path: str | Path) -> dict[int, list[tuple[str, bool]]]:
+    """{index: [(response, truncated), ...]} from JSONL lines `{"index": i, "responses": [...]}` or
+    `{"index": i, "response": "..."}` (grouped by index); an optional `truncated` field (a bool, or a
+    list beside `responses`) marks responses cut by a token limit."""
+    grouped: dict[int, list[tuple[str, bool]]] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row.get("index"), int) or not ("responses" in row or "response" in row):
+                expected = '{"index": int, "responses": [str, ...]} or {"index": int, "response": str}'
+                raise ValueError(f"{path}:{number}: expected {expected}")
+            texts = row["responses"] if "responses" in row else [row["response"]]
+            truncated = row.get("truncated", False)
+            flags = truncated if isinstance(truncated, list) else [truncated] * len(texts)
+            grouped.setdefault(row["index"], []).extend(zip(texts, map(bool, flags), strict=True))
+    if not grouped:
+        raise ValueError(f"{path} has no responses")
+    return grouped
+
+
+def benchmark_label(path: str) -> str:
+    return path if path in BENCHMARKS else Path(path).stem

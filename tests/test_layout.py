@@ -1,0 +1,86 @@
+"""The package's architecture, read from its imports: the library core never uses the experiments,
+the offline fixtures or the CLI, and no module imports itself in a circle."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "oprd"
+PROGRAMS = ("oprd.experiments", "oprd.cli", "oprd.__main__")  # use the library, never used by it
+FIXTURES = "oprd.testing"  # for tests, smoke assets and experiments only
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The oprd modules `name` imports anywhere in its file, with the packages those imports run
+    (importing oprd.bridge.projector first runs oprd/bridge/__init__.py, unless the importer is
+    inside oprd.bridge already)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                       for alias in node.names]
+        for target in targets:
+            if not target.startswith("oprd"):
+                continue
+            parts = target.split(".")
+            for depth in range(2, len(parts) + 1):  # every package on the way runs, then the module
+                package = ".".join(parts[:depth])
+                if package in modules and not (name + ".").startswith(package + ".") and package != name:
+                    found.add(package)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _is_program(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PROGRAMS)
+
+
+def test_the_graph_sees_the_packages_faces():
+    graph = _graph()
+    assert "oprd.bridge" in graph["oprd.trainer"]  # `from oprd.bridge import ...`
+    assert "oprd.bridge.projector" in graph["oprd.objective"] and "oprd.bridge" in graph["oprd.objective"]
+    assert "oprd.bridge" not in graph["oprd.bridge.stage1"]  # inside its own package
+
+
+def test_the_core_never_imports_programs_or_fixtures():
+    offending = {
+        name: sorted(t for t in targets if _is_program(t) or t == FIXTURES)
+        for name, targets in _graph().items()
+        if not _is_program(name) and name != FIXTURES
+    }
+    assert {name: t for name, t in offending.items() if t} == {}
+
+
+def test_no_import_circles():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    circles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph.get(name, ())):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert circles == []

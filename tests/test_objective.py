@@ -1,0 +1,142 @@
+"""oprd.objective: the trainer's fast path (chunked LM heads, truncated forwards, micro-batches)
+against the public loss functions on full Hugging Face outputs, values and gradients."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from oprd import losses
+from oprd.config import load_config
+from oprd.models import ModelSpec, load_model, load_tokenizer
+from oprd.objective import LossPlan, distillation_loss
+from oprd.rollout import HFRollout, SamplingParams
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
+TINY = str(SMOKE / "tiny-qwen3")
+
+
+def _plan(recipe: str, vocab: int) -> LossPlan:
+    cfg = load_config(SMOKE / recipe)
+    return LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, vocab)
+
+
+@pytest.fixture(scope="module")
+def pair_and_batch():
+    tokenizer = load_tokenizer(ModelSpec(model=TINY))
+    student = load_model(ModelSpec(model=TINY, random_init=True, init_seed=0), torch.device("cpu"))
+    teacher = load_model(ModelSpec(model=TINY, random_init=True, init_seed=1), torch.device("cpu"))
+    teacher.requires_grad_(False)
+    rollout = HFRollout.for_model(student, tokenizer)
+    prompts = [tokenizer("What is 1 + 2?").input_ids, tokenizer("Name a prime number larger than ten please").input_ids]
+    torch.manual_seed(0)
+    batch = rollout.generate(prompts, SamplingParams(n=2, max_new_tokens=12))
+    # Unequal response lengths, so padding and masks are exercised.
+    batch.response_mask[0, 5:] = 0
+    batch.response_mask[3, 9:] = 0
+    return student, teacher, batch, len(tokenizer)
+
+
+def _reference_loss(plan: LossPlan, student, teacher, batch):
+    """The public loss functions on full HF outputs (logits and hidden_states)."""
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    s_out = student(**inputs, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(**inputs, output_hidden_states=True)
+    window = slice(P - 1, P + T - 1)  # outputs that predict response tokens
+    mask = batch.response_mask.float()
+    loss = torch.zeros(())
+    if plan.opd != "none":
+        s_logits, t_logits = s_out.logits[:, window], t_out.logits[:, window]
+        if plan.opd == "sampled":
+            target = batch.response_ids.unsqueeze(-1)
+            s_lp = torch.log_softmax(s_logits, -1).gather(-1, target).squeeze(-1)
+            t_lp = torch.log_softmax(t_logits, -1).gather(-1, target).squeeze(-1)
+            loss = loss + losses.opd_sampled_loss(s_lp, t_lp, mask)
+        elif plan.opd == "topk":
+            loss = loss + losses.opd_topk_loss(s_logits, t_logits, mask, plan.topk, plan.topk_support)
+        else:
+            loss = loss + losses.opd_full_loss(s_logits, t_logits, mask)
+    if plan.oprd_coef > 0:
+        pos = plan.oprd_mask(batch)
+        rep = losses.representation_loss(
+            [s_out.hidden_states[layer][:, window] for layer in plan.student_layers],
+            [t_out.hidden_states[layer][:, window] for layer in plan.teacher_layers],
+            pos, plan.normalize, plan.aggregation,
+        )
+        loss = loss + plan.oprd_coef * rep
+    return loss
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["opd.objective=sampled"],
+        ["opd.objective=topk", "opd.k=8", "opd.support=union"],
+        ["opd.objective=topk", "opd.k=8", "opd.support=intersection"],
+        ["opd.objective=full"],
+        ["oprd.coef=1", "oprd.layers=all", "oprd.positions=last_k", "oprd.k=4"],
+        ["oprd.coef=1", "oprd.layers=even", "oprd.positions=first_k", "oprd.k=3", "oprd.aggregation=sequence",
+         "oprd.normalize=false"],
+        ["oprd.coef=1", "oprd.layers=[2]", "oprd.positions=last"],
+        ["opd.objective=sampled", "oprd.coef=10", "oprd.layers=odd", "oprd.positions=all"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_fast_path_matches_public_losses(pair_and_batch, overrides):
+    """Micro-batched, chunked, truncated forward == public functions on full outputs (value and grads)."""
+    student, teacher, batch, vocab = pair_and_batch
+    cfg = load_config(SMOKE / "oprd.yaml", ["oprd.coef=0", "opd.chunk_size=5", *overrides])
+    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, vocab)
+    normalizers = plan.normalizers(batch)
+
+    student.zero_grad()
+    fast_total = 0.0
+    for first in range(0, 4, 1):
+        loss, _ = distillation_loss(plan, student, teacher, batch.select(slice(first, first + 1)), normalizers)
+        loss.backward()
+        fast_total += loss.item()
+    fast_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    student.zero_grad()
+    reference = _reference_loss(plan, student, teacher, batch)
+    reference.backward()
+    assert fast_total == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
+    assert fast_grads, "no gradient reached the student"
+    for name, param in student.named_parameters():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        got = fast_grads.get(name, torch.zeros_like(param))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_oprd_only_never_runs_the_lm_heads(pair_and_batch):
+    student, teacher, batch, vocab = pair_and_batch
+    calls = []
+    handles = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1)) for m in (student, teacher)]
+    try:
+        plan = _plan("oprd.yaml", vocab)
+        loss, _ = distillation_loss(plan, student, teacher, batch, plan.normalizers(batch))
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+
+
+def test_padded_teacher_vocabulary_is_sliced(pair_and_batch, tmp_path):
+    """A teacher with extra embedding rows (same tokenizer) gives the same loss as without them."""
+    student, teacher, batch, vocab = pair_and_batch
+    config = teacher.config.__class__(**{**teacher.config.to_dict(), "vocab_size": vocab + 64})
+    padded = AutoModelForCausalLM.from_config(config)
+    state = teacher.state_dict()
+    for name, value in padded.state_dict().items():
+        value[: state[name].shape[0]] = state[name]  # copy; extra rows keep random values
+    padded.requires_grad_(False)
+    plan = _plan("opd_full.yaml", vocab)
+    norms = plan.normalizers(batch)
+    with torch.no_grad():
+        a, _ = distillation_loss(plan, student, teacher, batch, norms)
+        b, _ = distillation_loss(plan, student, padded, batch, norms)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
