@@ -22,7 +22,7 @@ from oprd.rollout import SamplingParams
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "tiny-qwen3"
 RECORD_FIELDS = {"model", "benchmark", "index", "sample", "response", "extracted_answer", "ground_truth"}
-RECORD_FIELDS |= {"correct", "length", "truncated"}
+RECORD_FIELDS |= {"correct", "grading_timed_out", "length", "truncated"}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,7 @@ def test_oprd_eval_grade_gives_the_expected_numbers(tmp_path):
             "truncation_rate": 2 / 12,
             "solve_none": 1,
             "solve_all": 0,
+            "grading_timeouts": 0,
             "problems": 3,
             "samples": 12,
             "k": 4,

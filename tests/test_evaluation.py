@@ -284,6 +284,7 @@ def test_summarize_against_hand_computed_values():
         "truncation_rate": 3 / 12,
         "solve_none": 1,
         "solve_all": 1,
+        "grading_timeouts": 0,
         "problems": 3,
         "samples": 12,
         "k": 4,

@@ -13,8 +13,11 @@ leaves the previous checkpoint as the newest.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,36 @@ import torch
 from oprd.files import write_dir_atomically
 
 PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it, the file and the fix."""
+
+
+def damaged(checkpoint: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {checkpoint} cannot be resumed from: {what}. Remove {checkpoint} to resume "
+                           "from the previous checkpoint, or pass resume_from=CHECKPOINT to choose one.")
+
+
+@contextmanager
+def reading(checkpoint: Path, file: str) -> Iterator[None]:
+    """Turns any failure to read `file` of `checkpoint` into a CheckpointError that says which
+    file is damaged and what to do (never torch's advice to unpickle with weights_only=False)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        if isinstance(error, (FileNotFoundError, KeyError)) or "does not appear to have a file" in str(error):
+            reason = "is missing or incomplete"
+        elif isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+            reason = "is not a file oprd wrote (it does not load safely with weights_only=True)"
+        elif isinstance(error, json.JSONDecodeError):
+            reason = f"is not valid JSON ({error.msg}, line {error.lineno})"
+        else:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+            reason = f"is damaged ({type(error).__name__}: {detail})"
+        raise damaged(checkpoint, f"{file} {reason}") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,7 +103,7 @@ def save_checkpoint(
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """The checkpoints of a run, oldest first (written atomically, so complete unless damaged later)."""
     if not checkpoint_dir.is_dir():
         return []
     found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
@@ -78,12 +111,25 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def load_training_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
-    """Restores optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text())
-    random.setstate(_tupled(state.pop("python_random")))
+    """Restores optimizer, scheduler and RNG from a checkpoint; returns its trainer state (step and
+    data position). Every file is read before anything is restored, and a file that cannot be read
+    is named in a CheckpointError."""
+    with reading(path, "trainer_state.json"):
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "data" not in state:
+            raise KeyError("step")
+        python_random = _tupled(state.pop("python_random"))
+    loaded = {}
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        with reading(path, name):
+            loaded[name] = torch.load(path / name, weights_only=True)
+    with reading(path, "optimizer.pt"):
+        optimizer.load_state_dict(loaded["optimizer.pt"])
+    with reading(path, "scheduler.pt"):
+        scheduler.load_state_dict(loaded["scheduler.pt"])
+    with reading(path, "rng.pt"):
+        set_rng_state(loaded["rng.pt"])
+        random.setstate(python_random)
     return state
 
 

@@ -52,9 +52,10 @@ def train(
     Example: oprd train recipes/smoke/oprd.yaml output_dir=runs/smoke max_steps=3
     """
     from oprd.config import load_config
+    from oprd.files import DiskFullError
     from oprd.trainer import train as run_training
 
-    with user_errors(FloatingPointError):
+    with user_errors(FloatingPointError, DiskFullError):
         run_training(load_config(recipe, overrides or []))
 
 
@@ -277,7 +278,7 @@ def bridge_sweep(
 
     console = Console(stderr=True, soft_wrap=True)
     with user_errors():
-        prepare_output_dir(out, overwrite=overwrite, overwrite_flag="--overwrite", replace=False)
+        prepare_output_dir(out, overwrite=overwrite, overwrite_flag="--overwrite", ours=None)
         try:
             rank_list = [int(r) for r in _csv(ranks)]
         except ValueError:

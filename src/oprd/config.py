@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from oprd.losses import AGGREGATIONS, LAYER_MODES, POSITION_MODES, TOPK_SUPPORTS
 from oprd.models import DTYPES, ModelSpec
 
 OPD_OBJECTIVES = ("none", "sampled", "topk", "full")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -102,6 +106,8 @@ class TrainConfig:
     save_every: int = 50  # 0: only the final model
     keep_checkpoints: int = 2
     resume: bool = False
+    resume_from: str | None = None  # a checkpoint folder to resume from (default: the run's newest)
+    resume_changes: list[str] = field(default_factory=list)  # keys allowed to differ from the resumed run's
     overwrite: bool = False
     device: str = "auto"
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
@@ -143,7 +149,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"recipe {_yaml_error(path, error)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path} must be a mapping of keys to values")
         _resolve_recipe_paths(raw, path.parent)
@@ -151,18 +160,73 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it, "
+                              "e.g. optim.lr=1e-5 or oprd.layers=[1,2]") from None
+        _set_dotted(raw, key.strip(), parsed)
     cfg = _build(TrainConfig, raw, prefix="")
     validate(cfg)
     return cfg
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    """`path:line:column: problem` of a YAML syntax error (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or "not valid YAML"
+    context = getattr(error, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def config_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def read_run_config(path: Path) -> TrainConfig:
+    """The config a run recorded (its config.yaml), as it was: no path resolution, no validation
+    (its models or bridge file may since have moved)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"the run's {_yaml_error(path, error)}") from None
+    return _build(TrainConfig, raw, prefix="")
+
+
+# Keys that leave what is trained unchanged (where output goes, how often to save or evaluate, how
+# much memory a step uses): a resumed run may change them freely. Any other difference from the
+# run's recorded config needs `resume_changes`.
+FREE_ON_RESUME = frozenset({
+    "output_dir", "resume", "resume_from", "resume_changes", "overwrite", "device", "report_to", "save_every",
+    "keep_checkpoints", "eval_every", "eval_benchmarks", "eval_samples", "eval_temperature", "eval_max_new_tokens",
+    "eval_limit", "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences",
+    "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
+    "student.trust_remote_code", "teacher.trust_remote_code",
+})
+
+
+def flat_keys(cfg: TrainConfig) -> dict[str, Any]:
+    """{"optim.lr": 1e-5, "seed": 0, ...}: every key as it is written on the command line."""
+    flat = {}
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def trained_differences(run: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{key: (run's value, new value)} for every key outside FREE_ON_RESUME that differs."""
+    old_keys, new_keys = flat_keys(run), flat_keys(new)
+    return {key: (old_keys[key], new_keys[key]) for key in new_keys
+            if key not in FREE_ON_RESUME and old_keys.get(key) != new_keys[key]}
 
 
 def _resolve_recipe_paths(raw: dict, folder: Path) -> None:
@@ -213,9 +277,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     for option in options:
         if option is type(None) and value is None:
             return None
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str) and _is_number(value):  # YAML reads 1e-5 as a string
+        if option is float and (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                or isinstance(value, str) and _is_number(value)):  # YAML reads 1e-5 as a string
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             return float(value)
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -254,9 +319,9 @@ def _one_of(value: Any, choices: tuple, name: str) -> None:
 
 def validate_objective(opd: OPDConfig, oprd: OPRDConfig) -> None:
     """Checks the `opd.*` and `oprd.*` sections on their own (what `objective.LossPlan` reads)."""
+    require(oprd.coef >= 0, f"oprd.coef (mu, the weight of OPRD) must be >= 0 (0 turns OPRD off); got {oprd.coef}")
     require(opd.objective != "none" or oprd.coef > 0,
-             "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
-    require(oprd.coef >= 0, f"oprd.coef (mu) must be >= 0; got {oprd.coef}")
+            "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
     _one_of(opd.objective, OPD_OBJECTIVES, "opd.objective")
     _one_of(opd.support, TOPK_SUPPORTS, "opd.support")
     require(opd.k >= 1, f"opd.k must be >= 1; got {opd.k}")
@@ -265,7 +330,7 @@ def validate_objective(opd: OPDConfig, oprd: OPRDConfig) -> None:
         _one_of(oprd.layers, LAYER_MODES, "oprd.layers (or an explicit list of 1-based layers)")
     else:
         require(bool(oprd.layers) and all(layer >= 1 for layer in oprd.layers),
-                 f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {oprd.layers}")
+                f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {oprd.layers}")
     _one_of(oprd.positions, POSITION_MODES, "oprd.positions")
     _one_of(oprd.aggregation, AGGREGATIONS, "oprd.aggregation")
     require(oprd.k >= 1, f"oprd.k must be >= 1; got {oprd.k}")
@@ -289,6 +354,18 @@ def validate(cfg: TrainConfig) -> None:
     _one_of(cfg.optim.precision, ("auto", "fp32", "bf16"), "optim.precision")
     require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+    for name in ("beta1", "beta2"):
+        value = getattr(cfg.optim, name)
+        require(0 <= value < 1, f"optim.{name} must be in [0, 1); got {value}")
+    require(cfg.optim.eps > 0, f"optim.eps must be > 0; got {cfg.optim.eps}")
+    require(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay}")
+    require(bool(DEVICE.match(cfg.device)), f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    require(not cfg.device.startswith("cuda") or torch.cuda.is_available(),
+            f"device={cfg.device} but no GPU is visible to torch (torch {torch.__version__}); use device=cpu or auto")
+    require(cfg.resume_from is None or Path(cfg.resume_from).is_dir(),
+            f"resume_from={cfg.resume_from}: no such checkpoint folder")
+    unknown = [key for key in cfg.resume_changes if key not in flat_keys(cfg)]
+    require(not unknown, f"resume_changes names keys that do not exist: {unknown}")
     require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
     require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
     require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
@@ -298,19 +375,21 @@ def validate(cfg: TrainConfig) -> None:
         spec: ModelSpec = getattr(cfg, side)
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
     require(cfg.bridge.path is None or cfg.uses_oprd,
-             "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
+            "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
     require(cfg.bridge.path is None or cfg.oprd.normalize,
-             "bridge.path compares L2-normalised projections (the paper's Stage 2), so oprd.normalize=false does "
-             "not apply: drop it or set oprd.normalize=true")
+            "bridge.path compares L2-normalised projections (the paper's Stage 2), so oprd.normalize=false does "
+            "not apply: drop it or set oprd.normalize=true")
+    require(cfg.bridge.path is None or Path(cfg.bridge.path).is_file(),
+            f"bridge.path={cfg.bridge.path}: no such file (fit one with `oprd bridge fit`)")
     require(cfg.opd.start_step >= 0 and cfg.oprd.stop_step >= 0, "opd.start_step and oprd.stop_step must be >= 0")
     require(not cfg.uses_opd or cfg.opd.start_step < cfg.max_steps,
-             f"opd.start_step={cfg.opd.start_step} leaves no step for OPD (max_steps={cfg.max_steps})")
+            f"opd.start_step={cfg.opd.start_step} leaves no step for OPD (max_steps={cfg.max_steps})")
     require(cfg.oprd.stop_step == 0 or cfg.uses_oprd, "oprd.stop_step is set but OPRD is off (oprd.coef=0)")
     oprd_last = (cfg.oprd.stop_step or cfg.max_steps) if cfg.uses_oprd else 0
     opd_first = cfg.opd.start_step + 1 if cfg.uses_opd else cfg.max_steps + 1
     require(oprd_last + 1 >= min(opd_first, cfg.max_steps + 1),
-             f"steps {oprd_last + 1}..{min(opd_first, cfg.max_steps + 1) - 1} have no objective: OPRD stops after "
-             f"oprd.stop_step={cfg.oprd.stop_step} and OPD starts after opd.start_step={cfg.opd.start_step}")
+            f"steps {oprd_last + 1}..{min(opd_first, cfg.max_steps + 1) - 1} have no objective: OPRD stops after "
+            f"oprd.stop_step={cfg.oprd.stop_step} and OPD starts after opd.start_step={cfg.opd.start_step}")
     require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
     for sink in cfg.report_to:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")

@@ -11,8 +11,9 @@ Two layouts are recognised without configuration:
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from oprd.evaluation.grading import extract_answer
+from oprd.models import HUB_ID, hub_reachable
 
 BENCHMARKS = ("aime24", "aime25", "aimo", "amc23", "math500")  # shipped in oprd/benchmarks/
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -155,6 +157,23 @@ class PromptStream:
         return {"epoch": self.epoch, "position": self.position}
 
 
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file; a line that is not UTF-8 or
+    not JSON is an error that names the file and the line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
+
+
 def _read_rows(path: str, split: str) -> list[dict]:
     local = Path(path)
     if local.suffix in FILE_SUFFIXES:
@@ -162,16 +181,30 @@ def _read_rows(path: str, split: str) -> list[dict]:
             raise FileNotFoundError(f"no such data file: {path}")
     elif path in BENCHMARKS:
         local = benchmark_path(path)
-    else:  # a hub id, or a local dataset directory, which `datasets` reads too
+    elif local.is_dir() or HUB_ID.match(path):  # a local dataset folder or a hub id: `datasets` reads both
         return _read_hub(path, split)
+    else:
+        close = difflib.get_close_matches(path, BENCHMARKS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise FileNotFoundError(f"{path!r} is not a data file (.parquet, .jsonl, .json), a shipped benchmark "
+                                f"({', '.join(BENCHMARKS)}) or a hub dataset id (owner/name){hint}")
     if local.suffix == ".parquet":
         return pq.read_table(local).to_pylist()
     if local.suffix == ".jsonl":
-        with open(local) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    rows = json.loads(local.read_text())
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows")
+        rows = []
+        for number, row in read_jsonl(local):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object (one row), got {type(row).__name__}")
+            rows.append(row)
+        return rows
+    try:
+        rows = json.loads(local.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: expected a JSON list of rows (objects)")
     return rows
 
 
@@ -183,6 +216,9 @@ def _read_hub(name: str, split: str) -> list[dict]:
             f"{name!r} is not a .parquet/.jsonl/.json file or a shipped benchmark ({', '.join(BENCHMARKS)}); "
             "loading it from the hub needs `pip install datasets` (or `pip install oprd[hub]`)"
         ) from e
+    if not Path(name).is_dir() and not hub_reachable():
+        raise FileNotFoundError(f"{name!r}: no such file or folder, and the hub cannot be reached to download the "
+                                "dataset: give a local .parquet/.jsonl file")
     return list(datasets.load_dataset(name, split=split))
 
 

@@ -1,26 +1,46 @@
-"""Writing files so that a crash never leaves a half-written one, and claiming output folders.
+"""Writing files so that a crash never leaves a half-written one, and claiming output folders
+without ever deleting what is not ours.
 
   write_dir_atomically    fill a hidden temporary folder, then rename it into place
   write_file_atomically   write a hidden temporary file beside the target, then rename it
-  prepare_output_dir      a command's output folder: created, or refused when it already holds files
+  remove_leftovers        the temporary folders and files a killed process left behind
+  check_output_dir        may a command use this folder? (checks only, changes nothing)
+  prepare_output_dir      check, then empty it (when it is ours and may be replaced) and create it
   refuse_existing_file    the same rule for a single output file
+
+Temporary files and folders get the permissions the user's umask gives new files (mkstemp and
+mkdtemp would make them private), and are flushed to disk (fsync), with the folder that holds
+them, before the rename that publishes them: after a power cut the renamed file is complete.
+A full disk is reported as such (`DiskFullError`), with the folder and the space left.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+TEMPORARY = (".*.tmp-*", ".*.old-*", ".*.tmp")  # names our atomic writes use before the rename
+
+
+class DiskFullError(OSError):
+    """The disk filled up while writing; nothing already written was touched."""
 
 
 def write_dir_atomically(target: Path, fill: Callable[[Path], object]) -> Path:
-    """Calls `fill(tmp_dir)` and then renames tmp_dir to `target` (replacing an older one)."""
+    """Calls `fill(tmp_dir)`, flushes what it wrote, then renames tmp_dir to `target` (replacing
+    an older one)."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         fill(tmp)
+        _fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -28,23 +48,30 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], object]) -> Path:
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
-    except BaseException:
+        _fsync(target.parent)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(error, target)
         raise
     return target
 
 
 def write_file_atomically(target: Path, write: Callable[[Path], object]) -> Path:
-    """Calls `write(tmp_file)` on a hidden file beside `target`, then renames it to `target`."""
+    """Calls `write(tmp_file)` on a hidden file beside `target`, flushes it, then renames it to `target`."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, target)
-    except BaseException:
+        _fsync(target.parent)
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(error, target)
         raise
     return target
 
@@ -53,26 +80,117 @@ def write_text_atomically(target: Path, text: str) -> Path:
     return write_file_atomically(target, lambda tmp: tmp.write_text(text))
 
 
-def prepare_output_dir(path: Path, *, overwrite: bool, overwrite_flag: str, replace: bool,
-                       other_options: str = "") -> Path:
-    """The folder a command writes to, created when missing.
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Removes the hidden temporary folders and files that an interrupted atomic write left in
+    `folder` (never anything else); returns what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if any(fnmatch.fnmatch(entry.name, pattern) for pattern in TEMPORARY):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    return removed
 
-    A folder that already holds files is never reused silently: without `overwrite` it is refused
-    with a message naming `overwrite_flag` (and `other_options`, e.g. how to resume); with it, the
-    folder is emptied first when `replace`, else the command writes its files into it.
+
+def check_output_dir(path: Path, *, overwrite: bool, overwrite_flag: str, ours: Sequence[str] | None,
+                     mark: str | None = None, other_options: str = "") -> bool:
+    """Whether a command may use `path`; changes nothing. Returns True when the folder holds files
+    that must be removed before use.
+
+    An empty or missing folder is always fine. A folder that holds files is refused unless
+    `overwrite`. With `ours=None` the command then writes its files into the folder beside the
+    rest. Otherwise the folder is to be replaced, which is allowed only when every entry in it
+    matches a pattern of `ours` (the files the command itself writes), it holds `mark` (a file the
+    command always writes first) and it is neither the working directory nor a folder above it: a
+    folder with anything else in it is never deleted.
     """
     path = Path(path)
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{path} already holds files. {other_options}Pass {overwrite_flag} to replace them, "
-                                  "or choose another folder.")
-        if replace:
-            shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if not (path.is_dir() and any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file, not a folder: choose another folder")
+        return False
+    if not overwrite:
+        raise FileExistsError(f"{path} already holds files. {other_options}Pass {overwrite_flag} to replace them, "
+                              "or choose another folder.")
+    if ours is None:
+        return False
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise FileExistsError(f"{overwrite_flag} would delete {path}, which is the working directory or holds it: "
+                              "choose another folder")
+    foreign = sorted(entry.name for entry in path.iterdir()
+                     if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in (*ours, *TEMPORARY)))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} holds files this command did not write ({shown}), so {overwrite_flag} will "
+                              "not delete it: move them, or choose another folder")
+    if mark is not None and not (path / mark).exists():
+        raise FileExistsError(f"{path} does not hold a finished start of this command (no {mark}), so "
+                              f"{overwrite_flag} will not delete it: empty it yourself, or choose another folder")
+    return True
+
+
+def open_output_dir(path: Path, *, replace: bool) -> Path:
+    """Creates the folder, first deleting it when `replace` (which `check_output_dir` allowed)."""
+    if replace:
+        shutil.rmtree(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, overwrite_flag: str, ours: Sequence[str] | None,
+                       mark: str | None = None) -> Path:
+    """`check_output_dir`, then `open_output_dir`: for commands with no checks of their own to run
+    in between."""
+    replace = check_output_dir(path, overwrite=overwrite, overwrite_flag=overwrite_flag, ours=ours, mark=mark)
+    return open_output_dir(path, replace=replace)
 
 
 def refuse_existing_file(path: Path, *, overwrite: bool, overwrite_flag: str) -> None:
     """Raises FileExistsError when `path` exists and `overwrite` was not given."""
     if Path(path).exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass {overwrite_flag} to replace it, or choose another path.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, however the writer reported it: torch.save's zip writer says only "unexpected pos"
+    when a write comes up short, and safetensors wraps the OS error in its own."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "unexpected pos" in text or "Disk quota exceeded" in text
+
+
+def _raise_if_disk_full(error: BaseException, target: Path) -> None:
+    if not isinstance(error, Exception) or isinstance(error, DiskFullError) or not is_disk_full(error):
+        return
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    raise DiskFullError(errno.ENOSPC, f"the disk holding {target.parent} is full ({free}) while writing "
+                                      f"{target.name}; nothing already written was touched. Free some space "
+                                      "and run the same command again") from error
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))

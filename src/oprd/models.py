@@ -7,9 +7,16 @@ initialised from `init_seed`: this is how the tests and smoke recipes build tiny
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +48,51 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+def check_source(source: str, field: str, revision: str | None = None) -> None:
+    """Fails fast, in one line, when `source` can be neither a local model folder nor a hub repo
+    that is cached or reachable, instead of transformers' long traceback (or a minute of retries
+    when the hub cannot be reached). `field` names the option in the message."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"{field}={source} is a folder without config.json or tokenizer files: "
+                                    "point it at a Hugging Face model folder")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{field}={source} is a file; it must be a model folder or a hub id (owner/name)")
+    if not HUB_ID.match(source):
+        raise FileNotFoundError(f"{field}={source}: no such folder, and not a hub id (owner/name)")
+    if isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
+        return  # in the local hub cache: transformers can load it offline
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise FileNotFoundError(f"{field}={source}: no such folder, and the hub repo is not in the local cache "
+                                "(HF_HUB_OFFLINE is set)")
+    if not hub_reachable():
+        raise FileNotFoundError(f"{field}={source}: no such folder, and the hub cannot be reached to download it: "
+                                "give a local model folder, or download it first")
+
+
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether a connection to the hub opens within `timeout_s` (name lookup included)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+
+    def connect() -> None:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(connect).result(timeout=timeout_s)
+        return True
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def load_model_config(spec: ModelSpec) -> PretrainedConfig:
@@ -77,6 +129,23 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None 
             **extra,
         )
     return model.to(device)
+
+
+def first_non_finite(model: torch.nn.Module) -> str | None:
+    """The name of a parameter holding NaN or infinity, or None: one reduction per tensor and a
+    single sync, cheap enough to run after every optimizer step."""
+    named = [(name, p) for name, p in model.named_parameters() if p.numel()]
+    peaks = torch.stack([p.detach().abs().amax().float() for _, p in named])
+    if bool(torch.isfinite(peaks).all()):
+        return None
+    return next(name for name, p in named if not bool(torch.isfinite(p).all()))
+
+
+def check_spec(spec: ModelSpec, field: str) -> None:
+    """`check_source` for a model spec's weights (or config) and tokenizer."""
+    check_source(spec.model, f"{field}.model", spec.revision)
+    if spec.tokenizer:
+        check_source(spec.tokenizer, f"{field}.tokenizer", spec.revision)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -2,6 +2,7 @@
 
   check_model_pairing   configs and tokenizers only: can the chosen objectives pair these two
                         models? Runs before gigabytes of weights load.
+  check_context_length  do the longest prompt and the longest response fit both context windows?
   preflight_alignment   the student's and the teacher's hidden states on a few of the student's
                         own rollouts, compared at OPRD's positions (through a bridge when set)
   preflight_warning     what to say when they share little: OPRD-Vanilla would collapse
@@ -14,6 +15,7 @@ import torch
 from oprd.alignment import paired_states
 from oprd.batch import RolloutBatch
 from oprd.config import TrainConfig, require
+from oprd.data import PromptSet
 from oprd.objective import LossPlan
 
 
@@ -27,13 +29,13 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
     if not same_tokens:
         differ = f"the student and teacher tokenizers differ ({len(student_tok)} vs {len(teacher_tok)} tokens)"
         require(not cfg.uses_opd,
-                 f"opd.objective={cfg.opd.objective} compares next-token distributions over one vocabulary, but "
-                 f"{differ}. Across tokenizers only OPRD-Bridge can distil: set opd.objective=none, oprd.coef > 0 and "
-                 "bridge.path=FILE (fit one with `oprd bridge fit`).")
+                f"opd.objective={cfg.opd.objective} compares next-token distributions over one vocabulary, but "
+                f"{differ}. Across tokenizers only OPRD-Bridge can distil: set opd.objective=none, oprd.coef > 0 and "
+                "bridge.path=FILE (fit one with `oprd bridge fit`).")
         require(cfg.bridge.path is not None,
-                 f"OPRD-Vanilla compares hidden states position by position, but {differ}, so positions do not "
-                 "correspond. Fit an OPRD-Bridge with `oprd bridge fit` and pass bridge.path=FILE: it matches "
-                 "positions by character offsets.")
+                f"OPRD-Vanilla compares hidden states position by position, but {differ}, so positions do not "
+                "correspond. Fit an OPRD-Bridge with `oprd bridge fit` and pass bridge.path=FILE: it matches "
+                "positions by character offsets.")
         warnings.append(f"{differ}: the teacher re-reads each response's text with its own tokenizer and prompt "
                         "template; OPRD uses the positions at which both have read the same text")
     for name in ("eos_token", "bos_token", "pad_token"):
@@ -46,26 +48,41 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
     vocab = len(student_tok)
     for side, config, tokenizer in (("student", student_config, student_tok), ("teacher", teacher_config, teacher_tok)):
         require(config.vocab_size >= len(tokenizer),
-                 f"{side} model has {config.vocab_size} embedding rows, fewer than its tokenizer's {len(tokenizer)} "
-                 f"tokens: {side}.tokenizer does not belong to {side}.model")
+                f"{side} model has {config.vocab_size} embedding rows, fewer than its tokenizer's {len(tokenizer)} "
+                f"tokens: {side}.tokenizer does not belong to {side}.model")
     if cfg.opd.objective == "topk":
         require(cfg.opd.k <= vocab, f"opd.k={cfg.opd.k} is larger than the vocabulary ({vocab} tokens); lower opd.k")
     if cfg.uses_oprd and cfg.bridge.path is None:
         ds, dt = student_config.hidden_size, teacher_config.hidden_size
         require(ds == dt,
-                 f"OPRD-Vanilla compares hidden states, but the student's hidden size is {ds} and the teacher's "
-                 f"{dt}. Fit an OPRD-Bridge (oprd.bridge.fit_bridge + save_bridge) and pass bridge.path=FILE, "
-                 "or set oprd.coef=0 and use an OPD objective.")
+                f"OPRD-Vanilla compares hidden states, but the student's hidden size is {ds} and the teacher's "
+                f"{dt}. Fit an OPRD-Bridge (oprd.bridge.fit_bridge + save_bridge) and pass bridge.path=FILE, "
+                "or set oprd.coef=0 and use an OPD objective.")
         layers = cfg.oprd.layers
         if isinstance(layers, list):
             require(max(layers) <= student_config.num_hidden_layers,
-                     f"oprd.layers={layers} names a layer beyond the student's {student_config.num_hidden_layers}")
+                    f"oprd.layers={layers} names a layer beyond the student's {student_config.num_hidden_layers}")
         if student_config.num_hidden_layers != teacher_config.num_hidden_layers:
             warnings.append(
                 f"student has {student_config.num_hidden_layers} layers and the teacher "
                 f"{teacher_config.num_hidden_layers}: layers are paired by the paper's proportional map (Eq. 11)"
             )
     return warnings
+
+
+def check_context_length(cfg: TrainConfig, student_config, teacher_config, prompts: PromptSet) -> None:
+    """The longest training prompt plus rollout.max_new_tokens must fit each model's context
+    window (for a teacher with another tokenizer, its own rendering of the prompts; its re-tokenised
+    response may be longer still, so this is the least it needs)."""
+    teacher_prompts = prompts.teacher or prompts.student
+    for side, config, ids in (("student", student_config, prompts.student),
+                              ("teacher", teacher_config, teacher_prompts)):
+        context = getattr(config, "max_position_embeddings", None)
+        needed = max(len(prompt) for prompt in ids) + cfg.rollout.max_new_tokens
+        require(context is None or needed <= context,
+                f"the longest prompt ({max(len(p) for p in ids)} tokens) plus rollout.max_new_tokens="
+                f"{cfg.rollout.max_new_tokens} is {needed} tokens, more than the {side}'s context window of {context} "
+                "positions: lower rollout.max_new_tokens or data.max_prompt_tokens")
 
 
 def preflight_alignment(plan: LossPlan, student: torch.nn.Module, teacher: torch.nn.Module,

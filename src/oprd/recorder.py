@@ -1,8 +1,9 @@
 """Everything a run writes besides its checkpoints, and what it shows while it runs.
 
-One `RunRecorder` per run: config.yaml, metrics.jsonl (plus TensorBoard / W&B when asked for),
-preflight.json, bridge.json, the console and the progress bar. Under several processes only the
-main one writes or prints: this is the one place that asks which process it is.
+One `RunRecorder` per run: config.yaml (and every segment's config in configs/), metrics.jsonl
+(plus TensorBoard / W&B when asked for), preflight.json, bridge.json, the console and the progress
+bar. Under several processes only the main one writes or prints: this is the one place that asks
+which process it is.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from typing import Any
 
 import torch.distributed as dist
 from rich.console import Console
+from rich.text import Text
 
-from oprd.config import TrainConfig, save_config, to_dict
+from oprd.config import TrainConfig, config_yaml, to_dict
 from oprd.display import progress_bar
 from oprd.files import write_text_atomically
+
+# What a run folder holds; `overwrite=true` replaces a folder only when it holds nothing else.
+RUN_FILES = ("config.yaml", "configs", "metrics.jsonl", "checkpoints", "final", "preflight.json", "bridge.json",
+             "tensorboard", "wandb")
+RUN_MARK = "config.yaml"  # every run writes it before anything else
 
 
 def is_main_process() -> bool:
@@ -36,18 +43,27 @@ class RunRecorder:
         self._sinks: list[Any] = []
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning: {message}")
+        self.console.print(Text.assemble(("warning: ", "yellow"), message))
 
     def say(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(Text(message))
 
-    def write_config(self, cfg: TrainConfig) -> None:
-        if self.main:
-            save_config(cfg, self.run_dir / "config.yaml")
+    def start_segment(self, cfg: TrainConfig, first_step: int, resumed_from: Path | None) -> None:
+        """Records the config this segment of the run trains with: configs/segment-NNN.yaml (every
+        segment's is kept) and config.yaml (the latest). Called once every check has passed, so
+        config.yaml never describes a segment that did not start."""
+        if not self.main:
+            return
+        segments = self.run_dir / "configs"
+        number = len(list(segments.glob("segment-*.yaml"))) + 1 if segments.is_dir() else 1
+        origin = f"resumed from {resumed_from}" if resumed_from is not None else "a fresh start"
+        text = f"# segment {number}: from step {first_step + 1}, {origin}\n{config_yaml(cfg)}"
+        write_text_atomically(segments / f"segment-{number:03d}.yaml", text)
+        write_text_atomically(self.run_dir / "config.yaml", text)
 
     def write_json(self, name: str, payload: dict) -> None:
         if self.main:
-            (self.run_dir / name).write_text(json.dumps(payload, indent=2))
+            write_text_atomically(self.run_dir / name, json.dumps(payload, indent=2))
 
     def open_metrics(self, cfg: TrainConfig, resume_step: int) -> None:
         """Keeps metrics.jsonl up to `resume_step` (later steps are recomputed) and opens the sinks
@@ -55,8 +71,8 @@ class RunRecorder:
         if not self.main:
             return
         if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(row) for row in read_metrics(self.metrics_path, warn=self.warn)
+                    if row["step"] <= resume_step]
             write_text_atomically(self.metrics_path, "".join(line + "\n" for line in kept))
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter  # needs `pip install oprd[tensorboard]`
@@ -90,3 +106,27 @@ class RunRecorder:
     def close(self) -> None:
         for sink in self._sinks:
             (sink.close if hasattr(sink, "close") else sink.finish)()
+
+
+def read_metrics(path: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (the disk filled or the process died during
+    the append) is dropped with a warning: its step is recomputed on resume. Any other unreadable
+    line is an error that names the file and the line."""
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("a line without a step")
+        except ValueError as error:
+            if number == len(lines):
+                if warn is not None:
+                    warn(f"{path}: dropped its last line, which is incomplete (written when the run stopped); its "
+                         "step is recomputed")
+                break
+            raise ValueError(f"{path}:{number}: not a metrics line ({error}); fix or remove that line") from None
+        rows.append(row)
+    return rows

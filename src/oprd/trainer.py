@@ -40,14 +40,14 @@ from transformers.utils import logging as hf_logging
 from oprd import checkpoint
 from oprd.batch import RolloutBatch
 from oprd.bridge import Bridge, load_bridge
-from oprd.config import TrainConfig
+from oprd.config import TrainConfig, read_run_config, require, trained_differences
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.evaluation.harness import evaluate
-from oprd.files import prepare_output_dir
-from oprd.models import load_model, load_model_config, load_tokenizer, resolve_device
+from oprd.files import check_output_dir, open_output_dir, remove_leftovers
+from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer, resolve_device
 from oprd.objective import LossPlan, score_with_teacher, student_loss
-from oprd.preflight import check_model_pairing, preflight_alignment, preflight_warning
-from oprd.recorder import RunRecorder
+from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
+from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder
 from oprd.rollout import HFRollout, Rollout, Sampler, SamplingParams, seeded
 
 
@@ -94,23 +94,31 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 
 def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     """The run folder, both models, the prompts and everything the loop reads; the state of the
-    newest checkpoint when resuming. Configs and tokenizers are checked before any weights load."""
-    run_dir, resume_from = claim_run_dir(cfg)
+    checkpoint to resume from. Every check runs before the run folder changes: tokenizers, configs
+    and the pairing before any weights load, then the weights, the bridge and the checkpoint. A run
+    that fails them leaves the folder as it was."""
+    run_dir = Path(cfg.output_dir)
+    replace_folder, resume_from = claim_run_dir(cfg)
     recorder = RunRecorder(run_dir, console)
     device = resolve_device(cfg.device)
 
+    check_spec(cfg.student, "student")
+    check_spec(cfg.teacher, "teacher")
     student_tok, teacher_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
     student_config, teacher_config = load_model_config(cfg.student), load_model_config(cfg.teacher)
     for warning in check_model_pairing(cfg, student_config, teacher_config, student_tok, teacher_tok):
         recorder.warn(warning)
     prompts = training_prompts(cfg, student_tok, teacher_tok, recorder)
-    recorder.write_config(cfg)
+    check_context_length(cfg, student_config, teacher_config, prompts)
+    if resume_from is not None:
+        check_resumed_config(cfg, run_dir, recorder)
     torch.manual_seed(cfg.seed)
 
     student, teacher = load_models(cfg, device, resume_from)
-    bridge = load_run_bridge(cfg, student_config, teacher_config, student_tok, teacher_tok, device, recorder)
+    bridge = load_run_bridge(cfg, student_config, teacher_config, student_tok, teacher_tok)
     plan = LossPlan.from_config(cfg.opd, cfg.oprd, student_config.num_hidden_layers,
-                                teacher_config.num_hidden_layers, len(student_tok), bridge)
+                                teacher_config.num_hidden_layers, len(student_tok),
+                                bridge.to(device) if bridge is not None else None)
     rollout = HFRollout.for_model(student, student_tok, cfg.rollout.max_batch_sequences)
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
@@ -120,27 +128,75 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     stream, start_step = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed), 0
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler)
+        apply_optimizer_config(cfg, optimizer, scheduler)
         start_step = state["step"]
         stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"])
+
+    # Every check has passed: only now does the run folder change.
+    open_output_dir(run_dir, replace=replace_folder)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for leftover in remove_leftovers(folder):
+            recorder.say(f"removed {leftover}, left behind by an interrupted write")
+    recorder.start_segment(cfg, start_step, resume_from)
+    if bridge is not None:  # which bridge this run used: models, data, rank, date, Stage 1 report
+        recorder.write_json("bridge.json", {
+            "path": str(Path(cfg.bridge.path).resolve()), "rank": bridge.rank, "pairs": bridge.pairs,
+            "normalize_states": bridge.normalize_states, "metadata": bridge.metadata})
+    recorder.open_metrics(cfg, start_step)
+    if resume_from is not None:
         recorder.say(f"resuming from {resume_from} (step {start_step})")
     elif cfg.resume:
         recorder.warn(f"resume=true but {run_dir} has no checkpoint yet: starting from step 0")
-    recorder.open_metrics(cfg, start_step)
     return Run(cfg, run_dir, recorder, device, student, teacher, student_tok, plan,
                Sampler(rollout, prompts, student_tok, teacher_tok, device), sampling, optimizer, scheduler, stream,
                start_step, make_validation(cfg, rollout, student_tok))
 
 
-def claim_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """The run folder, and the checkpoint to resume from, if any. A folder that already holds a run
-    is never silently reused: resume=true continues it, overwrite=true replaces it."""
+def claim_run_dir(cfg: TrainConfig) -> tuple[bool, Path | None]:
+    """Whether the run folder must be emptied before use (overwrite=true on an earlier run), and
+    the checkpoint to resume from, if any; changes nothing. A folder that already holds files is
+    never silently reused: resume=true continues the run in it, overwrite=true replaces it when it
+    holds an oprd run and nothing else."""
     run_dir = Path(cfg.output_dir)
-    if not cfg.resume:
-        prepare_output_dir(run_dir, overwrite=cfg.overwrite, overwrite_flag="overwrite=true", replace=True,
-                           other_options="Pass resume=true to continue the run there. ")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    found = checkpoint.list_checkpoints(run_dir / "checkpoints") if cfg.resume else []
-    return run_dir, (found[-1] if found else None)
+    if not (cfg.resume or cfg.resume_from):
+        replace = check_output_dir(run_dir, overwrite=cfg.overwrite, overwrite_flag="overwrite=true", ours=RUN_FILES,
+                                   mark=RUN_MARK, other_options="Pass resume=true to continue the run there. ")
+        return replace, None
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARK).is_file():
+        raise FileExistsError(f"resume=true, but {run_dir} holds no oprd run (no {RUN_MARK}): check output_dir")
+    if cfg.resume_from:
+        return False, Path(cfg.resume_from)
+    found = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    return False, (found[-1] if found else None)
+
+
+def check_resumed_config(cfg: TrainConfig, run_dir: Path, recorder: RunRecorder) -> None:
+    """Refuses to resume with a config that changes what the run trained (objective, models, data,
+    seed, schedule...) unless every such key is named in resume_changes; the run's config.yaml would
+    otherwise describe a run that never happened."""
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file():
+        return
+    changed = trained_differences(read_run_config(recorded), cfg)
+    unapproved = [key for key in changed if key not in cfg.resume_changes]
+    listed = "; ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in unapproved)
+    require(not unapproved,
+            f"resume=true, but this config changes what the run in {run_dir} trained ({listed}). Pass "
+            f"resume_changes=[{','.join(unapproved)}] to continue with the change (configs/ keeps every segment's "
+            "config), or resume with the run's own values.")
+    for key, (old, new) in changed.items():
+        recorder.warn(f"resuming with {key} changed from {old!r} to {new!r} (resume_changes)")
+
+
+def apply_optimizer_config(cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """After a checkpoint's optimizer and scheduler state are restored, their hyperparameters are
+    the config's again (a checkpoint stores the old ones): the lr schedule of this config at the
+    restored step, and its betas, eps and weight decay. Unchanged values give the same numbers."""
+    scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.optim.lr * factor, initial_lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                     eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
 
 def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRecorder) -> PromptSet:
@@ -155,30 +211,40 @@ def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRe
 
 
 def load_models(cfg: TrainConfig, device: torch.device, resume_from: Path | None):
-    """The student (from the checkpoint when resuming) in training mode, the teacher frozen."""
-    student_spec = cfg.student
-    if resume_from is not None:
-        student_spec = dataclasses.replace(cfg.student, model=str(resume_from), revision=None, random_init=False)
+    """The student (from the checkpoint when resuming) in training mode, the teacher frozen; both
+    checked for weights that are not finite numbers."""
     # The optimizer keeps float32 master weights (bf16 comes from autocast) unless student.dtype says otherwise.
-    student = load_model(student_spec, device, dtype=torch.float32 if cfg.student.dtype == "auto" else None)
+    student_dtype = torch.float32 if cfg.student.dtype == "auto" else None
+    if resume_from is None:
+        student = load_model(cfg.student, device, dtype=student_dtype)
+        _require_finite(student, f"student.model={cfg.student.model}")
+    else:
+        spec = dataclasses.replace(cfg.student, model=str(resume_from), revision=None, random_init=False)
+        with checkpoint.reading(resume_from, "the model (config.json, model.safetensors)"):
+            student = load_model(spec, device, dtype=student_dtype)
+        if (bad := first_non_finite(student)) is not None:
+            raise checkpoint.damaged(resume_from, f"its weights hold values that are not finite numbers ({bad})")
     teacher = load_model(cfg.teacher, device).eval().requires_grad_(False)
+    _require_finite(teacher, f"teacher.model={cfg.teacher.model}")
     if cfg.optim.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return student.train(), teacher
 
 
-def load_run_bridge(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok,
-                    device: torch.device, recorder: RunRecorder) -> Bridge | None:
-    """The OPRD-Bridge of bridge.path, checked against both models; recorded in bridge.json."""
+def _require_finite(model: torch.nn.Module, source: str) -> None:
+    if (bad := first_non_finite(model)) is not None:
+        raise ValueError(f"{source} holds weights that are not finite numbers ({bad}): it cannot be trained or "
+                         "sampled from; check where it came from")
+
+
+def load_run_bridge(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok) -> Bridge | None:
+    """The OPRD-Bridge of bridge.path, checked against both models."""
     if not cfg.bridge.path:
         return None
     bridge = load_bridge(cfg.bridge.path)
     bridge.check_fits(student_config, teacher_config)
     bridge.check_tokenizers(student_tok, teacher_tok)
-    recorder.write_json("bridge.json", {  # which bridge this run used: models, data, rank, date, Stage 1 report
-        "path": str(Path(cfg.bridge.path).resolve()), "rank": bridge.rank, "pairs": bridge.pairs,
-        "normalize_states": bridge.normalize_states, "metadata": bridge.metadata})
-    return bridge.to(device)
+    return bridge
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -266,8 +332,8 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
                 loss, metrics = student_loss(plan, run.student, micro, scores, normalizers)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite loss at step {step} ({_describe(metrics)}). The last checkpoint is intact. "
-                    "Lower optim.lr, use optim.precision=fp32, or check the teacher's outputs."
+                    f"non-finite loss at step {step} ({_describe(metrics)}). Lower optim.lr, use "
+                    f"optim.precision=fp32, or check the teacher's outputs. {_last_good_checkpoint(run)}"
                 )
             loss.backward()
             total_loss += loss.item()
@@ -275,11 +341,16 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
                 totals[name] = totals.get(name, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.optim.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or use fp32")
-        lr = run.scheduler.get_last_lr()[0]
+            raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or use "
+                                     f"optim.precision=fp32. {_last_good_checkpoint(run)}")
+        lr = run.optimizer.param_groups[0]["lr"]
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if (bad := first_non_finite(run.student)) is not None:
+            raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
+                                     f"so the run stops before sampling from them: lower optim.lr. "
+                                     f"{_last_good_checkpoint(run)}")
         run.sampler.rollout.sync_weights(run.student)
     return {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm),
             **{name: float(value) for name, value in totals.items()}}
@@ -347,6 +418,13 @@ def timed(timings: dict[str, float], name: str, device: torch.device | None = No
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+
+
+def _last_good_checkpoint(run: Run) -> str:
+    found = checkpoint.list_checkpoints(run.run_dir / "checkpoints")
+    if not found:
+        return "No checkpoint was saved yet."
+    return f"The last good checkpoint is {found[-1]} (resume=true continues from it)."
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

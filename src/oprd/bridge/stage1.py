@@ -29,7 +29,7 @@ from oprd.batch import RolloutBatch
 from oprd.bridge.projector import Bridge, Pair, bridge_metadata, fit_bridge
 from oprd.data import PromptSet, load_problems
 from oprd.losses import layer_map
-from oprd.models import ModelSpec, load_model, load_model_config, load_tokenizer, resolve_device
+from oprd.models import ModelSpec, check_source, load_model, load_model_config, load_tokenizer, resolve_device
 from oprd.rollout import HFRollout, Sampler, SamplingParams
 
 PairedRows = dict[Pair, tuple[torch.Tensor, torch.Tensor]]  # pair -> (student (N, D_S), teacher (N, D_T))
@@ -175,6 +175,8 @@ def _student_layers(layers: str) -> list[int] | None:
 
 def stage1_rows(settings: Stage1Settings, console=None) -> tuple[PairedRows, dict]:
     """Stage 1 rows {(s, t): (student rows, teacher rows)} and the metadata a bridge fitted on them records."""
+    check_source(settings.student, "--student")
+    check_source(settings.teacher, "--teacher")
     device = resolve_device(settings.device)
     student_spec, teacher_spec = (ModelSpec(model=name, trust_remote_code=settings.trust_remote_code)
                                   for name in (settings.student, settings.teacher))

@@ -5,7 +5,14 @@ This face holds what needs neither torch nor a model: answer extraction and grad
 metric formulas.
 """
 
-from oprd.evaluation.grading import GRADE_TIMEOUT_S, answers_match, extract_answer, is_correct
+from oprd.evaluation.grading import (
+    GRADE_TIMEOUT_S,
+    Grade,
+    answers_match,
+    extract_answer,
+    grade,
+    is_correct,
+)
 from oprd.evaluation.metrics import (
     GradedSample,
     distinct_ngrams,
@@ -16,6 +23,6 @@ from oprd.evaluation.metrics import (
 )
 
 __all__ = [
-    "GRADE_TIMEOUT_S", "GradedSample", "answers_match", "distinct_ngrams", "extract_answer", "is_correct",
-    "majority_correct", "pass_at_k", "pass_ks", "summarize",
+    "GRADE_TIMEOUT_S", "Grade", "GradedSample", "answers_match", "distinct_ngrams", "extract_answer", "grade",
+    "is_correct", "majority_correct", "pass_at_k", "pass_ks", "summarize",
 ]

@@ -1,14 +1,16 @@
 """Grading math answers: the final answer of a response, compared by value with the ground truth.
 
-  extract_answer     the last \\boxed{} (or a final "Answer:" line), cleaned
-  is_correct         extract_answer(response) equals the ground truth by value
-  answers_match      two answers compared by value
+  extract_answer     the last \\boxed{} (or a final "Answer:" line), cleaned; linear in the text
+  grade              extract and compare, under a hard deadline: (answer, correct, timed_out)
+  is_correct         grade(...).correct
+  answers_match      two answers compared by value, under the same deadline
 
 Equivalence is math-verify's (numbers, fractions, LaTeX expressions, tuples, intervals, sets,
-percentages, units). It runs in a child process with a hard deadline per comparison: its own
-SIGALRM timeouts work only in the main thread and cannot interrupt long C-level work (sympy
-expanding `10^{10^{10}}!` grew to 8 GB before finishing), so one pathological answer could hang
-or kill a whole evaluation.
+percentages, units). Grading runs in a child process (`grading_worker`) with a hard deadline per
+response: math-verify's own SIGALRM timeouts work only in the main thread and cannot interrupt
+long C-level work (sympy expanding `10^{10^{10}}!` grew to 8 GB before finishing), and the whole
+response is handled there, extraction included, so no response of any size or shape can hang or
+kill an evaluation. A response whose grading overruns is graded wrong and reported as timed out.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
-GRADE_TIMEOUT_S = 5.0  # wall clock per answer comparison; slower ones are graded wrong
-_WORKER = Path(__file__).with_name("grading_worker.py")  # the math-verify child process
+GRADE_TIMEOUT_S = 5.0  # wall clock per response; slower ones are graded wrong and reported as timed out
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `oprd`, for the child's import path
 
 # ---------------------------------------------------------------------------------------------
 # Answer extraction
@@ -54,25 +57,59 @@ def extract_answer(text: str) -> str | None:
     return cleaned or None
 
 
+class Grade(NamedTuple):
+    answer: str | None  # extract_answer(response); None is a format error (or a timeout)
+    correct: bool
+    timed_out: bool  # grading overran its deadline: graded wrong, answer unknown
+
+
+def grade(response: str, ground_truth: str, *, timeout_s: float = GRADE_TIMEOUT_S) -> Grade:
+    """The response's final answer and whether it equals `ground_truth` by value (142.0 == 142,
+    \\frac{3}{4} == 0.75, tuples, intervals, sets, ...), in the grading child under a deadline of
+    `timeout_s`. An answer math-verify cannot parse is graded wrong; one whose grading overruns is
+    graded wrong with timed_out=True, never raising or hanging."""
+    reply = _ask("grade", response, ground_truth, timeout_s)
+    return Grade(None, False, True) if reply is None else Grade(reply[0], bool(reply[1]), False)
+
+
 def is_correct(response: str, ground_truth: str, *, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
-    """Whether the response's final answer equals `ground_truth` by value (142.0 == 142,
-    \\frac{3}{4} == 0.75, tuples, intervals, sets, ...). An answer math-verify cannot parse, or one
-    whose comparison takes longer than `timeout_s`, is graded wrong rather than raising or hanging."""
-    raw = _locate_answer(response)
-    return raw is not None and answers_match(raw, ground_truth, timeout_s=timeout_s)
+    """Whether the response's final answer equals `ground_truth` by value (see `grade`)."""
+    return grade(response, ground_truth, timeout_s=timeout_s).correct
 
 
 def answers_match(answer: str, ground_truth: str, *, timeout_s: float = GRADE_TIMEOUT_S) -> bool:
-    """Value equality of an extracted answer and the reference (math-verify is not symmetric: the
-    reference's `x=5` accepts 5, a reference 5 does not accept `5=x`). A boxed reference is unwrapped."""
+    """Value equality of an extracted answer and the reference, in the grading child under a
+    deadline (false when it overruns)."""
+    reply = _ask("match", answer, ground_truth, timeout_s)
+    return reply is not None and bool(reply[1])
+
+
+def grade_here(response: str, ground_truth: str) -> tuple[str | None, bool]:
+    """`grade` in this process, with no deadline: what the grading child runs."""
+    raw = _locate_answer(response)
+    cleaned = _clean(raw) if raw is not None else ""
+    return cleaned or None, raw is not None and match_here(raw, ground_truth)
+
+
+def match_here(answer: str, ground_truth: str) -> bool:
+    """`answers_match` in this process, with no deadline: what the grading child runs. math-verify
+    is not symmetric (the reference's `x=5` accepts 5, a reference 5 does not accept `5=x`); a boxed
+    reference is unwrapped."""
+    from math_verify import parse, verify
+
     answer, ground_truth = answer.strip(), (_last_boxed(ground_truth) or ground_truth).strip()
     if not answer or not ground_truth:
         return False
     if _clean(answer).replace(" ", "") == _clean(ground_truth).replace(" ", ""):
         return True
     # math-verify gets the answers as written: `\text{}` keeps "NO" a word, where the product n*o
-    # would equal "ON".
-    return _verify(_strip_dollars(answer), _strip_dollars(ground_truth), timeout_s)
+    # would equal "ON". Its timeouts are off: they are SIGALRM-based; the parent enforces the deadline.
+    try:
+        gold = parse(f"\\boxed{{{_strip_dollars(ground_truth)}}}", parsing_timeout=None)
+        return bool(verify(gold, parse(f"\\boxed{{{_strip_dollars(answer)}}}", parsing_timeout=None),
+                           timeout_seconds=None))
+    except Exception:
+        return False
 
 
 def _locate_answer(text: str) -> str | None:
@@ -85,32 +122,45 @@ def _locate_answer(text: str) -> str | None:
     return _bare_answer(text)
 
 
+_SPACES = re.compile(r"\s*")
+_BARE_TOKEN = re.compile(r"[^\s${}]+")
+
+
 def _last_boxed(text: str) -> str | None:
-    """Content of the last complete, non-empty \\boxed; an unclosed one (a truncated response) is skipped."""
+    """Content of the last complete, non-empty \\boxed: a balanced {...} group or a bare token
+    (`\\boxed 5`); an unclosed one (a truncated response) is skipped.
+
+    One pass over the text pairs every grouping brace with its partner (`\\{` and `\\}` are set
+    braces, not grouping), so the cost is linear however many boxes are left open.
+    """
+    closing = _brace_partners(text)
     for match in reversed(list(_BOXED.finditer(text))):
-        content = _boxed_content(text, match.end())
+        start = _SPACES.match(text, match.end()).end()
+        if text.startswith("{", start):
+            end = closing.get(start)
+            content = text[start + 1 : end].strip() if end is not None else None
+        else:
+            token = _BARE_TOKEN.match(text, start)
+            content = token.group(0) if token else None
         if content:
             return content
     return None
 
 
-def _boxed_content(text: str, start: int) -> str | None:
-    """What follows `\\boxed` at `start`: a balanced {...} group, or a bare token (`\\boxed 5`)."""
-    rest = text[start:].lstrip()
-    if not rest.startswith("{"):
-        token = re.match(r"[^\s${}]+", rest)
-        return token.group(0) if token else None
-    depth, i = 0, 0
-    while i < len(rest):
-        char = rest[i]
-        if char == "\\":  # \{ and \} are set braces, not grouping
+def _brace_partners(text: str) -> dict[int, int]:
+    """{position of "{": position of its "}"} for every grouping brace that is closed."""
+    partners, open_at, i = {}, [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
             i += 2
             continue
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return rest[1:i].strip()
+        if char == "{":
+            open_at.append(i)
+        elif char == "}" and open_at:
+            partners[open_at.pop()] = i
         i += 1
-    return None
+    return partners
 
 
 def _bare_answer(text: str) -> str | None:
@@ -137,19 +187,19 @@ def _clean(answer: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Equivalence in a killable child process
+# Grading in a killable child process
 # ---------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=200_000)
-def _verify(answer: str, ground_truth: str, timeout_s: float) -> bool:
-    return _VERIFIER(answer, ground_truth, timeout_s)
+@lru_cache(maxsize=8192)
+def _ask(kind: str, text: str, ground_truth: str, timeout_s: float) -> tuple[str | None, int] | None:
+    return _GRADER(kind, text, ground_truth, timeout_s)
 
 
-class _Verifier:
-    """math-verify in a child process, one comparison at a time, with a hard deadline per comparison.
+class _Grader:
+    """The grading child process: one request at a time, with a hard deadline per request.
 
-    The child is started on first use and restarted after a comparison overruns its deadline; a lock
+    The child is started on first use and restarted after a request overruns its deadline; a lock
     makes one instance safe to share between threads (math-verify alone is not usable off the main
     thread), and a forked process (a data-loader worker) starts its own child instead of sharing pipes.
     """
@@ -162,29 +212,32 @@ class _Verifier:
         self._lock = threading.Lock()
         atexit.register(self.close)
 
-    def __call__(self, answer: str, ground_truth: str, timeout_s: float) -> bool:
+    def __call__(self, kind: str, text: str, ground_truth: str, timeout_s: float) -> tuple[str | None, int] | None:
+        """The child's [answer, correct] reply, or None when it overran `timeout_s` (or died)."""
         with self._lock:
             if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
                 self._start()
             try:
-                self._proc.stdin.write(json.dumps([answer, ground_truth]) + "\n")
+                self._proc.stdin.write(json.dumps([kind, text, ground_truth]) + "\n")
                 self._proc.stdin.flush()
             except OSError:  # the child died since the last call
                 self.close()
-                return False
+                return None
             reply = self._readline(timeout_s)
-            if reply is None:  # overran: kill it so the next comparison starts from a fresh child
+            if reply is None:  # overran: kill it so the next request starts from a fresh child
                 self.close()
-                return False
-            return reply == "1"
+                return None
+            answer, correct = json.loads(reply)
+            return answer, correct
 
     def _start(self) -> None:
-        # The child runs grading_worker.py as a script, by path: importing it as part of the package
-        # would pull in torch and transformers, and the child restarts after every overrun. -I keeps
-        # the script's folder (this package's modules) off its import path.
+        # The child imports only this module and math-verify (no torch, no transformers), so a
+        # restart after an overrun is quick; -I keeps the user's site and working folder out of it.
         self._pid = os.getpid()
+        bootstrap = (f"import sys; sys.path.insert(0, {str(_PACKAGE_ROOT)!r}); "
+                     "from oprd.evaluation.grading_worker import main; main()")
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", str(_WORKER)],
+            [sys.executable, "-I", "-c", bootstrap],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -207,4 +260,4 @@ class _Verifier:
         self._proc = None
 
 
-_VERIFIER = _Verifier()
+_GRADER = _Grader()

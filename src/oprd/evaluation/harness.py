@@ -11,7 +11,6 @@ come from `metrics`, the report files from `reports`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
@@ -21,12 +20,12 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import PreTrainedTokenizerBase
 
-from oprd.data import BENCHMARKS, Problem, load_problems, prompt_token_ids
+from oprd.data import BENCHMARKS, Problem, load_problems, prompt_token_ids, read_jsonl
 from oprd.display import progress_bar
-from oprd.evaluation.grading import GRADE_TIMEOUT_S, extract_answer, is_correct
+from oprd.evaluation.grading import GRADE_TIMEOUT_S, grade
 from oprd.evaluation.metrics import GradedSample, summarize
 from oprd.evaluation.reports import append_samples, prepare_report_dir, print_tables, write_report
-from oprd.models import ModelSpec, load_model, load_tokenizer, resolve_device
+from oprd.models import ModelSpec, check_source, load_model, load_tokenizer, resolve_device
 from oprd.rollout import HFRollout, Rollout, SamplingParams, seeded
 
 
@@ -72,7 +71,8 @@ def evaluate(
             for text, i, length, truncated in zip(
                 texts, batch.prompt_index.tolist(), batch.response_lengths.tolist(), batch.truncated.tolist()
             ):
-                rows[i].append(grade(text, chunk[i].answer, length=length, truncated=truncated, timeout_s=timeout_s))
+                rows[i].append(grade_sample(text, chunk[i].answer, length=length, truncated=truncated,
+                                            timeout_s=timeout_s))
             graded += rows
             if progress:
                 accuracy = mean(s.correct for p in graded for s in p)
@@ -80,22 +80,18 @@ def evaluate(
     return EvalResult(summarize(graded), sample_records(problems, graded))
 
 
-def grade(
+def grade_sample(
     response: str, ground_truth: str, *, length: int, truncated: bool = False, timeout_s: float = GRADE_TIMEOUT_S
 ) -> GradedSample:
-    """One response, extracted and graded."""
-    return GradedSample(
-        response=response,
-        answer=extract_answer(response),
-        correct=is_correct(response, ground_truth, timeout_s=timeout_s),
-        length=length,
-        truncated=truncated,
-    )
+    """One response, extracted and graded under the grader's deadline."""
+    answer, correct, timed_out = grade(response, ground_truth, timeout_s=timeout_s)
+    return GradedSample(response=response, answer=answer, correct=correct, length=length, truncated=truncated,
+                        timed_out=timed_out)
 
 
 def sample_records(problems: list[Problem], graded: list[list[GradedSample]]) -> list[dict]:
     """samples.jsonl rows: index (row of the benchmark), sample, response, extracted_answer,
-    ground_truth, correct, length, truncated."""
+    ground_truth, correct, grading_timed_out, length, truncated."""
     return [
         {
             "index": problem.index,
@@ -104,6 +100,7 @@ def sample_records(problems: list[Problem], graded: list[list[GradedSample]]) ->
             "extracted_answer": s.answer,
             "ground_truth": problem.answer,
             "correct": s.correct,
+            "grading_timed_out": s.timed_out,
             "length": s.length,
             "truncated": s.truncated,
         }
@@ -137,6 +134,8 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
     """Evaluates every model on every benchmark and writes the report; returns the summary (also
     summary.json)."""
     s = settings
+    for model in s.models:
+        check_source(model, "model")
     out = prepare_report_dir(s.out, s.overwrite)
     data = {
         benchmark_label(b): load_problems(b, prompt_key=s.prompt_key, answer_key=s.answer_key, limit=s.limit)
@@ -216,7 +215,7 @@ def grade_responses_file(settings: GradeSettings, console: Console | None = None
         for problem in graded_problems:
             graded.append(
                 [
-                    grade(text, problem.answer, length=count_tokens(text), truncated=cut, timeout_s=s.timeout_s)
+                    grade_sample(text, problem.answer, length=count_tokens(text), truncated=cut, timeout_s=s.timeout_s)
                     for text, cut in responses[problem.index]
                 ]
             )
@@ -243,18 +242,21 @@ def read_responses(path: str | Path) -> dict[int, list[tuple[str, bool]]]:
     `{"index": i, "response": "..."}` (grouped by index); an optional `truncated` field (a bool, or a
     list beside `responses`) marks responses cut by a token limit."""
     grouped: dict[int, list[tuple[str, bool]]] = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("index"), int) or not ("responses" in row or "response" in row):
-                expected = '{"index": int, "responses": [str, ...]} or {"index": int, "response": str}'
-                raise ValueError(f"{path}:{number}: expected {expected}")
-            texts = row["responses"] if "responses" in row else [row["response"]]
-            truncated = row.get("truncated", False)
-            flags = truncated if isinstance(truncated, list) else [truncated] * len(texts)
-            grouped.setdefault(row["index"], []).extend(zip(texts, map(bool, flags), strict=True))
+    expected = '{"index": int, "responses": [str, ...]} or {"index": int, "response": str}'
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        if not isinstance(row, dict) or not isinstance(row.get("index"), int) or not (
+                "responses" in row or "response" in row):
+            raise ValueError(f"{where}: expected {expected}")
+        texts = row["responses"] if "responses" in row else [row["response"]]
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"{where}: responses must be strings; expected {expected}")
+        truncated = row.get("truncated", False)
+        flags = truncated if isinstance(truncated, list) else [truncated] * len(texts)
+        if len(flags) != len(texts) or not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError(f"{where}: `truncated` must be a bool or a list of one bool per response "
+                             f"({len(texts)} responses, got {truncated!r})")
+        grouped.setdefault(row["index"], []).extend(zip(texts, flags))
     if not grouped:
         raise ValueError(f"{path} has no responses")
     return grouped

@@ -29,6 +29,7 @@ class GradedSample:
     correct: bool
     length: int  # response tokens
     truncated: bool  # stopped by the token limit, not by EOS
+    timed_out: bool = False  # grading overran its deadline: graded wrong, answer unknown
 
 
 def pass_ks(n: int) -> list[int]:
@@ -58,10 +59,11 @@ def summarize(problems: list[list[GradedSample]]) -> dict[str, float]:
         **{f"pass@{j}": mean(pass_at_k(len(c), sum(c), j) for c in correct) for j in pass_ks(k)},
         "dist-4g": mean(distinct_ngrams([s.response for s in p], 4) for p in problems),
         "avg_len": mean(s.length for s in samples),
-        "format_error_rate": mean(s.answer is None for s in samples),
+        "format_error_rate": mean(s.answer is None and not s.timed_out for s in samples),
         "truncation_rate": mean(s.truncated for s in samples),
         "solve_none": sum(not any(c) for c in correct),
         "solve_all": sum(all(c) for c in correct),
+        "grading_timeouts": sum(s.timed_out for s in samples),
         "problems": len(problems),
         "samples": len(samples),
         "k": k,

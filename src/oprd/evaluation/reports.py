@@ -19,7 +19,7 @@ REPORT_FILES = ("summary.json", "samples.jsonl", "results.md")
 def prepare_report_dir(out_dir: str | Path, overwrite: bool) -> Path:
     """The report folder, with any old report removed (`overwrite`); files appear as results come,
     so a run that fails before its first result leaves the folder empty and reusable."""
-    out = prepare_output_dir(Path(out_dir), overwrite=overwrite, overwrite_flag="--overwrite", replace=False)
+    out = prepare_output_dir(Path(out_dir), overwrite=overwrite, overwrite_flag="--overwrite", ours=None)
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
     return out
@@ -46,7 +46,7 @@ HEADLINE_METRICS = [
     ("format_error_rate", "Format errors (%)"),
     ("truncation_rate", "Truncated (%)"),
 ]
-COUNTS = ("solve_none", "solve_all", "problems", "samples", "k")
+COUNTS = ("solve_none", "solve_all", "grading_timeouts", "problems", "samples", "k")
 
 
 def metric_tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:

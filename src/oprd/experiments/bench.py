@@ -512,7 +512,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     s = settings
     shapes = [s.shape(seq_len) for seq_len in s.seq_lens]
     check_fits_in_memory(max(shapes, key=lambda shape: shape.seq_len))
-    out = prepare_output_dir(s.out, overwrite=s.overwrite, overwrite_flag="--overwrite", replace=False)
+    out = prepare_output_dir(s.out, overwrite=s.overwrite, overwrite_flag="--overwrite", ours=None)
     sweep = []
     for shape in shapes:
         measured = {}

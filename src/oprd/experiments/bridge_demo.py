@@ -39,6 +39,8 @@ from oprd.files import prepare_output_dir
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 PAPER_RANK = 8  # the paper's cross-architecture bridge
 REPORTED = ("accuracy", "best_at_k", "dist_4g", "avg_len")
+BRIDGE_DEMO_FILES = ("bridge_results.json", "settings.json", "bridge_report.md", "runs", "bridges", "sweep",
+                     "sweep_raw_states")  # what --overwrite may replace
 
 
 def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings) -> Stage1Settings:
@@ -93,7 +95,7 @@ def stage2(name: str, method: str, world: toy.World, s: DemoSettings, console: C
 def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the three pairs; returns bridge_results.json's content."""
     console = console or Console(stderr=True)
-    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", replace=True)
+    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", ours=BRIDGE_DEMO_FILES)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.disable_progress_bar()
     started = time.perf_counter()

@@ -55,6 +55,7 @@ ON_POLICY = {  # method -> its output-space objective; OPRD (at DemoSettings.opr
 }
 OPRD_METHODS = ("oprd", "opd_top1_plus_oprd")
 METHODS = ("teacher", "student", *ON_POLICY, "seq_kd")
+DEMO_FILES = ("results.json", "settings.json", "report.md", "*.png", "runs")  # what --overwrite may replace
 
 
 @dataclass
@@ -213,7 +214,7 @@ def run_seq_kd(world: toy.World, s: DemoSettings, budget_s: float, progress: Pro
 def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the whole demo; returns results.json's content."""
     console = console or Console(stderr=True)
-    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", replace=True)
+    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", ours=DEMO_FILES)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.disable_progress_bar()  # ours are the progress bars that matter
     started = time.perf_counter()
