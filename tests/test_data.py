@@ -146,3 +146,20 @@ def test_prompt_stream_resumes_exactly():
     got += [tail.next_batch() for _ in range(3)]
     assert got == expected
     assert sorted(sum(expected, [])[:7]) == list(range(7)), "each pass visits every prompt once"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n', "d.jsonl:2: not valid JSON"),
+    (b'{"prompt": "a"}\n\n{"prompt": "\xff"}\n', "d.jsonl:3: not UTF-8 text"),
+    (b'{"prompt": "a"}\n[1, 2]\n', "d.jsonl:2: expected a JSON object"),
+])
+def test_data_file_errors_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_problems(str(path))
+
+
+def test_a_name_that_is_neither_file_nor_benchmark_nor_hub_id_fails_at_once():
+    with pytest.raises(FileNotFoundError, match="did you mean math500"):
+        load_problems("math50")

@@ -258,3 +258,40 @@ def test_user_errors_exit_with_a_message_and_leave_the_out_dir_reusable(tmp_path
     result = CliRunner().invoke(app, ["eval", "grade", str(responses), "--data", "nope.parquet", "--out", str(out)])
     assert result.exit_code == 2 and "nope.parquet" in result.output
     assert list(out.iterdir()) == []
+
+
+def test_a_grading_timeout_is_recorded_in_samples_jsonl(tmp_path):
+    from oprd.evaluation.harness import GradeSettings, grade_responses_file
+
+    responses = tmp_path / "slow.jsonl"
+    responses.write_text(json.dumps({"index": 0, "responses": [r"\boxed{10^{10^{10}}!}", r"\boxed{204}"]}) + "\n")
+    summary = grade_responses_file(GradeSettings(responses=responses, data="aime24", out=tmp_path / "out",
+                                                 timeout_s=1.0), console=Console(file=io.StringIO()))
+    metrics = summary["results"]["slow"]["aime24"]
+    assert metrics["grading_timeouts"] == 1 and metrics["format_error_rate"] == 0
+    records = read_jsonl(tmp_path / "out" / "samples.jsonl")
+    assert [(r["grading_timed_out"], r["correct"]) for r in records] == [(True, False), (False, True)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"index": 0, "response": "1"}\n{"index": 1, "response": \n', "bad.jsonl:2: not valid JSON"),
+    (b'{"index": 0, "response": "\xff"}\n', "bad.jsonl:1: not UTF-8 text"),
+    ('{"index": 0, "responses": ["1", "2"], "truncated": [true]}\n', "bad.jsonl:1: `truncated` must be"),
+    ('{"index": 0, "responses": [1, 2]}\n', "bad.jsonl:1: responses must be strings"),
+    ('{"index": "0", "response": "1"}\n', 'expected {"index": int, "responses": [str, ...]}'),
+])
+def test_malformed_responses_are_located_and_explained(tmp_path, content, message):
+    responses = tmp_path / "bad.jsonl"
+    responses.write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = CliRunner().invoke(app, ["eval", "grade", str(responses), "--data", "aime24", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_a_mistyped_benchmark_lists_the_shipped_ones(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "grade", str(write_responses(tmp_path / "r.jsonl")), "--data", "aime2",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "shipped benchmark (aime24, aime25, aimo, amc23, math500)" in output and "did you mean aime25?" in output

@@ -298,3 +298,64 @@ def test_summarize_needs_samples():
         summarize([])
     with pytest.raises(ValueError):
         summarize([[sample(True, "1")], []])
+
+
+# --- extraction is linear, grading is under the deadline ------------------------------------
+
+
+def _rescanning_last_boxed(text: str):
+    """The extraction before it was made linear: for every \\boxed, copy and rescan the rest of the
+    text. Quadratic, but the plain definition of what the content of a box is."""
+    import re as regex
+
+    from oprd.evaluation.grading import _BOXED
+
+    for match in reversed(list(_BOXED.finditer(text))):
+        rest = text[match.end():].lstrip()
+        if not rest.startswith("{"):
+            token = regex.match(r"[^\s${}]+", rest)
+            content = token.group(0) if token else None
+        else:
+            depth, i, content = 0, 0, None
+            while i < len(rest):
+                if rest[i] == "\\":
+                    i += 2
+                    continue
+                depth += {"{": 1, "}": -1}.get(rest[i], 0)
+                if depth == 0:
+                    content = rest[1:i].strip()
+                    break
+                i += 1
+        if content:
+            return content
+    return None
+
+
+def test_linear_extraction_equals_the_rescanning_definition():
+    import random
+
+    from oprd.evaluation.grading import _last_boxed
+
+    pieces = ["\\boxed", "\\fbox", "{", "}", "\\{", "\\}", "\\\\", "\\", " ", "x", "5", "\n", "$"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert _last_boxed(text) == _rescanning_last_boxed(text), text
+
+
+def test_adversarial_responses_are_graded_within_the_deadline():
+    from oprd.evaluation import grade
+
+    unclosed = "\\boxed{" * 150_000 + "so the answer is \\boxed{7}"  # 1 MB; rescanning took minutes on 60 KB
+    assert extract_answer(unclosed) == "7"
+    assert grade(unclosed, "7") == (("7", True, False))
+    spaces = "5" + " " * 200_000 + "\\text{ cm}"  # a long run for the unit pattern
+    assert grade(f"\\boxed{{{spaces}}}", "5").timed_out is False
+
+
+def test_a_grading_timeout_is_reported_as_such():
+    from oprd.evaluation import grade
+
+    answer, correct, timed_out = grade(r"\boxed{10^{10^{10}}!}", r"10^{10^{10}}+1", timeout_s=1.0)
+    assert (answer, correct, timed_out) == (None, False, True)
+    assert grade(r"\boxed{0.75}", r"\frac34") == ("0.75", True, False)  # the grader works afterwards

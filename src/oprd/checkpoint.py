@@ -110,6 +110,16 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def check_complete(path: Path) -> None:
+    """Raises CheckpointError when a checkpoint folder lacks a file that resuming needs."""
+    needed = ["config.json", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        missing.insert(1, "model.safetensors")
+    if missing:
+        raise damaged(path, f"it has no {', '.join(missing)} (the folder is incomplete)")
+
+
 def load_training_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
     """Restores optimizer, scheduler and RNG from a checkpoint; returns its trainer state (step and
     data position). Every file is read before anything is restored, and a file that cannot be read

@@ -8,8 +8,8 @@ without ever deleting what is not ours.
   prepare_output_dir      check, then empty it (when it is ours and may be replaced) and create it
   refuse_existing_file    the same rule for a single output file
 
-Temporary files and folders get the permissions the user's umask gives new files (mkstemp and
-mkdtemp would make them private), and are flushed to disk (fsync), with the folder that holds
+Written files and folders get the permissions the user's umask gives new files (mkstemp,
+mkdtemp and some writers would make them private), and are flushed to disk (fsync), with the folder that holds
 them, before the rename that publishes them: after a power cut the renamed file is complete.
 A full disk is reported as such (`DiskFullError`), with the folder and the space left.
 """
@@ -190,7 +190,13 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for root, _, files in os.walk(folder):
+    """Flushes every file and folder under `folder`, giving each the umask's permissions (some
+    writers, safetensors among them, create private files)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
         for name in files:
+            os.chmod(Path(root) / name, 0o666 & ~mask)
             _fsync(Path(root) / name)
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~mask)
         _fsync(Path(root))

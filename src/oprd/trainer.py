@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             timings: dict[str, float] = {}
             started = time.perf_counter()
-            batch = sample(run, timings)
+            batch = sample(run, step, timings)
             metrics = update(run, batch, step, timings)
             advance(step, _live(record(run, step, batch, metrics, timings, started)))
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
@@ -164,9 +164,9 @@ def claim_run_dir(cfg: TrainConfig) -> tuple[bool, Path | None]:
         return replace, None
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARK).is_file():
         raise FileExistsError(f"resume=true, but {run_dir} holds no oprd run (no {RUN_MARK}): check output_dir")
-    if cfg.resume_from:
-        return False, Path(cfg.resume_from)
-    found = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    found = [Path(cfg.resume_from)] if cfg.resume_from else checkpoint.list_checkpoints(run_dir / "checkpoints")
+    if found:
+        checkpoint.check_complete(found[-1])
     return False, (found[-1] if found else None)
 
 
@@ -310,10 +310,17 @@ def check_before_training(run: Run) -> None:
 # --------------------------------------------------------------------------- the step
 
 
-def sample(run: Run, timings: dict[str, float]) -> RolloutBatch:
+def sample(run: Run, step: int, timings: dict[str, float]) -> RolloutBatch:
     """The student's responses to the step's prompts (and the teacher's view of them across tokenizers)."""
     with timed(timings, "rollout"):
-        return run.sampler.sample(run.stream.next_batch(), run.sampling)
+        try:
+            return run.sampler.sample(run.stream.next_batch(), run.sampling)
+        except RuntimeError as error:
+            if "probability tensor contains" not in str(error):
+                raise
+            raise FloatingPointError(f"sampling at step {step} met next-token probabilities that are not finite "
+                                     "numbers: the student's weights have grown out of range (optim.lr too large?). "
+                                     f"{_newest_checkpoint(run)}") from None
 
 
 def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) -> dict[str, float]:
@@ -333,7 +340,7 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at step {step} ({_describe(metrics)}). Lower optim.lr, use "
-                    f"optim.precision=fp32, or check the teacher's outputs. {_last_good_checkpoint(run)}"
+                    f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
                 )
             loss.backward()
             total_loss += loss.item()
@@ -342,15 +349,21 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
         grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.optim.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or use "
-                                     f"optim.precision=fp32. {_last_good_checkpoint(run)}")
+                                     f"optim.precision=fp32. {_newest_checkpoint(run)}")
         lr = run.optimizer.param_groups[0]["lr"]
-        run.optimizer.step()
+        try:
+            run.optimizer.step()
+        except RuntimeError as error:  # torch's Adam: "value cannot be converted to type float without overflow"
+            if "overflow" not in str(error):
+                raise
+            raise FloatingPointError(f"the AdamW update of step {step} overflowed float32 (lr {lr:g}): lower "
+                                     f"optim.lr. {_newest_checkpoint(run)}") from None
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         if (bad := first_non_finite(run.student)) is not None:
             raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
                                      f"so the run stops before sampling from them: lower optim.lr. "
-                                     f"{_last_good_checkpoint(run)}")
+                                     f"{_newest_checkpoint(run)}")
         run.sampler.rollout.sync_weights(run.student)
     return {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm),
             **{name: float(value) for name, value in totals.items()}}
@@ -420,11 +433,13 @@ def timed(timings: dict[str, float], name: str, device: torch.device | None = No
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
 
 
-def _last_good_checkpoint(run: Run) -> str:
+def _newest_checkpoint(run: Run) -> str:
+    """Where to go back to. Every update is checked for non-finite weights before a checkpoint can
+    be saved, so every checkpoint holds finite weights."""
     found = checkpoint.list_checkpoints(run.run_dir / "checkpoints")
     if not found:
         return "No checkpoint was saved yet."
-    return f"The last good checkpoint is {found[-1]} (resume=true continues from it)."
+    return f"The newest checkpoint, {found[-1]}, holds finite weights (resume=true continues from it)."
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
