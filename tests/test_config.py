@@ -15,11 +15,11 @@ SMOKE = RECIPES / "smoke"
 
 def test_recipe_loads_and_overrides_apply():
     cfg = load_config(SMOKE / "oprd.yaml",
-                      ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "report_to=tensorboard"])
+                      ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "eval_benchmarks=aime24,aime25"])
     assert cfg.optim.lr == pytest.approx(2e-4)
     assert cfg.max_steps == 7
     assert cfg.oprd.layers == [1, 3]
-    assert cfg.report_to == ["tensorboard"]
+    assert cfg.eval_benchmarks == ["aime24", "aime25"]
     # relative paths are read from the recipe's folder
     assert Path(cfg.student.model) == (SMOKE / "tiny-qwen3").resolve()
     assert Path(cfg.data.path) == (SMOKE / "prompts.parquet").resolve()
@@ -163,3 +163,12 @@ def test_stage_gap_is_refused():
     with pytest.raises(ConfigError, match="steps 6..9 have no objective"):
         load_config(SMOKE / "oprd_plus_opd.yaml", ["max_steps=20", "oprd.stop_step=5", "opd.start_step=9"])
     load_config(SMOKE / "oprd_plus_opd.yaml", ["max_steps=20", "oprd.stop_step=5", "opd.start_step=5"])
+
+
+def test_a_report_sink_that_is_not_installed_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"pip install 'oprd\[wandb\]'"):
+        load_config(SMOKE / "oprd.yaml", ["report_to=wandb"])

@@ -33,8 +33,12 @@ class CheckpointError(ValueError):
 
 
 def damaged(checkpoint: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {checkpoint} cannot be resumed from: {what}. Remove {checkpoint} to resume "
-                           "from the previous checkpoint, or pass resume_from=CHECKPOINT to choose one.")
+    if checkpoint.parent.name == "checkpoints" and checkpoint.name.startswith(PREFIX):
+        fix = (f"Remove {checkpoint} to resume from the previous checkpoint, or pass resume_from=CHECKPOINT to "
+               "choose one")
+    else:
+        fix = "Pass resume_from= a checkpoint of a run (RUN/checkpoints/step_N)"
+    return CheckpointError(f"checkpoint {checkpoint} cannot be resumed from: {what}. {fix}.")
 
 
 @contextmanager

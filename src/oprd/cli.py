@@ -56,7 +56,13 @@ def train(
     from oprd.trainer import train as run_training
 
     with user_errors(FloatingPointError, DiskFullError):
-        run_training(load_config(recipe, overrides or []))
+        cfg = load_config(recipe, overrides or [])
+        try:
+            run_training(cfg)
+        except KeyboardInterrupt:
+            Console(stderr=True).print(Text(f"interrupted: every checkpoint in {cfg.output_dir} is whole; run the "
+                                            "same command with resume=true to continue"))
+            raise typer.Exit(code=130) from None
 
 
 # --- bench ---
@@ -84,8 +90,12 @@ def bench(
 
     console = Console(stderr=True, soft_wrap=True)
     with user_errors(RuntimeError):
+        try:
+            lengths = [int(v) for v in _csv(seq_lens)] if seq_lens else [seq_len]
+        except ValueError:
+            raise ValueError(f"--seq-lens must be comma-separated integers, got {seq_lens!r}") from None
         settings = BenchSettings(
-            out=out, preset=preset, seq_lens=[int(v) for v in _csv(seq_lens)] if seq_lens else [seq_len],
+            out=out, preset=preset, seq_lens=lengths,
             num_layers=num_layers, batch_size=batch_size, methods=_csv(methods), repeats=repeats, device=device,
             dtype=dtype, overwrite=overwrite,
         )

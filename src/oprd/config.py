@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
@@ -371,6 +372,7 @@ def validate(cfg: TrainConfig) -> None:
     require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     require(cfg.eval_every >= 0, "eval_every must be >= 0")
     require(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
+    require(cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1 (or unset); got {cfg.data.limit}")
     for side in ("student", "teacher"):
         spec: ModelSpec = getattr(cfg, side)
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
@@ -393,3 +395,5 @@ def validate(cfg: TrainConfig) -> None:
     require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
     for sink in cfg.report_to:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
+        require(importlib.util.find_spec(sink) is not None,
+                f"report_to={sink} needs the {sink} package: pip install 'oprd[{sink}]'")

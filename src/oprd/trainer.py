@@ -131,6 +131,7 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         apply_optimizer_config(cfg, optimizer, scheduler)
         start_step = state["step"]
         stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"])
+    validation = make_validation(cfg, rollout, student_tok)  # reads the benchmarks: a bad name fails here
 
     # Every check has passed: only now does the run folder change.
     open_output_dir(run_dir, replace=replace_folder)
@@ -149,7 +150,7 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         recorder.warn(f"resume=true but {run_dir} has no checkpoint yet: starting from step 0")
     return Run(cfg, run_dir, recorder, device, student, teacher, student_tok, plan,
                Sampler(rollout, prompts, student_tok, teacher_tok, device), sampling, optimizer, scheduler, stream,
-               start_step, make_validation(cfg, rollout, student_tok))
+               start_step, validation)
 
 
 def claim_run_dir(cfg: TrainConfig) -> tuple[bool, Path | None]:
