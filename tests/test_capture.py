@@ -146,8 +146,10 @@ def _count_calls(modules):
 def test_early_stop_skips_later_blocks_and_keeps_values(model):
     inputs = left_padded_inputs(model, seed=4)
     ref = hf_forward(model, inputs).hidden_states[2]
-    watched = list(blocks(model)) + [model.model.norm, model.lm_head]
+    watched = list(blocks(model))
     counts, handles = _count_calls(watched)
+    head_positions = []
+    handles.append(model.lm_head.register_forward_pre_hook(lambda m, args: head_positions.append(args[0].shape[1])))
     try:
         got = capture_hidden(model, inputs, [2])
         stopped = list(counts)
@@ -160,10 +162,10 @@ def test_early_stop_skips_later_blocks_and_keeps_values(model):
     assert set(got) == {2}
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[2][valid], ref[valid], rtol=0, atol=0)
-    # blocks 1, 2 ran once; blocks 3, 4, the final norm and the LM head never ran
-    assert stopped == [1, 1, 0, 0, 0, 0]
-    # asking for the last layer runs the whole backbone, but never the LM head
-    assert full == [1, 1, 1, 1, 1, 0]
+    assert stopped == [1, 1, 0, 0]  # blocks 1, 2 ran once; blocks 3, 4 never
+    assert full == [1, 1, 1, 1]  # asking for the last layer runs the whole backbone
+    assert head_positions == [1, 1]  # the LM head never sees more than one position per sequence
+    assert model.config.num_hidden_layers == 4  # the early stop leaves the config as it was
 
 
 @torch.no_grad()

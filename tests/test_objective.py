@@ -111,10 +111,12 @@ def test_fast_path_matches_public_losses(pair_and_batch, overrides):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_oprd_only_never_runs_the_lm_heads(pair_and_batch):
+def test_oprd_only_never_computes_logits_beyond_one_position(pair_and_batch):
     student, teacher, batch, vocab = pair_and_batch
-    calls = []
-    handles = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1)) for m in (student, teacher)]
+    student.zero_grad(set_to_none=True)
+    positions = []
+    handles = [m.get_output_embeddings().register_forward_pre_hook(lambda m, a: positions.append(a[0].shape[1]))
+               for m in (student, teacher)]
     try:
         plan = _plan("oprd.yaml", vocab)
         loss, _ = distillation_loss(plan, student, teacher, batch, plan.normalizers(batch))
@@ -122,7 +124,8 @@ def test_oprd_only_never_runs_the_lm_heads(pair_and_batch):
     finally:
         for h in handles:
             h.remove()
-    assert calls == []
+    assert positions == [1, 1]  # each model's forward asks its head for the last position only
+    assert student.lm_head.weight.grad is None  # and nothing of the loss flows through it
 
 
 def test_padded_teacher_vocabulary_is_sliced(pair_and_batch, tmp_path):

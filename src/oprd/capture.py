@@ -1,23 +1,22 @@
 """Reading hidden states out of a model, as cheaply as the loss allows.
 
 `capture_hidden` serves the frozen teacher (under no_grad) and the student (with grad) alike:
-it runs the backbone without the LM head, stops after the deepest block the loss needs, and
-keeps only the positions the loss reads. Logits are never computed here; the output-space
-losses apply each LM head chunk by chunk (`losses.chunked_head_loss`).
+it runs only the blocks the loss needs and keeps only the positions the loss reads. Logits are
+computed here for one position only; the output-space losses apply each LM head chunk by chunk
+(`losses.chunked_head_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from oprd.batch import RolloutBatch
-from oprd.models import base_model, decoder_layers
+from oprd.models import base_model, decoder_layers, full_depth
 
 FINAL = "final"  # key of the post-norm last hidden state, the LM head's input
-
-
-class _StopForward(Exception):
-    """Raised from a block's hook once every needed layer is captured."""
 
 
 def model_inputs(batch: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -49,42 +48,60 @@ def capture_hidden(
 ) -> dict[int | str, torch.Tensor]:
     """Hidden states after the given 1-based blocks, as in HF `hidden_states[l]`.
 
-    Layer L (the last) is the post-norm state, as HF reports it; `final=True` also returns it
-    under `FINAL`. With `keep_B_S` (B, S) bool, each tensor is `h[keep_B_S]` (N, D) in row-major
-    order; otherwise (B, S, D). When neither layer L nor `final` is asked for, the forward pass
-    stops after the deepest requested block.
+    Layer L (the last of the full model) is the post-norm state, as HF reports it; `final=True`
+    also returns it under `FINAL`. With `keep_B_S` (B, S) bool, each tensor is `h[keep_B_S]` (N, D)
+    in row-major order; otherwise (B, S, D).
+
+    The forward pass goes through the model's own forward, so it works under FSDP, whose hooks live
+    on the root module. It runs only the blocks the deepest requested layer needs (the decoder
+    reads `config.num_hidden_layers`, lowered for the call) and the LM head for one position only.
     """
     blocks = decoder_layers(model)
-    num_layers = len(blocks)
-    if any(not 1 <= layer <= num_layers for layer in layers):
-        raise ValueError(f"layers {layers} outside 1..{num_layers} of {type(model).__name__}")
-    needs_last = final or num_layers in layers
-    deepest = max(layers, default=0)
+    depth = full_depth(model)
+    if any(not 1 <= layer <= len(blocks) for layer in layers):
+        raise ValueError(f"layers {layers} outside 1..{len(blocks)} of {type(model).__name__}")
+    if not layers and not final:
+        return {}
+    needs_last = final or depth in layers
     captured: dict[int | str, torch.Tensor] = {}
 
     def kept(h: torch.Tensor) -> torch.Tensor:
         return h[keep_B_S] if keep_B_S is not None else h
 
-    def hook_for(layer: int):
+    def block_hook(layer: int):
         def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            captured[layer] = kept(h)
-            if layer == deepest and not needs_last:
-                raise _StopForward
+            captured[layer] = kept(output[0] if isinstance(output, tuple) else output)
 
         return hook
 
-    handles = [blocks[layer - 1].register_forward_hook(hook_for(layer)) for layer in layers if layer < num_layers]
-    try:
-        out = base_model(model)(**inputs, use_cache=False)
-        last = kept(out.last_hidden_state)
-        if num_layers in layers:
-            captured[num_layers] = last
+    def last_hook(module, args, output):
+        last = kept(output.last_hidden_state)
+        if depth in layers:
+            captured[depth] = last
         if final:
             captured[FINAL] = last
-    except _StopForward:
-        pass
+
+    decoder = base_model(model)
+    handles = [blocks[layer - 1].register_forward_hook(block_hook(layer)) for layer in layers if layer < depth]
+    if needs_last:
+        handles.append(decoder.register_forward_hook(last_hook))
+    head = {"logits_to_keep": 1} if model is not decoder else {}
+    try:
+        with running_blocks(decoder, len(blocks) if needs_last else max(layers)):
+            model(**inputs, use_cache=False, **head)
     finally:
         for handle in handles:
             handle.remove()
     return captured
+
+
+@contextmanager
+def running_blocks(decoder: torch.nn.Module, count: int) -> Iterator[None]:
+    """Makes the decoder run only its first `count` blocks for the duration of the block."""
+    config = decoder.config
+    loaded = config.num_hidden_layers
+    config.num_hidden_layers = min(count, loaded)
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = loaded

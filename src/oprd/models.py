@@ -174,6 +174,12 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise TypeError(f"cannot find the decoder blocks of {type(model).__name__} (looked for .layers and .h)")
 
 
+def full_depth(model: torch.nn.Module) -> int:
+    """The number of blocks of the model as published: more than it holds when it was loaded only
+    up to a layer (`load_model(up_to_layer=...)`), whose last block then is not the published last."""
+    return int(getattr(model.config, "full_num_hidden_layers", None) or len(decoder_layers(model)))
+
+
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The backbone without the LM head (embeddings, blocks, final norm)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model
