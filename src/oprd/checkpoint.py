@@ -1,13 +1,19 @@
 """Atomic, resumable checkpoints.
 
-    output_dir/checkpoints/step_000050/
+    output_dir/checkpoints/step_000050/       one process
         model.safetensors, config.json, tokenizer files   (a plain HF model directory)
         optimizer.pt, scheduler.pt, rng.pt                 (loaded with weights_only=True)
         trainer_state.json                                 (step, data position, Python RNG)
 
-Each checkpoint is written to a hidden temporary folder and renamed into place
-(`files.write_dir_atomically`), so a folder named `step_*` is always complete: a crash mid-save
-leaves the previous checkpoint as the newest.
+    output_dir/checkpoints/step_000050/       several processes (torchrun)
+        dcp/                                  model and optimizer, sharded (torch.distributed.checkpoint)
+        scheduler.pt, rng-rank{r}.pt          the schedule, and each rank's RNG
+        trainer_state.json                    as above, with the number of processes
+
+Each checkpoint is written to a hidden temporary folder and renamed into place (`files`; under
+several processes every rank writes into rank 0's folder, and rank 0 renames it once all have
+finished), so a folder named `step_*` is always complete: a crash mid-save leaves the previous
+checkpoint as the newest.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from typing import Any
 
 import torch
 
-from oprd.files import write_dir_atomically
+from oprd import distributed
+from oprd.distributed import ONE_PROCESS, World
+from oprd.files import new_temporary_dir, publish_dir, raise_if_disk_full, write_dir_atomically
+from oprd.models import ModelSpec, empty_model
 
 PREFIX = "step_"
 
@@ -81,6 +90,19 @@ def save_model_dir(target: Path, model: torch.nn.Module, tokenizer) -> Path:
     return write_dir_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
+def save_gathered_model_dir(target: Path, model: torch.nn.Module, tokenizer, spec: ModelSpec, world: World) -> None:
+    """`save_model_dir` for a model sharded across processes: every weight is gathered to rank 0,
+    which writes the plain HF model folder (a sharded model cannot `save_pretrained` itself)."""
+    state = distributed.full_model_state(model)
+    if world.main:
+        whole = empty_model(spec, next(iter(state.values())).dtype)
+        whole.load_state_dict(state, assign=True)
+        whole.tie_weights()
+        whole.generation_config = model.generation_config
+        save_model_dir(target, whole, tokenizer)
+    world.barrier()
+
+
 def save_checkpoint(
     checkpoint_dir: Path,
     step: int,
@@ -90,20 +112,53 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict[str, Any],
     keep: int,
+    world: World = ONE_PROCESS,
 ) -> Path:
+    """Writes step `step`'s checkpoint (the layout of the module notes) and keeps the newest `keep`."""
+    state = {"step": step, "world_size": world.size, "python_random": _jsonable(random.getstate()), **trainer_state}
+    target = checkpoint_dir / f"{PREFIX}{step:06d}"
+
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        state = {"step": step, "python_random": _jsonable(random.getstate()), **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
-    path = write_dir_atomically(checkpoint_dir / f"{PREFIX}{step:06d}", fill)
-    for old in list_checkpoints(checkpoint_dir)[:-keep]:
-        shutil.rmtree(old)
-    return path
+    if world.distributed:
+        _save_sharded(target, model, optimizer, scheduler, state, world)
+    else:
+        write_dir_atomically(target, fill)
+    if world.main:
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old)
+    world.barrier()
+    return target
+
+
+def _save_sharded(target: Path, model, optimizer, scheduler, state: dict, world: World) -> None:
+    """Every rank writes its shards and its RNG into rank 0's temporary folder; rank 0 renames it
+    once all have succeeded. A failure on any rank fails every rank (no rank waits forever)."""
+    tmp = world.broadcast(new_temporary_dir(target) if world.main else None)
+    failure = None
+    try:
+        distributed.save_sharded(tmp / "dcp", model, optimizer)
+        torch.save(rng_state(), tmp / f"rng-rank{world.rank}.pt")
+        if world.main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    except Exception as error:  # reported after every rank has said how it went
+        failure = error
+    if world.any(failure is not None):
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise_if_disk_full(failure, target)
+            raise failure
+        raise RuntimeError(f"another process failed while writing checkpoint {target}; its error says why")
+    if world.main:
+        publish_dir(tmp, target)
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -114,25 +169,48 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def check_complete(path: Path) -> None:
-    """Raises CheckpointError when a checkpoint folder lacks a file that resuming needs."""
-    needed = ["config.json", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"]
+def check_complete(path: Path, world: World = ONE_PROCESS) -> None:
+    """Raises CheckpointError when a checkpoint folder lacks a file that resuming needs, or was
+    written by another number of processes than this run has."""
+    sharded = (path / "dcp").is_dir()
+    if sharded != world.distributed:
+        written = "several processes (torchrun)" if sharded else "one process"
+        raise damaged(path, f"it was written by {written} and this run has {world.size}: resume it with the number "
+                            "of processes that wrote it")
+    if sharded:
+        needed = ["dcp/.metadata", "scheduler.pt", "trainer_state.json",
+                  *(f"rng-rank{rank}.pt" for rank in range(world.size))]
+    else:
+        needed = ["config.json", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"]
     missing = [name for name in needed if not (path / name).is_file()]
-    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not sharded and not any((path / name).is_file() for name in weights):
         missing.insert(1, "model.safetensors")
     if missing:
-        raise damaged(path, f"it has no {', '.join(missing)} (the folder is incomplete)")
+        raise damaged(path, f"it has no {', '.join(missing)} (the folder is incomplete, or was written by another "
+                            "number of processes)")
 
 
-def load_training_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
-    """Restores optimizer, scheduler and RNG from a checkpoint; returns its trainer state (step and
-    data position). Every file is read before anything is restored, and a file that cannot be read
-    is named in a CheckpointError."""
+def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module | None = None,
+                        world: World = ONE_PROCESS) -> dict[str, Any]:
+    """Restores optimizer, scheduler and RNG from a checkpoint (under several processes also the
+    sharded model); returns its trainer state (step and data position). Every file is read before
+    anything is restored, and a file that cannot be read is named in a CheckpointError."""
     with reading(path, "trainer_state.json"):
         state = json.loads((path / "trainer_state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "data" not in state:
             raise KeyError("step")
         python_random = _tupled(state.pop("python_random"))
+    if world.distributed:
+        with reading(path, "dcp/ (the sharded model and optimizer)"):
+            distributed.load_sharded(path / "dcp", model, optimizer)
+        rng = f"rng-rank{world.rank}.pt"
+        with reading(path, "scheduler.pt"):
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        with reading(path, rng):
+            set_rng_state(torch.load(path / rng, weights_only=True))
+            random.setstate(python_random)
+        return state
     loaded = {}
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         with reading(path, name):

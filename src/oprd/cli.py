@@ -46,11 +46,24 @@ def _csv(text: str) -> list[str]:
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/smoke/oprd.yaml"),
     overrides: list[str] = typer.Argument(None, help="key=value or section.key=value, e.g. optim.lr=2e-5"),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="processes on this node, one per GPU (torchrun + FSDP2); 1: no process group"),
 ) -> None:
     """On-policy distillation from a YAML recipe plus overrides.
 
     Example: oprd train recipes/smoke/oprd.yaml output_dir=runs/smoke max_steps=3
+    Several GPUs: oprd train recipes/paper/oprd.yaml --nproc 8   (or: torchrun --nproc-per-node 8 -m oprd train ...)
     """
+    import sys
+
+    if nproc > 1:  # the same command under torchrun, which starts one process per device
+        import subprocess
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "oprd", "train", str(recipe), *(overrides or [])]
+        raise typer.Exit(code=subprocess.run(command).returncode)
+
+    from oprd import distributed
     from oprd.config import load_config
     from oprd.files import DiskFullError
     from oprd.trainer import train as run_training
@@ -63,6 +76,8 @@ def train(
             Console(stderr=True).print(Text(f"interrupted: every checkpoint in {cfg.output_dir} is whole; run the "
                                             "same command with resume=true to continue"))
             raise typer.Exit(code=130) from None
+        finally:
+            distributed.close()
 
 
 # --- bench ---

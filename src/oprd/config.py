@@ -208,7 +208,7 @@ FREE_ON_RESUME = frozenset({
     "keep_checkpoints", "eval_every", "eval_benchmarks", "eval_samples", "eval_temperature", "eval_max_new_tokens",
     "eval_limit", "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences",
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
-    "student.trust_remote_code", "teacher.trust_remote_code",
+    "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard",
 })
 
 
@@ -376,6 +376,8 @@ def validate(cfg: TrainConfig) -> None:
     for side in ("student", "teacher"):
         spec: ModelSpec = getattr(cfg, side)
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
+    require(cfg.student.shard, "student.shard=false is not supported: the student is always sharded under torchrun "
+                               "(teacher.shard=false keeps a full teacher in every process)")
     require(cfg.bridge.path is None or cfg.uses_oprd,
             "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
     require(cfg.bridge.path is None or cfg.oprd.normalize,

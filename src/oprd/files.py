@@ -1,7 +1,8 @@
 """Writing files so that a crash never leaves a half-written one, and claiming output folders
 without ever deleting what is not ours.
 
-  write_dir_atomically    fill a hidden temporary folder, then rename it into place
+  write_dir_atomically    fill a hidden temporary folder, then rename it into place (or, when
+                          several processes fill it: new_temporary_dir, then publish_dir)
   write_file_atomically   write a hidden temporary file beside the target, then rename it
   remove_leftovers        the temporary folders and files a killed process left behind
   check_output_dir        may a command use this folder? (checks only, changes nothing)
@@ -34,12 +35,30 @@ class DiskFullError(OSError):
 def write_dir_atomically(target: Path, fill: Callable[[Path], object]) -> Path:
     """Calls `fill(tmp_dir)`, flushes what it wrote, then renames tmp_dir to `target` (replacing
     an older one)."""
+    tmp = new_temporary_dir(target)
+    try:
+        fill(tmp)
+        publish_dir(tmp, target)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(error, target)
+        raise
+    return target
+
+
+def new_temporary_dir(target: Path) -> Path:
+    """A hidden, empty folder beside `target` to fill before `publish_dir` (with the umask's permissions)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def publish_dir(tmp: Path, target: Path) -> Path:
+    """Flushes everything in `tmp` to disk and renames it to `target`, replacing an older one."""
+    target = Path(target)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        fill(tmp)
         _fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -50,8 +69,7 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], object]) -> Path:
             os.replace(tmp, target)
         _fsync(target.parent)
     except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _raise_if_disk_full(error, target)
+        raise_if_disk_full(error, target)
         raise
     return target
 
@@ -71,7 +89,7 @@ def write_file_atomically(target: Path, write: Callable[[Path], object]) -> Path
         _fsync(target.parent)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        _raise_if_disk_full(error, target)
+        raise_if_disk_full(error, target)
         raise
     return target
 
@@ -163,7 +181,8 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in text or "unexpected pos" in text or "Disk quota exceeded" in text
 
 
-def _raise_if_disk_full(error: BaseException, target: Path) -> None:
+def raise_if_disk_full(error: BaseException, target: Path) -> None:
+    """Raises DiskFullError (naming the folder and the space left) when `error` says the disk is full."""
     if not isinstance(error, Exception) or isinstance(error, DiskFullError) or not is_disk_full(error):
         return
     try:

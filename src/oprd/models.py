@@ -17,7 +17,14 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +41,7 @@ class ModelSpec:
     init_seed: int = 0
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    shard: bool = True  # under torchrun: sharded across processes (FSDP2); false: a full copy in each
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,27 +116,59 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None,
+               up_to_layer: int | None = None) -> torch.nn.Module:
+    """The model of `spec` on `device`. With `up_to_layer`, only its backbone up to that block: no
+    later blocks and no LM head (a teacher that only hands hidden states to OPRD); `full_depth`
+    still reports the published depth."""
     dtype = dtype or resolve_dtype(spec.dtype, device)
-    extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    config = model_config(spec, up_to_layer)
+    model_class = AutoModel if up_to_layer is not None else AutoModelForCausalLM
+    options = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    if spec.attn_implementation:
+        options["attn_implementation"] = spec.attn_implementation
     if spec.random_init:
-        config = load_model_config(spec)
         # fork_rng keeps the caller's generator untouched, so initialising a model never shifts
-        # the sampling stream of a run.
+        # the sampling stream of a run. The whole model is initialised and then cut, so its blocks
+        # get the weights they get in the whole model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **extra
-            )
+            model = AutoModelForCausalLM.from_config(load_model_config(spec), **options)
+        if up_to_layer is not None:
+            model = _cut(model, config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.model,
-            revision=spec.revision,
-            dtype=dtype,
-            trust_remote_code=spec.trust_remote_code,
-            **extra,
-        )
+        model = model_class.from_pretrained(spec.model, config=config, revision=spec.revision, **options)
     return model.to(device)
+
+
+def _cut(model: torch.nn.Module, config: PretrainedConfig) -> torch.nn.Module:
+    """The backbone of a causal LM with only the blocks `config` (from `model_config`) keeps. The
+    backbone keeps its own config object (it carries what loading resolved, e.g. the attention
+    implementation), told the new depth."""
+    backbone = base_model(model)
+    kept = config.num_hidden_layers
+    del decoder_layers(backbone)[kept:]
+    if kept < backbone.config.num_hidden_layers:
+        backbone.config.full_num_hidden_layers = backbone.config.num_hidden_layers
+        backbone.config.num_hidden_layers = kept
+    return backbone
+
+
+def empty_model(spec: ModelSpec, dtype: torch.dtype, up_to_layer: int | None = None) -> torch.nn.Module:
+    """The model of `spec` on the meta device: its structure, no memory (to be sharded and filled)."""
+    model_class = AutoModel if up_to_layer is not None else AutoModelForCausalLM
+    options = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    with torch.device("meta"):
+        return model_class.from_config(model_config(spec, up_to_layer), dtype=dtype,
+                                       trust_remote_code=spec.trust_remote_code, **options)
+
+
+def model_config(spec: ModelSpec, up_to_layer: int | None = None) -> PretrainedConfig:
+    config = load_model_config(spec)
+    if up_to_layer is not None and up_to_layer < config.num_hidden_layers:
+        config.full_num_hidden_layers = config.num_hidden_layers
+        config.num_hidden_layers = up_to_layer
+    return config
 
 
 def first_non_finite(model: torch.nn.Module) -> str | None:

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from oprd import distributed
 from oprd.alignment import retokenize
 from oprd.batch import RolloutBatch, concat, pad_left
 from oprd.data import PromptSet
@@ -81,20 +82,24 @@ class HFRollout:
         eos_token_ids: list[int],
         vocab_size: int,
         max_batch_sequences: int = 64,
+        synced: bool = False,
     ):
         self.model = model
         self.pad_token_id = pad_token_id
         self.eos_token_ids = list(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_batch_sequences = max_batch_sequences
+        self.synced = synced  # several processes sample together: each runs as many forwards as the longest
 
     @classmethod
     def for_model(
         cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_sequences: int = 64
     ) -> HFRollout:
-        """Samples `model` with its tokenizer's padding, every EOS id it uses, and its vocabulary."""
+        """Samples `model` with its tokenizer's padding, every EOS id it uses, and its vocabulary; in
+        step with the other processes when the model is sharded across them."""
         return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
-                   vocab_size=len(tokenizer), max_batch_sequences=max_batch_sequences)
+                   vocab_size=len(tokenizer), max_batch_sequences=max_batch_sequences,
+                   synced=distributed.is_sharded(model))
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generates from the live training weights
@@ -131,12 +136,14 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                input_ids=prompt_ids.to(device),
-                attention_mask=prompt_mask.to(device),
-                generation_config=config,
-                logits_processor=processors,
-            ).cpu()
+            with distributed.gathered(self.model):
+                out = self.model.generate(
+                    input_ids=prompt_ids.to(device),
+                    attention_mask=prompt_mask.to(device),
+                    generation_config=config,
+                    logits_processor=processors,
+                    synced_gpus=self.synced,
+                ).cpu()
         finally:
             self.model.train(was_training)
         response_ids = out[:, prompt_ids.shape[1] :]

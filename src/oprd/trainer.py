@@ -37,14 +37,15 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from oprd import checkpoint
+from oprd import checkpoint, distributed
 from oprd.batch import RolloutBatch
 from oprd.bridge import Bridge, load_bridge
 from oprd.config import TrainConfig, read_run_config, require, trained_differences
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
+from oprd.distributed import World
 from oprd.evaluation.harness import evaluate
 from oprd.files import check_output_dir, open_output_dir, remove_leftovers
-from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer, resolve_device
+from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
 from oprd.objective import LossPlan, score_with_teacher, student_loss
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
 from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder
@@ -56,6 +57,7 @@ class Run:
     """Everything the loop reads, made once by `set_up_run`."""
 
     cfg: TrainConfig
+    world: World
     run_dir: Path
     recorder: RunRecorder
     device: torch.device
@@ -98,9 +100,12 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     and the pairing before any weights load, then the weights, the bridge and the checkpoint. A run
     that fails them leaves the folder as it was."""
     run_dir = Path(cfg.output_dir)
-    replace_folder, resume_from = claim_run_dir(cfg)
+    world, device = distributed.init(cfg.device)
+    require(cfg.rollout.prompts_per_step % world.size == 0,
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must split evenly over the {world.size} "
+            "processes (each samples its share of the step's prompts)")
+    replace_folder, resume_from = claim_run_dir(cfg, world)
     recorder = RunRecorder(run_dir, console)
-    device = resolve_device(cfg.device)
 
     check_spec(cfg.student, "student")
     check_spec(cfg.teacher, "teacher")
@@ -112,22 +117,22 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     check_context_length(cfg, student_config, teacher_config, prompts)
     if resume_from is not None:
         check_resumed_config(cfg, run_dir, recorder)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + world.rank)  # each process samples its own prompts with its own stream
 
-    student, teacher = load_models(cfg, device, resume_from)
     bridge = load_run_bridge(cfg, student_config, teacher_config, student_tok, teacher_tok)
     plan = LossPlan.from_config(cfg.opd, cfg.oprd, student_config.num_hidden_layers,
                                 teacher_config.num_hidden_layers, len(student_tok),
                                 bridge.to(device) if bridge is not None else None)
+    student, teacher = load_models(cfg, device, world, resume_from, plan)
     rollout = HFRollout.for_model(student, student_tok, cfg.rollout.max_batch_sequences)
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer, scheduler = make_optimizer(cfg, student)
     stream, start_step = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed), 0
     if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from, optimizer, scheduler)
+        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, student, world)
+        if world.distributed:
+            _require_finite(student, world, f"checkpoint {resume_from}")
         apply_optimizer_config(cfg, optimizer, scheduler)
         start_step = state["step"]
         stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"])
@@ -148,12 +153,12 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         recorder.say(f"resuming from {resume_from} (step {start_step})")
     elif cfg.resume:
         recorder.warn(f"resume=true but {run_dir} has no checkpoint yet: starting from step 0")
-    return Run(cfg, run_dir, recorder, device, student, teacher, student_tok, plan,
+    return Run(cfg, world, run_dir, recorder, device, student, teacher, student_tok, plan,
                Sampler(rollout, prompts, student_tok, teacher_tok, device), sampling, optimizer, scheduler, stream,
                start_step, validation)
 
 
-def claim_run_dir(cfg: TrainConfig) -> tuple[bool, Path | None]:
+def claim_run_dir(cfg: TrainConfig, world: World) -> tuple[bool, Path | None]:
     """Whether the run folder must be emptied before use (overwrite=true on an earlier run), and
     the checkpoint to resume from, if any; changes nothing. A folder that already holds files is
     never silently reused: resume=true continues the run in it, overwrite=true replaces it when it
@@ -167,7 +172,7 @@ def claim_run_dir(cfg: TrainConfig) -> tuple[bool, Path | None]:
         raise FileExistsError(f"resume=true, but {run_dir} holds no oprd run (no {RUN_MARK}): check output_dir")
     found = [Path(cfg.resume_from)] if cfg.resume_from else checkpoint.list_checkpoints(run_dir / "checkpoints")
     if found:
-        checkpoint.check_complete(found[-1])
+        checkpoint.check_complete(found[-1], world)
     return False, (found[-1] if found else None)
 
 
@@ -211,31 +216,54 @@ def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRe
     return drop_long_prompts(prompts, cfg.data.max_prompt_tokens, cfg.data.path, recorder.warn)
 
 
-def load_models(cfg: TrainConfig, device: torch.device, resume_from: Path | None):
-    """The student (from the checkpoint when resuming) in training mode, the teacher frozen; both
-    checked for weights that are not finite numbers."""
+def load_models(cfg: TrainConfig, device: torch.device, world: World, resume_from: Path | None, plan: LossPlan):
+    """The student (from the checkpoint when one process resumes; several processes restore theirs
+    with the optimizer) in training mode, and the teacher frozen; both checked for weights that are
+    not finite numbers. Under torchrun both are sharded (FSDP2; the teacher unless
+    teacher.shard=false). A teacher that OPRD alone reads is loaded only up to its deepest layer in
+    use: no later blocks, no LM head."""
     # The optimizer keeps float32 master weights (bf16 comes from autocast) unless student.dtype says otherwise.
     student_dtype = torch.float32 if cfg.student.dtype == "auto" else None
-    if resume_from is None:
-        student = load_model(cfg.student, device, dtype=student_dtype)
-        _require_finite(student, f"student.model={cfg.student.model}")
+    if resume_from is None or world.distributed:
+        student = distributed.load_model(cfg.student, device, world, dtype=student_dtype,
+                                         mp_policy=_mixed_precision(cfg, device))
+        _require_finite(student, world, f"student.model={cfg.student.model}")
     else:
         spec = dataclasses.replace(cfg.student, model=str(resume_from), revision=None, random_init=False)
         with checkpoint.reading(resume_from, "the model (config.json, model.safetensors)"):
             student = load_model(spec, device, dtype=student_dtype)
         if (bad := first_non_finite(student)) is not None:
             raise checkpoint.damaged(resume_from, f"its weights hold values that are not finite numbers ({bad})")
-    teacher = load_model(cfg.teacher, device).eval().requires_grad_(False)
-    _require_finite(teacher, f"teacher.model={cfg.teacher.model}")
+    up_to_layer = None if plan.uses_opd else max(plan.teacher_layers)
+    teacher = distributed.load_model(cfg.teacher, device, world, up_to_layer=up_to_layer, shard_it=cfg.teacher.shard)
+    teacher.eval().requires_grad_(False)
+    _require_finite(teacher, world, f"teacher.model={cfg.teacher.model}")
     if cfg.optim.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return student.train(), teacher
 
 
-def _require_finite(model: torch.nn.Module, source: str) -> None:
-    if (bad := first_non_finite(model)) is not None:
+def _require_finite(model: torch.nn.Module, world: World, source: str) -> None:
+    if (bad := _non_finite_weight(model, world)) is not None:
         raise ValueError(f"{source} holds weights that are not finite numbers ({bad}): it cannot be trained or "
                          "sampled from; check where it came from")
+
+
+def _non_finite_weight(model: torch.nn.Module, world: World) -> str | None:
+    """A parameter holding NaN or infinity on any process (its name where this process holds it)."""
+    bad = first_non_finite(model)
+    if world.any(bad is not None):
+        return bad or "a parameter shard of another process"
+    return bad
+
+
+def _mixed_precision(cfg: TrainConfig, device: torch.device):
+    """FSDP2's mixed precision under bf16: compute in bf16, float32 master weights, float32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not _uses_bf16(cfg, device):
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def load_run_bridge(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok) -> Bridge | None:
@@ -246,6 +274,13 @@ def load_run_bridge(cfg: TrainConfig, student_config, teacher_config, student_to
     bridge.check_fits(student_config, teacher_config)
     bridge.check_tokenizers(student_tok, teacher_tok)
     return bridge
+
+
+def make_optimizer(cfg: TrainConfig, student: torch.nn.Module):
+    """AdamW over the student's parameters and its learning-rate schedule (`lr_lambda`)."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -314,8 +349,9 @@ def check_before_training(run: Run) -> None:
 def sample(run: Run, step: int, timings: dict[str, float]) -> RolloutBatch:
     """The student's responses to the step's prompts (and the teacher's view of them across tokenizers)."""
     with timed(timings, "rollout"):
+        this_process = run.stream.next_batch()[run.world.rank :: run.world.size]
         try:
-            return run.sampler.sample(run.stream.next_batch(), run.sampling)
+            return run.sampler.sample(this_process, run.sampling)
         except RuntimeError as error:
             if "probability tensor contains" not in str(error):
                 raise
@@ -330,7 +366,8 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
     cfg = run.cfg
     with timed(timings, "update", run.device):
         plan = run.plan.at_step(step)
-        normalizers = plan.normalizers(batch)
+        # every process's losses are its share of the whole step's average (see oprd.distributed)
+        normalizers = {name: run.world.sum(total) for name, total in plan.normalizers(batch).items()}
         totals: dict[str, torch.Tensor] = {}
         total_loss = 0.0
         for micro in batch.micro_batches(cfg.optim.micro_batch_size):
@@ -338,7 +375,8 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
                 with timed(timings, "teacher", run.device):
                     scores = score_with_teacher(plan, run.teacher, micro)
                 loss, metrics = student_loss(plan, run.student, micro, scores, normalizers)
-            if not torch.isfinite(loss):
+            distributed.reshard(run.teacher)  # forward only: no backward will free its gathered weights
+            if not run.world.distributed and not torch.isfinite(loss):  # several processes: checked below, together
                 raise FloatingPointError(
                     f"non-finite loss at step {step} ({_describe(metrics)}). Lower optim.lr, use "
                     f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
@@ -347,7 +385,15 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
             total_loss += loss.item()
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value
+        total_loss = float(run.world.sum(torch.tensor(total_loss, dtype=torch.float64, device=run.device)))
+        totals = {name: run.world.sum(torch.as_tensor(value, device=run.device)) for name, value in totals.items()}
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {step} ({_describe(totals)}). Lower optim.lr, use "
+                f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.optim.grad_clip or float("inf"))
+        grad_norm = distributed.full_value(grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or use "
                                      f"optim.precision=fp32. {_newest_checkpoint(run)}")
@@ -361,7 +407,7 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
                                      f"optim.lr. {_newest_checkpoint(run)}") from None
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        if (bad := first_non_finite(run.student)) is not None:
+        if (bad := _non_finite_weight(run.student, run.world)) is not None:
             raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
                                      f"so the run stops before sampling from them: lower optim.lr. "
                                      f"{_newest_checkpoint(run)}")
@@ -374,22 +420,28 @@ def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], 
            started: float) -> dict[str, float]:
     """The step's line of metrics.jsonl: the update's metrics, the rollouts', the phases' times and,
     every eval_every steps and at the last, the validation."""
-    line = {**metrics, **rollout_metrics(batch), **time_metrics(timings, started, run.device)}
+    line = {**metrics, **rollout_metrics(batch, run.world, run.device), **time_metrics(timings, started, run.device)}
     if run.validation and (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
         line.update(run.validation(step))
     run.recorder.log(step, line)
     return line
 
 
-def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+def rollout_metrics(batch: RolloutBatch, world: World, device: torch.device) -> dict[str, float]:
+    """Response lengths and, across tokenizers, the share of positions with a partner, over every
+    process's rollouts."""
     lengths = batch.response_lengths.float()
+    sums = torch.stack([lengths.sum(), torch.tensor(float(len(lengths))), batch.truncated.float().sum()]).to(device)
+    total, count, truncated = world.sum(sums).tolist()
     record = {
-        "response_length/mean": float(lengths.mean()),
-        "response_length/max": float(lengths.max()),
-        "response_length/truncated_fraction": float(batch.truncated.float().mean()),
+        "response_length/mean": total / count,
+        "response_length/max": float(world.max(lengths.max().to(device))),
+        "response_length/truncated_fraction": truncated / count,
     }
     if batch.teacher_view is not None:
-        record["align/matched_share"] = batch.teacher_view.matched_share(batch.response_mask)
+        partnered = (batch.teacher_view.partner_B_T >= 0).sum().float()
+        matched, positions = world.sum(torch.stack([partnered, batch.response_mask.sum().float()]).to(device))
+        record["align/matched_share"] = float(matched) / max(float(positions), 1.0)
     return record
 
 
@@ -408,14 +460,19 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
 def save(run: Run, step: int) -> None:
     """A resumable checkpoint: weights, optimizer, scheduler, RNG and the prompt stream's position."""
     checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
-                               run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints)
+                               run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
+                               world=run.world)
 
 
 def finish(run: Run) -> Path:
     """The last step's full state (so the run can be extended with resume=true) and final/."""
     if run.cfg.save_every:
         save(run, run.cfg.max_steps)
-    checkpoint.save_model_dir(run.run_dir / "final", run.student, run.tokenizer)
+    if run.world.distributed:
+        checkpoint.save_gathered_model_dir(run.run_dir / "final", run.student, run.tokenizer, run.cfg.student,
+                                           run.world)
+    else:
+        checkpoint.save_model_dir(run.run_dir / "final", run.student, run.tokenizer)
     run.recorder.close()
     run.recorder.say(f"final model: {run.run_dir / 'final'}")
     return run.run_dir
@@ -443,9 +500,12 @@ def _newest_checkpoint(run: Run) -> str:
     return f"The newest checkpoint, {found[-1]}, holds finite weights (resume=true continues from it)."
 
 
+def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _uses_bf16(cfg, device) else nullcontext()
 
 
 def _describe(metrics: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,131 @@
+"""Run under `torchrun --nproc-per-node 2` by tests/test_distributed.py (not a test module itself).
+
+The sharded engine (FSDP2 on gloo) against one process on the same global batches: for each
+objective, 3 AdamW steps of `trainer.update`, where each process holds half of every batch and a
+shard of both models, next to the same steps on unsharded copies holding the whole batch. Also
+sampling from the sharded student with response lengths that differ between the processes.
+Writes its findings to argv[1]/rank{r}.json; the test reads and judges them.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from oprd import distributed
+from oprd.config import load_config
+from oprd.data import PromptSet, PromptStream, load_problems
+from oprd.distributed import ONE_PROCESS
+from oprd.models import decoder_layers, load_tokenizer
+from oprd.objective import LossPlan
+from oprd.recorder import RunRecorder
+from oprd.rollout import HFRollout, Sampler, SamplingParams
+from oprd.trainer import Run, make_optimizer, update
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
+OBJECTIVES = {  # name -> (recipe, overrides)
+    "oprd_early_stop": ("oprd.yaml", ["oprd.layers=[1,2]", "oprd.positions=all"]),  # blocks 3-4 never run
+    "opd_topk": ("opd_topk.yaml", ["opd.k=8"]),
+    "opd_sampled": ("opd_sampled.yaml", []),
+}
+
+
+def models(cfg, plan, world):
+    up_to = None if plan.uses_opd else max(plan.teacher_layers)
+    cpu = torch.device("cpu")
+    student = distributed.load_model(cfg.student, cpu, world, dtype=torch.float32).train()
+    teacher = distributed.load_model(cfg.teacher, cpu, world, up_to_layer=up_to).eval().requires_grad_(False)
+    return student, teacher
+
+
+def make_run(cfg, world, student, teacher, tokenizer, plan, out):
+    optimizer, scheduler = make_optimizer(cfg, student)
+    rollout = HFRollout.for_model(student, tokenizer)
+    sampler = Sampler(rollout, PromptSet([[1]]), tokenizer, tokenizer, torch.device("cpu"))
+    return Run(cfg, world, out, RunRecorder(out), torch.device("cpu"), student, teacher, tokenizer, plan, sampler,
+               SamplingParams(), optimizer, scheduler, PromptStream(1, 1, 0), 0, None)
+
+
+def full_grads(model):
+    return {name: distributed.full_value(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def check_objective(name, world, tokenizer, prompts, out):
+    recipe, overrides = OBJECTIVES[name]
+    cfg = load_config(SMOKE / recipe, [*overrides, "optim.grad_clip=0.5"])
+    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
+    sharded_run = make_run(cfg, world, *models(cfg, plan, world), tokenizer, plan, out)
+    single_run = make_run(cfg, ONE_PROCESS, *models(cfg, plan, ONE_PROCESS), tokenizer, plan, out)
+    grads = {}
+    for run, key in ((sharded_run, "sharded"), (single_run, "single")):
+        step = run.optimizer.step
+
+        def step_and_keep(*args, _step=step, _run=run, _key=key, **kwargs):
+            if _key not in grads:  # the gradients of step 1, before AdamW uses them
+                grads[_key] = full_grads(_run.student)
+            return _step(*args, **kwargs)
+
+        run.optimizer.step = step_and_keep
+    sampler = HFRollout.for_model(single_run.student, tokenizer)
+    report = {"loss": [], "grad_norm": [], "lr": []}
+    upper_blocks_ran = []
+    for block in decoder_layers(sharded_run.student)[2:]:
+        block.register_forward_pre_hook(lambda module, args: upper_blocks_ran.append(1))
+    for step in range(1, 4):
+        torch.manual_seed(100 + step)  # the same global batch on every process
+        batch = sampler.generate(prompts, SamplingParams(n=2, max_new_tokens=10))
+        half = batch.response_ids.shape[0] // world.size
+        mine = batch.select(slice(world.rank * half, (world.rank + 1) * half))
+        sharded = update(sharded_run, mine, step, {})
+        single = update(single_run, batch, step, {})
+        for key in report:
+            report[key].append([sharded[key], single[key]])
+    report["grad_difference_step_1"] = max_difference(grads["sharded"], grads["single"])
+    report["upper_blocks_ran"] = len(upper_blocks_ran)
+    weights = distributed.full_model_state(sharded_run.student)
+    if world.main:
+        reference = {k: v for k, v in single_run.student.state_dict().items() if k in weights}
+        report["weight_difference_step_3"] = max_difference(weights, reference)
+    return report
+
+
+def check_generation(world, tokenizer, prompts):
+    """Sampling from the sharded student, each process with its own response length: the same
+    tokens as one process sampling alone, and no process waits forever for the other."""
+    cfg = load_config(SMOKE / "oprd.yaml")
+    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
+    sharded, _ = models(cfg, plan, world)
+    single, _ = models(cfg, plan, ONE_PROCESS)
+    length = 3 + 8 * world.rank
+    got, want = [], []
+    rollouts = ((HFRollout.for_model(sharded, tokenizer), got), (HFRollout.for_model(single, tokenizer), want))
+    for rollout, out in rollouts:
+        torch.manual_seed(7 + world.rank)
+        for _ in range(2):  # a second call after the first has resharded
+            batch = rollout.generate([prompts[world.rank]], SamplingParams(n=2, max_new_tokens=length))
+            out.append(batch.response_ids.tolist())
+    return {"sharded": got, "single": want, "max_new_tokens": length,
+            "synced": HFRollout.for_model(sharded, tokenizer).synced}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    world, _ = distributed.init("cpu")
+    tokenizer = load_tokenizer(load_config(SMOKE / "oprd.yaml").student)
+    problems = load_problems(str(SMOKE / "prompts.parquet"), limit=2)
+    prompts = PromptSet.render(problems, tokenizer).student
+    report = {"world_size": world.size, "generation": check_generation(world, tokenizer, prompts)}
+    for name in OBJECTIVES:
+        report[name] = check_objective(name, world, tokenizer, prompts, out)
+    (out / f"rank{world.rank}.json").write_text(json.dumps(report))
+    distributed.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Several processes (torchrun + FSDP2 on gloo, two CPU processes) against one: the same losses,
+gradients, gradient norms and weights on the same global batches; sampling with unequal lengths
+across processes; a run killed after a checkpoint and resumed in a fresh launch; final/ gathered
+into a plain HF model. Every launch has a collective timeout and a process timeout, so a
+desynchronised rank fails the test instead of hanging it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smoke" / "oprd_plus_opd.yaml"
+LAUNCH_TIMEOUT_S = 420
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPRD_COLLECTIVE_TIMEOUT_S": "120"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def _run(command, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, **kwargs)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sharded_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    _run([*TORCHRUN, str(ROOT / "tests" / "distributed_worker.py"), str(out)])
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["oprd_early_stop", "opd_topk", "opd_sampled"])
+def test_two_processes_train_exactly_as_one(sharded_report, objective):
+    report = sharded_report[0][objective]
+    for key in ("loss", "grad_norm", "lr"):
+        for sharded, single in report[key]:
+            assert sharded == pytest.approx(single, rel=1e-5, abs=1e-7), (key, report[key])
+    assert report["grad_difference_step_1"] <= 1e-6
+    assert report["weight_difference_step_3"] <= 1e-4
+    if objective == "oprd_early_stop":  # layers 1-2 only: the student's blocks 3-4 never run
+        assert report["upper_blocks_ran"] == 0
+    else:
+        assert report["upper_blocks_ran"] > 0
+    assert sharded_report[1][objective]["loss"] == report["loss"]  # every process logs the same global numbers
+
+
+@pytest.mark.slow
+def test_sharded_sampling_with_unequal_lengths(sharded_report):
+    lengths = []
+    for rank in range(2):
+        generation = sharded_report[rank]["generation"]
+        assert generation["synced"]
+        assert generation["sharded"] == generation["single"]  # the same tokens as one process alone
+        lengths.append(len(generation["sharded"][0][0]))
+    assert lengths == [3, 11]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    _run([sys.executable, "-m", "oprd", "train", str(RECIPE), "max_steps=4", "save_every=2",
+          f"output_dir={run_dir}", "--nproc", "2"])
+    return run_dir
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [*TORCHRUN, "-m", "oprd", "train", str(RECIPE), "max_steps=4", "save_every=2", f"output_dir={run_dir}"]
+    launch = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not (run_dir / "checkpoints" / "step_000002").exists():
+        assert launch.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+    os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers
+    launch.wait(timeout=60)
+    assert not (run_dir / "final").exists()
+
+    _run([*command, "resume=true"])
+    got, want = _metrics(run_dir), _metrics(uninterrupted)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for row, reference in zip(got, want):
+        for key in ("loss", "grad_norm", "lr", "response_length/mean", "rep/loss", "opd/loss"):
+            assert row[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-6), (row["step"], key)
+    a, b = load_file(run_dir / "final" / "model.safetensors"), load_file(uninterrupted / "final" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_final_is_a_plain_model_equal_to_the_sharded_weights(uninterrupted, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model = AutoModelForCausalLM.from_pretrained(uninterrupted / "final")
+    dcp_to_torch_save(uninterrupted / "checkpoints" / "step_000004" / "dcp", tmp_path / "last.pt")
+    sharded = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    final = model.state_dict()
+    assert set(sharded) <= set(final)
+    for name, weight in sharded.items():
+        torch.testing.assert_close(final[name], weight, rtol=0, atol=0)
+    trainer_state = json.loads((uninterrupted / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert trainer_state["world_size"] == 2
+
+
+def test_a_sharded_checkpoint_refuses_one_process(uninterrupted, tmp_path):
+    import shutil
+
+    from oprd.checkpoint import CheckpointError
+    from oprd.config import load_config
+    from oprd.trainer import train
+
+    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="written by several processes .* resume it with the number of processes"):
+        train(load_config(RECIPE, ["max_steps=6", "save_every=2", f"output_dir={run_dir}", "resume=true",
+                                   "resume_changes=[max_steps]"]))
