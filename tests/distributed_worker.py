@@ -21,22 +21,21 @@ from oprd.models import decoder_layers, load_tokenizer
 from oprd.objective import LossPlan
 from oprd.recorder import RunRecorder
 from oprd.rollout import HFRollout, Sampler, SamplingParams
-from oprd.trainer import Run, make_optimizer, update
+from oprd.trainer import Run, load_models, make_optimizer, update
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 OBJECTIVES = {  # name -> (recipe, overrides)
     "oprd_early_stop": ("oprd.yaml", ["oprd.layers=[1,2]", "oprd.positions=all"]),  # blocks 3-4 never run
     "opd_topk": ("opd_topk.yaml", ["opd.k=8"]),
     "opd_sampled": ("opd_sampled.yaml", []),
+    "both_checkpointed_full_teacher": ("oprd_plus_opd.yaml", ["optim.gradient_checkpointing=true",
+                                                              "teacher.shard=false"]),
 }
 
 
 def models(cfg, plan, world):
-    up_to = None if plan.uses_opd else max(plan.teacher_layers)
-    cpu = torch.device("cpu")
-    student = distributed.load_model(cfg.student, cpu, world, dtype=torch.float32).train()
-    teacher = distributed.load_model(cfg.teacher, cpu, world, up_to_layer=up_to).eval().requires_grad_(False)
-    return student, teacher
+    """What the trainer loads: sharded under several processes, the OPRD-only teacher cut short."""
+    return load_models(cfg, torch.device("cpu"), world, None, plan)
 
 
 def make_run(cfg, world, student, teacher, tokenizer, plan, out):

@@ -189,6 +189,12 @@ def check_complete(path: Path, world: World = ONE_PROCESS) -> None:
     if missing:
         raise damaged(path, f"it has no {', '.join(missing)} (the folder is incomplete, or was written by another "
                             "number of processes)")
+    with reading(path, "trainer_state.json"):
+        written_by = json.loads((path / "trainer_state.json").read_text()).get("world_size", 1)
+    if written_by != world.size:
+        raise damaged(path, f"it was written by {written_by} processes and this run has {world.size}: resume it with "
+                            f"{written_by} (each process's share of the prompts and its sampling stream are part of "
+                            "the run)")
 
 
 def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module | None = None,

@@ -25,6 +25,7 @@ activations are still alive (trl).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import multiprocessing as mp
@@ -107,18 +108,33 @@ def build_models(shape: Shape):
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(AutoModelForCausalLM.from_config(config, dtype=dtype).to(shape.device))
+        with torch.device(shape.device):  # initialised where it runs: a GPU fills 1.5B weights in seconds
+            models.append(AutoModelForCausalLM.from_config(config, dtype=dtype))
     student, teacher = models
     teacher.eval().requires_grad_(False)
     return student, teacher
 
 
-def parameter_count(shape: Shape) -> int:
-    """Parameters of one model of the shape, counted on the meta device (nothing allocated)."""
-    from transformers import AutoModelForCausalLM
+def parameter_count(shape: Shape, backbone_only: bool = False) -> int:
+    """Parameters of one model of the shape, counted on the meta device (nothing allocated); the
+    backbone alone (no LM head) with `backbone_only`."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    model_class = AutoModel if backbone_only else AutoModelForCausalLM
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(build_config(shape)).parameters())
+        return sum(p.numel() for p in model_class.from_config(build_config(shape)).parameters())
+
+
+def teacher_weights(shape: Shape) -> dict[str, int]:
+    """Bytes of the teacher's weights at the preset's full depth: the whole model, and what an
+    OPRD-only run loads (the backbone up to the deepest layer OPRD reads; with the paper's `all`
+    layers that is every block, so what it leaves out is the LM head, when it is not tied to the
+    embeddings)."""
+    full_depth = dataclasses.replace(shape, num_layers=PRESETS[shape.preset]["num_layers"])
+    width = torch.finfo(getattr(torch, shape.dtype)).bits // 8
+    whole, backbone = parameter_count(full_depth) * width, parameter_count(full_depth, backbone_only=True) * width
+    return {"num_layers": full_depth.num_layers, "whole_bytes": whole, "oprd_only_bytes": backbone,
+            "saved_bytes": whole - backbone}
 
 
 def available_memory_bytes(device: str) -> int:
@@ -416,7 +432,17 @@ def write_report(result: dict, out: Path) -> None:
     config = build_config(shape)
     vocab_grad = config.vocab_size * config.hidden_size * 4
     chunk_rows = default_chunk_rows(config.vocab_size)
+    teacher = result.get("teacher_weights") or teacher_weights(shape)
     lines += [
+        "",
+        "### Teacher weights an OPRD-only run loads",
+        "",
+        f"At the preset's full depth ({teacher['num_layers']} layers, {shape.dtype}) the whole teacher is "
+        f"{teacher['whole_bytes'] / 2**30:.2f} GiB; an OPRD-only run loads it only up to the deepest layer it reads "
+        f"(all of them in the paper's recipe) and without the LM head: {teacher['oprd_only_bytes'] / 2**30:.2f} GiB, "
+        f"{teacher['saved_bytes'] / 2**30:.2f} GiB less"
+        + (" (this preset ties the head to the embeddings, so there is nothing to leave out)."
+           if teacher["saved_bytes"] == 0 else ". Per process under FSDP, divide both by the number of processes."),
         "",
         "### What dominates",
         "",
@@ -532,6 +558,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         result["projection"] = {"num_layers": PRESETS[s.preset]["num_layers"],
                                 "methods": project(result["methods"], first)}
     result["flops"] = flop_model(first)
+    result["teacher_weights"] = teacher_weights(first)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     plot(result, out)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The checks of oprd that need a GPU, as one script for a machine with one NVIDIA GPU (about 5 of
+# the 8 minutes a lent machine gives; nothing is downloaded). Run from the repository root:
+#
+#     bash scripts/device_check.sh          # writes runs/device_check (or $OUT) and prints one table
+#
+#   1. each objective's smoke recipe, 3 steps on CUDA in bf16, its losses next to the CPU float32 run
+#   2. the bench's CUDA peak-memory counters, on the tiny preset
+#   3. the bench at the paper's Table 3 shape: r1-distill-1.5b with all 28 layers in bf16, OPRD and
+#      top-16 OPD against the floor, 4096 response tokens
+#
+# oprd runs from src/ with the machine's own torch and transformers (no install step), so the
+# versions it ran with are printed with the table. DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 runs the same
+# plumbing on a CPU in a minute (what the repository checks without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device_check}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+R1_LAYERS=${R1_LAYERS:-28}
+R1_TOKENS=${R1_TOKENS:-4096}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+
+for recipe in oprd opd_sampled opd_topk opd_full oprd_plus_opd; do
+  "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/gpu-$recipe" "device=$DEVICE" optim.precision=bf16 \
+    save_every=0 overwrite=true > "$OUT/gpu-$recipe.log" 2>&1
+  "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/cpu-$recipe" device=cpu \
+    save_every=0 overwrite=true > "$OUT/cpu-$recipe.log" 2>&1
+done
+"$PY" -m oprd bench --preset tiny --seq-lens 256 --repeats 2 --device "$DEVICE" --methods oprd,opd_top16,floor \
+  --out "$OUT/bench-tiny" --overwrite > "$OUT/bench-tiny.log" 2>&1
+"$PY" -m oprd bench --preset r1-distill-1.5b --num-layers "$R1_LAYERS" --seq-len "$R1_TOKENS" --batch-size 1 \
+  --repeats 3 --device "$DEVICE" --dtype bfloat16 --methods oprd,opd_top16,floor --out "$OUT/bench-r1" --overwrite \
+  > "$OUT/bench-r1.log" 2>&1
+
+"$PY" - "$OUT" <<'REPORT'
+import json, platform, sys
+from pathlib import Path
+
+import torch
+import transformers
+
+out = Path(sys.argv[1])
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (a dry run of the plumbing)"
+print(f"oprd device check: {device}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, Python {platform.python_version()}")
+print()
+print("| check | GPU bf16 | CPU float32 |")
+print("|---|---|---|")
+for recipe in ("oprd", "opd_sampled", "opd_topk", "opd_full", "oprd_plus_opd"):
+    runs = [[json.loads(line) for line in (out / f"{device}-{recipe}" / "metrics.jsonl").read_text().splitlines()]
+            for device in ("gpu", "cpu")]
+    cells = [" ".join(f"{row['loss']:.4f}" for row in rows) for rows in runs]
+    print(f"| {recipe}: loss at steps 1-3 | {cells[0]} | {cells[1]} |")
+for name in ("bench-tiny", "bench-r1"):
+    bench = json.loads((out / name / "bench.json").read_text())
+    for method, measured in bench["methods"].items():
+        print(f"| {name} {bench['num_layers']} layers, {bench['seq_len']} tokens: {method} | "
+              f"{measured['step_seconds']:.3f} s, {measured['peak_memory_delta_bytes'] / 2**30:.2f} GiB | |")
+REPORT
