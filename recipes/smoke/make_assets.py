@@ -2,8 +2,8 @@
 
     python recipes/smoke/make_assets.py
 
-tiny-qwen3/: a byte-level BPE tokenizer trained on DAPO-Math prompts and a 4-layer Qwen3 config
-(no weights: the recipes initialise them from a seed). prompts.parquet: 64 DAPO-Math rows in the
+tiny-qwen3/: a byte-level BPE tokenizer trained on DAPO-Math prompts and a 4-layer, 64-wide Qwen3
+config with 2 heads of 32 (no weights: the recipes initialise them from a seed). prompts.parquet: 64 DAPO-Math rows in the
 verl layout.
 """
 
@@ -17,8 +17,10 @@ here = Path(__file__).parent
 table = pq.read_table(Path("../shared/data/dapo_math_17k.parquet"))
 texts = [m[0]["content"] for m in table.column("prompt").to_pylist()[:4000]]
 tokenizer = train_tokenizer(texts, vocab_size=1024, out_dir=here / "tiny-qwen3")
-config = tiny_config(
+config = tiny_config(  # head_dim 32: vLLM's CPU attention refuses 16, and every smoke recipe can run under vLLM
     len(tokenizer),
+    num_heads=2,
+    num_kv_heads=1,
     eos_token_id=tokenizer.eos_token_id,
     pad_token_id=tokenizer.pad_token_id,
 )
