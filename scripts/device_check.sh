@@ -34,6 +34,14 @@ done
   --repeats 3 --device "$DEVICE" --dtype bfloat16 --methods oprd,opd_top16,floor --out "$OUT/bench-r1" --overwrite \
   > "$OUT/bench-r1.log" 2>&1
 
+if "$PY" -c "import vllm" 2> /dev/null; then  # vLLM colocated on the GPU, sleeping between rollouts
+  "$PY" -m oprd train recipes/smoke/oprd_plus_opd.yaml "output_dir=$OUT/gpu-vllm-colocate" "device=$DEVICE" \
+    rollout.backend=vllm rollout.vllm_mode=colocate save_every=0 overwrite=true > "$OUT/gpu-vllm-colocate.log" 2>&1
+else
+  echo "vLLM is not installed on this machine (pip install -e '.[vllm]'): its checks are skipped" \
+    | tee "$OUT/vllm-skipped.txt"
+fi
+
 "$PY" - "$OUT" <<'REPORT'
 import json, platform, sys
 from pathlib import Path
@@ -53,6 +61,12 @@ for recipe in ("oprd", "opd_sampled", "opd_topk", "opd_full", "oprd_plus_opd"):
             for device in ("gpu", "cpu")]
     cells = [" ".join(f"{row['loss']:.4f}" for row in rows) for rows in runs]
     print(f"| {recipe}: loss at steps 1-3 | {cells[0]} | {cells[1]} |")
+colocated = out / "gpu-vllm-colocate" / "metrics.jsonl"
+if colocated.is_file():
+    rows = [json.loads(line) for line in colocated.read_text().splitlines()]
+    losses = " ".join(f"{row['loss']:.4f}" for row in rows)
+    lag = max(row["rollout/weight_version_lag"] for row in rows)
+    print(f"| oprd_plus_opd through colocated vLLM: loss, weight-version lag | {losses}, lag {lag} | |")
 for name in ("bench-tiny", "bench-r1"):
     bench = json.loads((out / name / "bench.json").read_text())
     for method, measured in bench["methods"].items():

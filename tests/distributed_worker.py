@@ -71,7 +71,7 @@ def check_objective(name, world, tokenizer, prompts, out):
             return _step(*args, **kwargs)
 
         run.optimizer.step = step_and_keep
-    sampler = HFRollout.for_model(single_run.student, tokenizer)
+    sampler = single_run.sampler.rollout  # synced by every update: its batches carry the right weight version
     report = {"loss": [], "grad_norm": [], "lr": []}
     upper_blocks_ran = []
     for block in decoder_layers(sharded_run.student)[2:]:

@@ -27,6 +27,8 @@ class RolloutBatch:
     prompt_index: torch.Tensor  # (B,) long: which input prompt each row answers
     truncated: torch.Tensor  # (B,) bool: stopped by max_new_tokens, not by EOS
     teacher_view: TeacherView | None = None  # across tokenizers: the teacher's own tokens of these rows
+    weight_version: int = 0  # the student's optimizer steps when it sampled these rows (the on-policy check)
+    sampled_logprobs: torch.Tensor | None = None  # (B, T) the sampler's own log-probs (vLLM), for diagnostics
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + T)
@@ -59,6 +61,8 @@ class RolloutBatch:
             prompt_index=self.prompt_index[rows],
             truncated=self.truncated[rows],
             teacher_view=self.teacher_view.select(rows, width) if self.teacher_view is not None else None,
+            weight_version=self.weight_version,
+            sampled_logprobs=self.sampled_logprobs[rows, :width] if self.sampled_logprobs is not None else None,
         )
 
     def micro_batches(self, size: int) -> list[RolloutBatch]:
@@ -67,7 +71,8 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return RolloutBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
+        return RolloutBatch(**{name: value.to(device) if hasattr(value, "to") else value
+                               for name, value in moved.items()})
 
 
 @dataclass(frozen=True)
@@ -125,4 +130,5 @@ def concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         response_mask=torch.cat([widen(p.response_mask, response_width, 0, False) for p in parts]),
         prompt_index=torch.cat([p.prompt_index for p in parts]),
         truncated=torch.cat([p.truncated for p in parts]),
+        weight_version=parts[0].weight_version,
     )

@@ -35,6 +35,15 @@ def user_errors(*kinds: type[BaseException]):
         raise typer.Exit(code=2) from error
 
 
+def _vllm_url(backend: str, url: str | None) -> str | None:
+    """The server --backend vllm samples through; None for hf."""
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"--backend must be hf or vllm, got {backend!r}")
+    if backend == "vllm" and not url:
+        raise ValueError("--backend vllm needs --vllm-url (a server started as README's vLLM section shows)")
+    return url if backend == "vllm" else None
+
+
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -96,14 +105,31 @@ def bench(
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"),
     out: Path = typer.Option(Path("runs/bench")),
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+    rollout: bool = typer.Option(False, "--rollout", help="measure sampling instead: tokens/s of transformers' "
+                                                          "generate and of a vLLM server (--model, --vllm-url)"),
+    model: str = typer.Option(None, help="--rollout: a local model folder"),
+    vllm_url: str = typer.Option(None, help="--rollout: a vLLM server to measure beside transformers"),
+    prompts: int = typer.Option(16, help="--rollout: prompts of aime24"),
+    max_new_tokens: int = typer.Option(256, help="--rollout: new tokens per response at most"),
 ) -> None:
-    """What one actor update costs under each loss: bench.json, bench.md, bench.png.
+    """What one actor update costs under each loss: bench.json, bench.md, bench.png (--rollout:
+    what sampling costs, rollout.json and rollout.md).
 
     Example: oprd bench --preset r1-distill-1.5b --num-layers 4 --seq-len 1024 --batch-size 1 --out runs/bench
     """
-    from oprd.experiments.bench import BenchSettings, run_bench
+    from oprd.experiments.bench import BenchSettings, RolloutBenchSettings, run_bench, run_rollout_bench
 
     console = Console(stderr=True, soft_wrap=True)
+    if rollout:
+        with user_errors(RuntimeError, OSError):
+            if not model:
+                raise ValueError("--rollout needs --model (a local model folder)")
+            settings = RolloutBenchSettings(out=out, model=model, vllm_url=vllm_url, prompts=prompts,
+                                            max_new_tokens=max_new_tokens, device=device, overwrite=overwrite)
+            with console.status("sampling") as status:
+                run_rollout_bench(settings, progress=lambda text: status.update(f"sampling with {text}"))
+        Console().print((out / "rollout.md").read_text())
+        return
     with user_errors(RuntimeError):
         try:
             lengths = [int(v) for v in _csv(seq_lens)] if seq_lens else [seq_len]
@@ -166,6 +192,8 @@ def eval_run(
     answer_key: str = typer.Option(None, help="answer column of benchmark files, e.g. reward_model.ground_truth"),
     limit: int = typer.Option(None, help="first N problems of each benchmark"),
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+    backend: str = typer.Option("hf", help="hf (transformers' generate) or vllm (a running server, --vllm-url)"),
+    vllm_url: str = typer.Option(None, help="the vLLM server (--backend vllm); it loads each model's weights in turn"),
 ) -> None:
     """Sample and grade models on math benchmarks; writes summary.json, samples.jsonl, results.md.
 
@@ -180,7 +208,7 @@ def eval_run(
             sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples),
             seed=seed, batch_size=batch_size, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
             use_chat_template=chat_template, prompt_key=prompt_key, answer_key=answer_key, limit=limit,
-            overwrite=overwrite,
+            overwrite=overwrite, vllm_url=_vllm_url(backend, vllm_url),
         )
         run_eval(settings, console=Console())
 

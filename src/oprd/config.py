@@ -52,8 +52,13 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
-    backend: str = "hf"
-    max_batch_sequences: int = 64  # sequences per generate() call
+    backend: str = "hf"  # hf (transformers' generate) | vllm
+    max_batch_sequences: int = 64  # sequences per generate() call (hf)
+    vllm_mode: str = "server"  # server: a separately started `vllm serve` | colocate: vllm.LLM on the training GPU
+    vllm_url: str = "http://127.0.0.1:8000"  # the server (vllm_mode=server)
+    vllm_sync: str = "auto"  # how weights reach a server: nccl | disk (reload_weights) | auto (nccl on a GPU)
+    vllm_gpu_memory_utilization: float = 0.3  # the colocated engine's share of the GPU
+    vllm_timeout_s: float = 600.0  # one HTTP request to the server
 
 
 @dataclass
@@ -208,7 +213,9 @@ FREE_ON_RESUME = frozenset({
     "keep_checkpoints", "eval_every", "eval_benchmarks", "eval_samples", "eval_temperature", "eval_max_new_tokens",
     "eval_limit", "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences",
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
-    "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard",
+    "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
+    "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
+    "rollout.vllm_timeout_s",
 })
 
 
@@ -343,7 +350,16 @@ def validate(cfg: TrainConfig) -> None:
     require(bool(cfg.teacher.model), "teacher.model is required (a hub id or a local path)")
     require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
     validate_objective(cfg.opd, cfg.oprd)
-    require(cfg.rollout.backend == "hf", f"rollout.backend {cfg.rollout.backend!r} is not available; use hf")
+    _one_of(cfg.rollout.backend, ("hf", "vllm"), "rollout.backend")
+    _one_of(cfg.rollout.vllm_mode, ("server", "colocate"), "rollout.vllm_mode")
+    _one_of(cfg.rollout.vllm_sync, ("auto", "nccl", "disk"), "rollout.vllm_sync")
+    require(0 < cfg.rollout.vllm_gpu_memory_utilization < 1,
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1); got {cfg.rollout.vllm_gpu_memory_utilization}")
+    require(cfg.rollout.vllm_timeout_s > 0, "rollout.vllm_timeout_s must be > 0")
+    require(cfg.rollout.backend != "vllm" or cfg.rollout.vllm_mode != "colocate"
+            or importlib.util.find_spec("vllm") is not None,
+            "rollout.backend=vllm with vllm_mode=colocate needs vLLM in this environment: pip install -e '.[vllm]' "
+            "(or vllm_mode=server with a separately started server)")
     for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_batch_sequences"):
         require(getattr(cfg.rollout, name) >= 1, f"rollout.{name} must be >= 1")
     require(cfg.rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")

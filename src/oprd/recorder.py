@@ -24,7 +24,7 @@ from oprd.files import write_text_atomically
 
 # What a run folder holds; `overwrite=true` replaces a folder only when it holds nothing else.
 RUN_FILES = ("config.yaml", "configs", "metrics.jsonl", "checkpoints", "final", "preflight.json", "bridge.json",
-             "tensorboard", "wandb")
+             "tensorboard", "wandb", ".vllm-weights")
 RUN_MARK = "config.yaml"  # every run writes it before anything else
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -19,7 +20,9 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from oprd import distributed
 from oprd.alignment import retokenize
 from oprd.batch import RolloutBatch, concat, pad_left
+from oprd.config import RolloutConfig
 from oprd.data import PromptSet
+from oprd.distributed import World
 from oprd.models import eos_token_ids
 
 
@@ -50,8 +53,11 @@ class Rollout(Protocol):
         """Samples `params.n` responses for each tokenised prompt; rows are grouped by prompt."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Called after each optimizer step; backends holding their own copy reload it here."""
+    weight_version: int  # the version of the student's weights it samples from (its optimizer steps)
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Called before the first rollout and after each optimizer step (`version` = the steps
+        taken): backends holding their own copy of the weights load the new ones here."""
         ...
 
 
@@ -90,6 +96,7 @@ class HFRollout:
         self.vocab_size = vocab_size
         self.max_batch_sequences = max_batch_sequences
         self.synced = synced  # several processes sample together: each runs as many forwards as the longest
+        self.weight_version = 0
 
     @classmethod
     def for_model(
@@ -101,8 +108,9 @@ class HFRollout:
                    vocab_size=len(tokenizer), max_batch_sequences=max_batch_sequences,
                    synced=distributed.is_sharded(model))
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         self.model = model  # generates from the live training weights
+        self.weight_version = version
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
@@ -157,6 +165,7 @@ class HFRollout:
             response_mask=response_mask,
             prompt_index=index,
             truncated=truncated,
+            weight_version=self.weight_version,
         )
 
 
@@ -165,6 +174,27 @@ def _mask_after_eos(response_ids: torch.Tensor, eos_token_ids: list[int]) -> tup
     is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, dtype=response_ids.dtype))
     eos_seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return (~eos_seen_before).long(), ~is_eos.any(-1)
+
+
+def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, world: World,
+                 workdir: Path, source: str) -> Rollout:
+    """The sampler `rollout.backend` names, for the student `model` (loaded from `source`): the one
+    place a run's rollout is built. A vLLM backend holds its own copy of the weights: the caller
+    syncs them before the first rollout."""
+    if cfg.backend == "hf":
+        return HFRollout.for_model(model, tokenizer, cfg.max_batch_sequences)
+    from oprd import vllm_backend
+
+    device = next(model.parameters()).device
+    if cfg.vllm_mode == "server":
+        sync = cfg.vllm_sync if cfg.vllm_sync != "auto" else ("nccl" if device.type == "cuda" else "disk")
+        return vllm_backend.ServerRollout(cfg.vllm_url, vllm_backend.Sampling.of(model, tokenizer),
+                                          weights_dir=workdir / ".vllm-weights", sync=sync, world=world,
+                                          timeout_s=cfg.vllm_timeout_s)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return vllm_backend.ColocatedRollout(model, tokenizer, source=source, dtype=dtype, world=world,
+                                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                         max_model_len=getattr(model.config, "max_position_embeddings", 4096))
 
 
 @dataclass

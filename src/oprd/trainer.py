@@ -49,7 +49,7 @@ from oprd.models import check_spec, first_non_finite, load_model, load_model_con
 from oprd.objective import LossPlan, score_with_teacher, student_loss
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
 from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder
-from oprd.rollout import HFRollout, Rollout, Sampler, SamplingParams, seeded
+from oprd.rollout import Rollout, Sampler, SamplingParams, make_rollout, seeded
 
 
 @dataclass
@@ -124,7 +124,7 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
                                 teacher_config.num_hidden_layers, len(student_tok),
                                 bridge.to(device) if bridge is not None else None)
     student, teacher = load_models(cfg, device, world, resume_from, plan)
-    rollout = HFRollout.for_model(student, student_tok, cfg.rollout.max_batch_sequences)
+    rollout = make_rollout(cfg.rollout, student, student_tok, world=world, workdir=run_dir, source=cfg.student.model)
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
     optimizer, scheduler = make_optimizer(cfg, student)
@@ -153,9 +153,19 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         recorder.say(f"resuming from {resume_from} (step {start_step})")
     elif cfg.resume:
         recorder.warn(f"resume=true but {run_dir} has no checkpoint yet: starting from step 0")
+    first_sync(rollout, student, student_tok, start_step)
     return Run(cfg, world, run_dir, recorder, device, student, teacher, student_tok, plan,
                Sampler(rollout, prompts, student_tok, teacher_tok, device), sampling, optimizer, scheduler, stream,
                start_step, validation)
+
+
+def first_sync(rollout: Rollout, student: torch.nn.Module, tokenizer, version: int) -> None:
+    """The sampler gets the student's weights before the first rollout, so a vLLM server started
+    from any checkpoint of the student's architecture samples from this run's student; a server
+    whose model or tokenizer is another is refused (`ServerRollout.check_serves`)."""
+    rollout.sync_weights(student, version)
+    if hasattr(rollout, "check_serves"):
+        rollout.check_serves(student, tokenizer)
 
 
 def claim_run_dir(cfg: TrainConfig, world: World) -> tuple[bool, Path | None]:
@@ -365,6 +375,10 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
     is backpropagated; gradients are clipped and AdamW steps. Returns the loss and its terms."""
     cfg = run.cfg
     with timed(timings, "update", run.device):
+        lag = (step - 1) - batch.weight_version  # the batch must come from the weights being updated
+        if lag != 0:
+            raise RuntimeError(f"step {step} would train on rollouts sampled by weights {lag} steps old: the sampler's "
+                               "weights were not synced after an update, so the batch is off-policy")
         plan = run.plan.at_step(step)
         # every process's losses are its share of the whole step's average (see oprd.distributed)
         normalizers = {name: run.world.sum(total) for name, total in plan.normalizers(batch).items()}
@@ -411,8 +425,8 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
             raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
                                      f"so the run stops before sampling from them: lower optim.lr. "
                                      f"{_newest_checkpoint(run)}")
-        run.sampler.rollout.sync_weights(run.student)
-    return {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm),
+        run.sampler.rollout.sync_weights(run.student, version=step)
+    return {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "rollout/weight_version_lag": lag,
             **{name: float(value) for name, value in totals.items()}}
 
 

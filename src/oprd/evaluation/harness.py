@@ -128,6 +128,12 @@ class EvalSettings:
     answer_key: str | None = None
     limit: int | None = None  # the first N problems of each benchmark
     overwrite: bool = False
+    vllm_url: str | None = None  # sample through this vLLM server, which loads each model's weights in turn
+
+    def __post_init__(self) -> None:
+        if self.vllm_url and not all(Path(model).is_dir() for model in self.models):
+            raise ValueError("--backend vllm reloads each model's weights into the server from its folder: give "
+                             "local model folders (of the architecture the server runs)")
 
 
 def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
@@ -146,6 +152,7 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
         "models": list(s.models),
         "benchmarks": list(data),
         "sampling": asdict(s.sampling),
+        "backend": f"vllm ({s.vllm_url})" if s.vllm_url else "transformers generate",
         "seed": s.seed,
         "length_unit": "tokens",
         "results": {},
@@ -154,8 +161,15 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
         for name in s.models:
             spec = ModelSpec(model=name, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
             tokenizer = load_tokenizer(spec)
-            model = load_model(spec, device)
-            rollout = HFRollout.for_model(model, tokenizer, s.batch_size)
+            model = rollout = None
+            if s.vllm_url:
+                from oprd.vllm_backend import Sampling, ServerRollout
+
+                rollout = ServerRollout(s.vllm_url, Sampling.of_folder(name, tokenizer))
+                rollout.load_folder(Path(name))
+            else:
+                model = load_model(spec, device)
+                rollout = HFRollout.for_model(model, tokenizer, s.batch_size)
             for bench, problems in data.items():
                 result = evaluate(
                     rollout,

@@ -563,3 +563,76 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     write_report(result, out)
     plot(result, out)
     return result
+
+
+# --------------------------------------------------------------------------- rollout throughput
+
+
+@dataclass
+class RolloutBenchSettings:
+    """`oprd bench --rollout`: tokens per second of transformers' generate and of a vLLM server,
+    on the same model and prompts."""
+
+    out: Path
+    model: str  # a local model folder (the server reloads its weights)
+    vllm_url: str | None = None  # without a server, only transformers' generate is measured
+    data: str = "aime24"
+    prompts: int = 16
+    responses_per_prompt: int = 2
+    max_new_tokens: int = 256
+    device: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "responses_per_prompt", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def run_rollout_bench(s: RolloutBenchSettings, progress=None) -> dict:
+    """Samples the same prompts with each backend after one warm-up call; writes rollout.json and
+    rollout.md. Tokens are response tokens (EOS included); time is the wall clock of one call."""
+    from oprd.data import PromptSet, load_problems
+    from oprd.models import ModelSpec, load_model, load_tokenizer
+    from oprd.rollout import HFRollout, SamplingParams
+
+    out = prepare_output_dir(s.out, overwrite=s.overwrite, overwrite_flag="--overwrite", ours=None)
+    spec = ModelSpec(model=s.model)
+    tokenizer = load_tokenizer(spec)
+    prompts = PromptSet.render(load_problems(s.data, limit=s.prompts), tokenizer).student
+    params = SamplingParams(temperature=1.0, max_new_tokens=s.max_new_tokens, n=s.responses_per_prompt)
+    device = resolve_device(s.device)
+    backends = {"transformers generate": lambda: HFRollout.for_model(load_model(spec, device), tokenizer)}
+    if s.vllm_url:
+        from oprd.vllm_backend import Sampling, ServerRollout
+
+        def server():
+            rollout = ServerRollout(s.vllm_url, Sampling.of_folder(s.model, tokenizer))
+            rollout.load_folder(Path(s.model))
+            return rollout
+
+        backends[f"vLLM server ({s.vllm_url})"] = server
+    measured = {}
+    for name, make in backends.items():
+        if progress:
+            progress(name)
+        rollout = make()
+        torch.manual_seed(0)
+        rollout.generate(prompts[:1], dataclasses.replace(params, n=1))  # warm-up: kernels, caches, connection
+        started = time.perf_counter()
+        batch = rollout.generate(prompts, params)
+        seconds = time.perf_counter() - started
+        tokens = int(batch.response_lengths.sum())
+        measured[name] = {"seconds": seconds, "response_tokens": tokens, "tokens_per_second": tokens / seconds,
+                          "sequences": int(batch.response_ids.shape[0])}
+    result = {"model": s.model, "data": s.data, "prompts": len(prompts), "responses_per_prompt": s.responses_per_prompt,
+              "max_new_tokens": s.max_new_tokens, "device": str(device), "backends": measured}
+    (out / "rollout.json").write_text(json.dumps(result, indent=2))
+    rows = [[name, m["sequences"], m["response_tokens"], f"{m['seconds']:.2f}", f"{m['tokens_per_second']:.1f}"]
+            for name, m in measured.items()]
+    (out / "rollout.md").write_text("\n".join([
+        f"# oprd bench --rollout: {s.model}", "",
+        f"{len(prompts)} prompts of {s.data} x {s.responses_per_prompt} responses, up to {s.max_new_tokens} new "
+        f"tokens at temperature 1, one call after a warm-up; transformers on {device}.", "",
+        *markdown_table(["backend", "sequences", "response tokens", "seconds", "tokens/s"], rows), ""]))
+    return result

