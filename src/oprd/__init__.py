@@ -2,8 +2,9 @@
 
 The package, from the bottom up:
 
-  the engine    config, models, data, batch, rollout, capture, alignment, losses, objective,
-                preflight, checkpoint, files, recorder, display, trainer
+  the engine    config, models, data, batch, rollout (and vllm_backend), capture, alignment,
+                losses, objective, preflight, checkpoint, files, recorder, display, distributed,
+                trainer
   bridge/       OPRD-Bridge: frozen projectors (projector) and the Stage 1 fit (stage1)
   evaluation/   grading, metrics, the benchmark harness and its reports
   experiments/  programs that use the library and are never used by it: the toy world, the
