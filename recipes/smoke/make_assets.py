@@ -3,8 +3,8 @@
     python recipes/smoke/make_assets.py
 
 tiny-qwen3/: a byte-level BPE tokenizer trained on DAPO-Math prompts and a 4-layer, 64-wide Qwen3
-config with 2 heads of 32 (no weights: the recipes initialise them from a seed). prompts.parquet: 64 DAPO-Math rows in the
-verl layout.
+config with 2 heads of 32 (no weights: the recipes initialise them from a seed). prompts.parquet:
+64 DAPO-Math rows in the verl layout.
 """
 
 from pathlib import Path
