@@ -239,6 +239,33 @@ def test_layer_map_exact_ties_not_lost_to_float_error(ls, lt):
     assert layer_map(ls, lt) == exact_layer_map(ls, lt)
 
 
+def reference_code_layer_map(ls: int, lt: int, dtype: torch.dtype) -> list[int]:
+    """The authors' code: torch.linspace(0, L_T - 1, L_S).round() (0-based, float32 by default), shifted to 1-based."""
+    if ls == lt:
+        return list(range(1, ls + 1))
+    if ls == 1:
+        return [lt]
+    return (torch.linspace(0, lt - 1, steps=ls, dtype=dtype).round().long() + 1).tolist()
+
+
+@pytest.mark.parametrize("dtype, differing_pairs", [(torch.float32, 28), (torch.float64, 30)])
+def test_layer_map_departs_from_the_float_linspace_only_at_exact_ties(dtype, differing_pairs):
+    """Over every (L_S, L_T) in 1..64 x 1..64, the float form picks another teacher layer in a few
+    pairs, one student layer each, and only where Eq. 11 is an exact .5 tie that float error moved
+    off the tie; the paper's own pairs are never among them. README quotes these counts."""
+    differing = []
+    for ls in range(1, 65):
+        for lt in range(1, 65):
+            ours, theirs = layer_map(ls, lt), reference_code_layer_map(ls, lt, dtype)
+            moved = [layer for layer in range(1, ls + 1) if ours[layer - 1] != theirs[layer - 1]]
+            if moved:
+                differing.append((ls, lt))
+                [layer] = moved
+                assert Fraction((layer - 1) * (lt - 1), ls - 1).denominator == 2, (ls, lt, layer)
+    assert len(differing) == differing_pairs
+    assert not {(28, 28), (28, 36), (28, 32)} & set(differing)  # same-arch, Qwen3-4B and Phi-4-mini teachers
+
+
 # =========================================================================== representation_loss
 
 
