@@ -75,12 +75,19 @@ def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
         (["opd.objective=none", "oprd.coef=0"], "nothing to train"),
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["a.b.c=1"], "nested too deeply"),
+        (["optim.schedule_steps=0"], "optim.schedule_steps must be >= 1"),
+        (["optim.schedule_steps=2"], "optim.schedule_steps=2 is below max_steps=3: the cosine decay reaches lr 0"),
         (["novalue"], "not of the form key=value"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(SMOKE / "oprd.yaml", overrides)
+
+
+def test_a_short_schedule_is_allowed_where_the_lr_never_reaches_zero():
+    assert load_config(SMOKE / "oprd.yaml", ["optim.schedule_steps=2", "optim.schedule=constant"])
+    assert load_config(SMOKE / "oprd.yaml", ["optim.schedule_steps=2", "optim.min_lr_ratio=0.1"])
 
 
 def test_missing_models_and_data_are_reported():

@@ -2,6 +2,7 @@
 the pre-flight check."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from oprd.cli import app
 from oprd.config import load_config
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams
-from oprd.trainer import train
+from oprd.trainer import lr_lambda, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 TINY = str(SMOKE / "tiny-qwen3")
@@ -128,6 +129,24 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "student_loss", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1"]))
+
+
+# --------------------------------------------------------------------------- the learning-rate schedule
+
+
+def test_schedule_steps_spread_warm_up_and_decay_over_their_horizon():
+    paper = ["max_steps=500", "optim.warmup_ratio=0.03", "optim.schedule=cosine"]
+    default = lr_lambda(load_config(SMOKE / "oprd.yaml", paper))
+    explicit = lr_lambda(load_config(SMOKE / "oprd.yaml", [*paper, "optim.schedule_steps=500"]))
+    assert [default(step) for step in range(500)] == [explicit(step) for step in range(500)]
+    assert default(0) == pytest.approx(1 / 15) and default(14) == 1.0 and default(499) < 0.001
+
+    # the reference's horizon, one epoch of DAPO-Math-17K: warm-up over ceil(3% of 2,239) = 68 steps
+    epoch = lr_lambda(load_config(SMOKE / "oprd.yaml", [*paper, "optim.schedule_steps=2239"]))
+    assert epoch(0) == pytest.approx(1 / 68) and epoch(66) < 1.0 == epoch(67) == epoch(68)
+    # step 500 trains at factor(499): 431 of the 2,171 decay steps down the cosine, about 0.91 of the peak
+    assert epoch(499) == pytest.approx(0.5 * (1 + math.cos(math.pi * 431 / 2171)))
+    assert 0.90 < epoch(499) < 0.91
 
 
 # --------------------------------------------------------------------------- OPRD-Bridge (Stage 2)

@@ -88,6 +88,7 @@ class OptimConfig:
     lr: float = 1e-5
     warmup_ratio: float = 0.03
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    schedule_steps: int | None = None  # the steps warm-up and decay are spread over; None = max_steps
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -368,6 +369,13 @@ def validate(cfg: TrainConfig) -> None:
     require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
     require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     _one_of(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    horizon = cfg.optim.schedule_steps
+    require(horizon is None or horizon >= 1, f"optim.schedule_steps must be >= 1 (or unset: max_steps); got {horizon}")
+    decays_to_zero = cfg.optim.schedule != "constant" and cfg.optim.min_lr_ratio == 0
+    require(horizon is None or horizon >= cfg.max_steps or not decays_to_zero,
+            f"optim.schedule_steps={horizon} is below max_steps={cfg.max_steps}: the {cfg.optim.schedule} decay "
+            f"reaches lr 0 there and steps {(horizon or 0) + 1}..{cfg.max_steps} would not train; set "
+            "schedule_steps >= max_steps (or leave it unset), or optim.min_lr_ratio > 0")
     _one_of(cfg.optim.precision, ("auto", "fp32", "bf16"), "optim.precision")
     require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")

@@ -294,14 +294,18 @@ def make_optimizer(cfg: TrainConfig, student: torch.nn.Module):
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """The learning-rate factor after `step` optimizer steps: linear warm-up, then the schedule."""
-    warmup = math.ceil(cfg.optim.warmup_ratio * cfg.max_steps)
+    """The learning-rate factor after `step` optimizer steps: linear warm-up over warmup_ratio of the
+    horizon, then the schedule's decay over the rest of it. The horizon is optim.schedule_steps, by
+    default max_steps; a longer one stops the run part-way down the decay, as a run cut short of its
+    planned length would."""
+    horizon = cfg.optim.schedule_steps or cfg.max_steps
+    warmup = math.ceil(cfg.optim.warmup_ratio * horizon)
     floor = cfg.optim.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        progress = (step - warmup) / max(1, horizon - warmup)
         if cfg.optim.schedule == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if cfg.optim.schedule == "linear":
