@@ -148,6 +148,18 @@ def test_prompt_stream_resumes_exactly():
     assert sorted(sum(expected, [])[:7]) == list(range(7)), "each pass visits every prompt once"
 
 
+def test_prompt_stream_in_file_order_wraps_and_resumes_exactly():
+    full = PromptStream(7, 3, seed=5, shuffle=False)
+    expected = [full.next_batch() for _ in range(5)]
+    assert expected == [[0, 1, 2], [3, 4, 5], [6, 0, 1], [2, 3, 4], [5, 6, 0]]  # pass 2 starts inside batch 3
+    head = PromptStream(7, 3, seed=5, shuffle=False)
+    got = [head.next_batch() for _ in range(2)]
+    tail = PromptStream(7, 3, seed=5, **head.state(), shuffle=False)
+    got += [tail.next_batch() for _ in range(3)]
+    assert got == expected
+    assert [PromptStream(7, 3, seed=seed, shuffle=False).next_batch() for seed in (0, 1)] == [[0, 1, 2]] * 2
+
+
 @pytest.mark.parametrize("content, message", [
     (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n', "d.jsonl:2: not valid JSON"),
     (b'{"prompt": "a"}\n\n{"prompt": "\xff"}\n', "d.jsonl:3: not UTF-8 text"),

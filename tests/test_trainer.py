@@ -15,7 +15,7 @@ from oprd.bridge import load_bridge
 from oprd.cli import app
 from oprd.config import load_config
 from oprd.models import ModelSpec, load_model, load_tokenizer
-from oprd.rollout import HFRollout, SamplingParams
+from oprd.rollout import HFRollout, Sampler, SamplingParams
 from oprd.trainer import lr_lambda, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
@@ -90,6 +90,22 @@ def test_resume_after_crash_reproduces_uninterrupted_run(recipe, tmp_path, monke
     b = AutoModelForCausalLM.from_pretrained(crashed_dir / "final").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_data_in_file_order_is_drawn_in_order_and_resumed_where_it_stopped(tmp_path, monkeypatch):
+    drawn = []
+    real_sample = Sampler.sample
+
+    def recording(self, indices, params):
+        drawn.append(list(indices))
+        return real_sample(self, indices, params)
+
+    monkeypatch.setattr(Sampler, "sample", recording)
+    run = ["data.shuffle=false", "oprd.preflight_prompts=0", f"output_dir={tmp_path / 'run'}"]
+    train(load_config(SMOKE / "oprd.yaml", [*run, "max_steps=2"]))
+    train(load_config(SMOKE / "oprd.yaml", [*run, "max_steps=4", "resume=true", "resume_changes=[max_steps]"]))
+    assert drawn == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

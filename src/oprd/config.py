@@ -43,6 +43,7 @@ class DataConfig:
     use_chat_template: bool = True
     max_prompt_tokens: int = 1024  # longer prompts are reported and left out
     limit: int | None = None  # use only the first N rows
+    shuffle: bool = True  # each pass over the prompts in a seeded shuffle; false: in file order
 
 
 @dataclass

@@ -135,17 +135,20 @@ def drop_long_prompts(prompts: PromptSet, max_tokens: int, source: str, warn: Ca
 
 
 class PromptStream:
-    """Shuffled passes over `size` prompts; its (epoch, position) state makes it resumable."""
+    """Passes (epochs) over `size` prompts, each in its own seeded shuffle or, with shuffle=False,
+    in file order; its (epoch, position) state makes it resumable in both. A batch that reaches the
+    end of a pass is completed from the start of the next, so no prompt is dropped or seen twice
+    within a pass."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0, *,
+                 shuffle: bool = True):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.epoch, self.position = epoch, position
 
     def next_batch(self) -> list[int]:
         picked: list[int] = []
         while len(picked) < self.batch_size:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
+            order = self._order()
             taken = order[self.position : self.position + self.batch_size - len(picked)]
             picked += taken
             self.position += len(taken)
@@ -155,6 +158,13 @@ class PromptStream:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
+
+    def _order(self) -> list[int]:
+        """The prompts of the current pass, in the order they are drawn."""
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:

@@ -128,14 +128,16 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
     optimizer, scheduler = make_optimizer(cfg, student)
-    stream, start_step = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed), 0
+    stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, shuffle=cfg.data.shuffle)
+    start_step = 0
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler, student, world)
         if world.distributed:
             _require_finite(student, world, f"checkpoint {resume_from}")
         apply_optimizer_config(cfg, optimizer, scheduler)
         start_step = state["step"]
-        stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"])
+        stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"],
+                              shuffle=cfg.data.shuffle)
     validation = make_validation(cfg, rollout, student_tok)  # reads the benchmarks: a bad name fails here
 
     # Every check has passed: only now does the run folder change.
