@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from typer.testing import CliRunner
 
 from oprd.batch import RolloutBatch, pad_left
 from oprd.bridge import (
@@ -33,6 +35,7 @@ from oprd.bridge import (
     unit_rms,
 )
 from oprd.capture import model_inputs, response_positions
+from oprd.cli import app
 from oprd.losses import layer_map, representation_loss_rows
 from oprd.testing import tiny_config, train_tokenizer
 
@@ -484,6 +487,23 @@ def test_paired_rows_from_batches_pairs_layers_and_bounds_rows(pair_of_models):
     assert len(set(kept.tolist())) == 7 and (kept[1:] > kept[:-1]).all()  # distinct, in arrival order
     with pytest.raises(ValueError, match="one teacher layer per student layer"):
         paired_rows_from_batches(student, teacher, batches, [1, 2], [1], max_rows=4)
+
+
+def test_stage1_renders_its_prompts_with_enable_thinking(monkeypatch, tmp_path):
+    from oprd.bridge import stage1
+
+    class RenderedPrompts(Exception):
+        """Stops Stage 1 once its prompts are rendered, before any model loads."""
+
+    def render(problems, student_tokenizer, teacher_tokenizer=None, **options):
+        raise RenderedPrompts(options)
+
+    monkeypatch.setattr(stage1.PromptSet, "render", staticmethod(render))
+    tiny = str(Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "tiny-qwen3")
+    args = ["bridge", "fit", "--student", tiny, "--teacher", tiny, "--data", "aime24", "--prompts", "2"]
+    result = CliRunner().invoke(app, [*args, "--disable-thinking", "--out", str(tmp_path / "b.safetensors")])
+    assert isinstance(result.exception, RenderedPrompts)
+    assert result.exception.args == ({"enable_thinking": False},)
 
 
 def test_reservoir_is_uniform_over_all_rows():

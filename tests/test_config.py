@@ -76,6 +76,8 @@ def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["a.b.c=1"], "nested too deeply"),
         (["optim.schedule_steps=0"], "optim.schedule_steps must be >= 1"),
+        (["data.enable_thinking=false", "data.use_chat_template=false"], "data.enable_thinking=False is a chat-"),
+        (["data.enable_thinking=maybe"], "data.enable_thinking must be bool or NoneType"),
         (["optim.schedule_steps=2"], "optim.schedule_steps=2 is below max_steps=3: the cosine decay reaches lr 0"),
         (["novalue"], "not of the form key=value"),
     ],

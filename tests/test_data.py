@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oprd.data import BENCHMARKS, Problem, PromptStream, benchmark_path, load_problems, prompt_token_ids
+from oprd.data import (
+    BENCHMARKS,
+    Problem,
+    PromptSet,
+    PromptStream,
+    benchmark_path,
+    load_problems,
+    prompt_token_ids,
+)
 from oprd.models import ModelSpec, load_tokenizer
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "smoke" / "tiny-qwen3"
@@ -135,6 +143,43 @@ def test_prompt_token_ids_without_chat_template(tokenizer):
     bare.chat_template = None
     with pytest.raises(ValueError, match="use_chat_template"):
         prompt_token_ids(bare, messages)
+
+
+# The smoke template plus a line that shows whether the template was handed `enable_thinking`, and
+# Qwen3's use of it: false opens the answer with an empty think block.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined %}[{{ enable_thinking }}]"
+    "{% if not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture()
+def thinking_tokenizer():
+    tokenizer = load_tokenizer(ModelSpec(model=str(TINY)))
+    tokenizer.chat_template = THINKING_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("enable_thinking, opening", [
+    (None, ""),  # not handed to the template at all: its own default
+    (True, "[True]"),
+    (False, "[False]<think>\n\n</think>\n\n"),
+])
+def test_enable_thinking_reaches_the_chat_template_only_when_set(thinking_tokenizer, enable_thinking, opening):
+    messages = [{"role": "user", "content": "What is 6*7?"}]
+    text = "<|im_start|>user\nWhat is 6*7?<|im_end|>\n<|im_start|>assistant\n" + opening
+    ids = prompt_token_ids(thinking_tokenizer, messages, enable_thinking=enable_thinking)
+    assert thinking_tokenizer.decode(ids) == text
+    assert ids == thinking_tokenizer(text, add_special_tokens=False).input_ids
+    problem = Problem(index=0, messages=messages, answer=None)
+    rendered = PromptSet.render([problem], thinking_tokenizer, thinking_tokenizer, enable_thinking=enable_thinking)
+    assert rendered.student == rendered.teacher == [ids]
+
+
+def test_enable_thinking_needs_the_chat_template(tokenizer):
+    with pytest.raises(ValueError, match="enable_thinking is a chat-template variable"):
+        prompt_token_ids(tokenizer, [{"role": "user", "content": "x"}], use_chat_template=False, enable_thinking=False)
 
 
 def test_prompt_stream_resumes_exactly():

@@ -138,6 +138,25 @@ def test_evaluate_needs_ground_truths(tokenizer, scripted):
         evaluate(rollout, tokenizer, problems, SamplingParams(n=1))
 
 
+def test_evaluate_renders_prompts_with_enable_thinking(tokenizer):
+    thinking = load_tokenizer(ModelSpec(model=str(TINY)))
+    thinking.chat_template = tokenizer.chat_template.replace(
+        "assistant\n", "assistant\n{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}")
+    problems = load_problems("aime24", limit=1)
+    without_thinking = tuple(prompt_token_ids(thinking, problems[0].messages, enable_thinking=False))
+    assert without_thinking != tuple(prompt_token_ids(thinking, problems[0].messages))
+    rollout = ScriptedRollout(thinking, {without_thinking: [(r"\boxed{204}", True)]})  # answers that prompt only
+    result = evaluate(rollout, thinking, problems, SamplingParams(n=2), enable_thinking=False)
+    assert result.metrics["avg@2"] == 1.0
+
+
+def test_oprd_eval_refuses_enable_thinking_without_the_chat_template(tmp_path):
+    args = ["eval", str(TINY), "--benchmarks", "aime24", "--no-chat-template", "--disable-thinking"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 2
+    assert "--no-chat-template turns the template off" in " ".join(result.output.split())
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -159,6 +178,7 @@ def test_oprd_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["benchmarks"] == ["aime24", "mini"]
     assert summary["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 8, "n": 2}
+    assert summary["enable_thinking"] is None
     records = read_jsonl(out / "samples.jsonl")
     assert len(records) == 2 * 2 * 2
     for record in records:

@@ -11,12 +11,14 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from oprd import checkpoint
+from oprd.batch import RolloutBatch, pad_left
 from oprd.bridge import load_bridge
 from oprd.cli import app
 from oprd.config import load_config
+from oprd.data import load_problems, prompt_token_ids
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, Sampler, SamplingParams
-from oprd.trainer import lr_lambda, train
+from oprd.trainer import lr_lambda, make_validation, train, training_prompts
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 TINY = str(SMOKE / "tiny-qwen3")
@@ -145,6 +147,53 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "student_loss", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1"]))
+
+
+# --------------------------------------------------------------------------- how prompts are rendered and sampled
+
+
+def thinking_tokenizer():
+    """The smoke tokenizer with a template that, as Qwen3's, opens an empty think block on enable_thinking=false."""
+    tokenizer = load_tokenizer(ModelSpec(model=TINY))
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "assistant\n", "assistant\n{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}")
+    return tokenizer
+
+
+class RecordingRollout:
+    """A Rollout that answers every prompt with EOS and keeps what it was asked to sample."""
+
+    weight_version = 0
+
+    def __init__(self, tokenizer):
+        self.pad, self.eos, self.calls = tokenizer.pad_token_id, tokenizer.eos_token_id, []
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        self.calls.append((prompts, params))
+        rows = len(prompts) * params.n
+        prompt_ids, prompt_mask = pad_left([p for p in prompts for _ in range(params.n)], self.pad)
+        return RolloutBatch(prompt_ids, prompt_mask, torch.full((rows, 1), self.eos), torch.ones(rows, 1).long(),
+                            torch.arange(len(prompts)).repeat_interleave(params.n), torch.zeros(rows, dtype=torch.bool))
+
+    def sync_weights(self, model, version: int) -> None:
+        pass
+
+
+def test_training_and_validation_prompts_are_rendered_with_enable_thinking():
+    tokenizer = thinking_tokenizer()
+    cfg = load_config(SMOKE / "oprd.yaml", ["data.enable_thinking=false", "eval_every=1", "eval_benchmarks=aime24",
+                                            "eval_limit=2", "eval_samples=2"])
+    warnings = []
+    training = training_prompts(cfg, tokenizer, tokenizer, recorder=type("Recorder", (), {"warn": warnings.append}))
+    problems = load_problems(cfg.data.path)
+    assert training.student == [prompt_token_ids(tokenizer, p.messages, enable_thinking=False) for p in problems]
+    assert not warnings
+
+    rollout = RecordingRollout(tokenizer)
+    make_validation(cfg, rollout, tokenizer)(0)
+    [(prompts, params)] = rollout.calls
+    benchmark = load_problems("aime24", limit=2)
+    assert prompts == [prompt_token_ids(tokenizer, p.messages, enable_thinking=False) for p in benchmark]
 
 
 # --------------------------------------------------------------------------- the learning-rate schedule

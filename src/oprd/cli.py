@@ -48,6 +48,11 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+# the chat template's enable_thinking (data.prompt_token_ids), for `oprd eval` and `oprd bridge`
+_THINKING_HELP = ("hand enable_thinking to the chat template (Qwen3's reads it; --disable-thinking: answers "
+                  "without thinking) [default: not set]")
+
+
 # --- train (core engine) ---
 
 
@@ -188,6 +193,7 @@ def eval_run(
     chat_template: bool = typer.Option(
         True, "--chat-template/--no-chat-template", help="off: the user turns as plain text (base models)"
     ),
+    enable_thinking: bool = typer.Option(None, "--enable-thinking/--disable-thinking", help=_THINKING_HELP),
     prompt_key: str = typer.Option(None, help="prompt column of benchmark files (dotted for nested)"),
     answer_key: str = typer.Option(None, help="answer column of benchmark files, e.g. reward_model.ground_truth"),
     limit: int = typer.Option(None, help="first N problems of each benchmark"),
@@ -207,7 +213,8 @@ def eval_run(
             models=models, benchmarks=_csv(benchmarks), out=out or _default_eval_dir(),
             sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples),
             seed=seed, batch_size=batch_size, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-            use_chat_template=chat_template, prompt_key=prompt_key, answer_key=answer_key, limit=limit,
+            use_chat_template=chat_template, enable_thinking=enable_thinking, prompt_key=prompt_key,
+            answer_key=answer_key, limit=limit,
             overwrite=overwrite, vllm_url=_vllm_url(backend, vllm_url),
         )
         run_eval(settings, console=Console())
@@ -256,6 +263,7 @@ def _stage1_options(
     holdout: float = typer.Option(0.1, help="share of rows held out of both fits, for the reported cosine"),
     normalize_states: bool = typer.Option(True, "--normalize-states/--raw-states",
                                           help="fit on unit-RMS states, as pre-norm blocks read them (raw: the paper)"),
+    enable_thinking: bool = typer.Option(None, "--enable-thinking/--disable-thinking", help=_THINKING_HELP),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     trust_remote_code: bool = typer.Option(False, help="run model code from the hub (off: safe default)"),

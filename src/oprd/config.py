@@ -44,6 +44,7 @@ class DataConfig:
     max_prompt_tokens: int = 1024  # longer prompts are reported and left out
     limit: int | None = None  # use only the first N rows
     shuffle: bool = True  # each pass over the prompts in a seeded shuffle; false: in file order
+    enable_thinking: bool | None = None  # handed to the chat template when set (Qwen3: false = no thinking)
 
 
 @dataclass
@@ -398,6 +399,9 @@ def validate(cfg: TrainConfig) -> None:
     require(cfg.eval_every >= 0, "eval_every must be >= 0")
     require(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
     require(cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1 (or unset); got {cfg.data.limit}")
+    require(cfg.data.enable_thinking is None or cfg.data.use_chat_template,
+            f"data.enable_thinking={cfg.data.enable_thinking} is a chat-template variable, but "
+            "data.use_chat_template=false: drop one of them")
     for side in ("student", "teacher"):
         spec: ModelSpec = getattr(cfg, side)
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")

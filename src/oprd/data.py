@@ -78,11 +78,24 @@ def benchmark_path(name: str) -> Path:
 
 
 def prompt_token_ids(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, use_chat_template: bool = True
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    use_chat_template: bool = True,
+    enable_thinking: bool | None = None,
 ) -> list[int]:
     """Token ids of the prompt the model answers: the chat template with the assistant turn opened,
-    or (use_chat_template=False, for base models) the user turns joined by blank lines."""
+    or (use_chat_template=False, for base models) the user turns joined by blank lines.
+
+    Every prompt oprd samples from (training, validation, `oprd eval`, bridge Stage 1) is made here.
+    `enable_thinking`, when set, is handed to the chat template as a variable: Qwen3's template
+    reads it (false opens the answer with an empty think block), a template that does not read it
+    renders the same text. Unset, the template's own default applies.
+    """
     if not use_chat_template:
+        if enable_thinking is not None:
+            raise ValueError("enable_thinking is a chat-template variable, but the chat template is off "
+                             "(use_chat_template=False): drop one of them")
         text = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
         return tokenizer(text, add_special_tokens=True).input_ids
     if not getattr(tokenizer, "chat_template", None):
@@ -92,7 +105,8 @@ def prompt_token_ids(
         )
     # Render then tokenize: the template already holds the special tokens it needs, and in
     # transformers 5 apply_chat_template(tokenize=True) returns a BatchEncoding, not ids.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    variables = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **variables)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -106,10 +120,17 @@ class PromptSet:
 
     @classmethod
     def render(
-        cls, problems: list[Problem], student_tokenizer, teacher_tokenizer=None, *, use_chat_template: bool = True
+        cls,
+        problems: list[Problem],
+        student_tokenizer,
+        teacher_tokenizer=None,
+        *,
+        use_chat_template: bool = True,
+        enable_thinking: bool | None = None,
     ) -> PromptSet:
         def render(tokenizer) -> list[list[int]]:
-            return [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template) for p in problems]
+            return [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template,
+                                     enable_thinking=enable_thinking) for p in problems]
 
         return cls(render(student_tokenizer), render(teacher_tokenizer) if teacher_tokenizer is not None else None)
 

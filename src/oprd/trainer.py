@@ -224,7 +224,7 @@ def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRe
                              split=cfg.data.split, limit=cfg.data.limit)
     cross_tokenizer = student_tok.get_vocab() != teacher_tok.get_vocab()  # allowed with a bridge only
     prompts = PromptSet.render(problems, student_tok, teacher_tok if cross_tokenizer else None,
-                               use_chat_template=cfg.data.use_chat_template)
+                               use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking)
     return drop_long_prompts(prompts, cfg.data.max_prompt_tokens, cfg.data.path, recorder.warn)
 
 
@@ -333,7 +333,7 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[
         record = {}
         for name, problems in benchmarks.items():
             result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed + step,
-                              use_chat_template=cfg.data.use_chat_template)
+                              use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking)
             record.update({f"val/{name}/{key}": float(result.metrics[key]) for key in reported})
         return record
 

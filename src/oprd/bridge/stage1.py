@@ -152,6 +152,7 @@ class Stage1Settings:
     lr: float = 1e-2
     holdout: float = 0.1
     normalize_states: bool = True  # fit and project unit-RMS states (oprd.bridge notes); False: the paper's raw states
+    enable_thinking: bool | None = None  # handed to both chat templates when set (`data.prompt_token_ids`)
     seed: int = 0
     device: str = "auto"
     trust_remote_code: bool = False
@@ -189,7 +190,8 @@ def stage1_rows(settings: Stage1Settings, console=None) -> tuple[PairedRows, dic
     problems = load_problems(settings.data, limit=settings.prompts)
     if not problems:
         raise ValueError(f"{settings.data} has no prompts")
-    prompts = PromptSet.render(problems, student_tok, teacher_tok if cross_tokenizer else None)
+    prompts = PromptSet.render(problems, student_tok, teacher_tok if cross_tokenizer else None,
+                               enable_thinking=settings.enable_thinking)
 
     student = load_model(student_spec, device).eval()
     teacher = load_model(teacher_spec, device).eval()

@@ -43,6 +43,7 @@ def evaluate(
     *,
     seed: int = 0,
     use_chat_template: bool = True,
+    enable_thinking: bool | None = None,
     batch_size: int = 64,
     timeout_s: float = GRADE_TIMEOUT_S,
     progress: Progress | None = None,
@@ -52,13 +53,15 @@ def evaluate(
 
     Generation runs in chunks of about `batch_size` sequences so `progress` (`display.progress_bar`)
     can show the running accuracy. Sampling is seeded with `seed` (`rollout.seeded`): the caller's
-    RNG stream (which a trainer checkpoints for exact resume) is left as it was.
+    RNG stream (which a trainer checkpoints for exact resume) is left as it was. Prompts are made by
+    `data.prompt_token_ids` (`use_chat_template`, `enable_thinking`).
     """
     if not problems:
         raise ValueError("evaluate needs at least one problem")
     if any(p.answer is None for p in problems):
         raise ValueError("every problem needs a ground-truth answer to be evaluated (see --answer-key)")
-    prompts = [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template) for p in problems]
+    prompts = [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template,
+                                enable_thinking=enable_thinking) for p in problems]
     per_chunk = max(1, batch_size // params.n)
     task = progress.add_task(description, total=len(problems), status="acc -") if progress else None
     graded: list[list[GradedSample]] = []
@@ -124,6 +127,7 @@ class EvalSettings:
     device: str = "auto"
     trust_remote_code: bool = False
     use_chat_template: bool = True
+    enable_thinking: bool | None = None  # handed to the chat template when set (`data.prompt_token_ids`)
     prompt_key: str | None = None
     answer_key: str | None = None
     limit: int | None = None  # the first N problems of each benchmark
@@ -134,6 +138,9 @@ class EvalSettings:
         if self.vllm_url and not all(Path(model).is_dir() for model in self.models):
             raise ValueError("--backend vllm reloads each model's weights into the server from its folder: give "
                              "local model folders (of the architecture the server runs)")
+        if self.enable_thinking is not None and not self.use_chat_template:
+            raise ValueError("--enable-thinking/--disable-thinking set a chat-template variable, but "
+                             "--no-chat-template turns the template off: drop one of them")
 
 
 def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
@@ -152,6 +159,7 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
         "models": list(s.models),
         "benchmarks": list(data),
         "sampling": asdict(s.sampling),
+        "enable_thinking": s.enable_thinking,
         "backend": f"vllm ({s.vllm_url})" if s.vllm_url else "transformers generate",
         "seed": s.seed,
         "length_unit": "tokens",
@@ -178,6 +186,7 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
                     s.sampling,
                     seed=s.seed,
                     use_chat_template=s.use_chat_template,
+                    enable_thinking=s.enable_thinking,
                     batch_size=s.batch_size,
                     progress=progress,
                     description=f"{name} | {bench}",
