@@ -74,6 +74,7 @@ def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
         (["oprd.layers=[0, 2]"], "oprd.layers as a list needs 1-based"),
         (["opd.objective=none", "oprd.coef=0"], "nothing to train"),
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["eval_top_p=0"], "eval_top_p must be in"),
         (["a.b.c=1"], "nested too deeply"),
         (["optim.schedule_steps=0"], "optim.schedule_steps must be >= 1"),
         (["data.enable_thinking=false", "data.use_chat_template=false"], "data.enable_thinking=False is a chat-"),

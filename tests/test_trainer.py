@@ -179,10 +179,11 @@ class RecordingRollout:
         pass
 
 
-def test_training_and_validation_prompts_are_rendered_with_enable_thinking():
+def test_training_and_validation_prompts_are_rendered_alike_and_validation_samples_as_configured():
     tokenizer = thinking_tokenizer()
     cfg = load_config(SMOKE / "oprd.yaml", ["data.enable_thinking=false", "eval_every=1", "eval_benchmarks=aime24",
-                                            "eval_limit=2", "eval_samples=2"])
+                                            "eval_limit=2", "eval_samples=2", "eval_top_p=0.95",
+                                            "eval_max_new_tokens=15360"])
     warnings = []
     training = training_prompts(cfg, tokenizer, tokenizer, recorder=type("Recorder", (), {"warn": warnings.append}))
     problems = load_problems(cfg.data.path)
@@ -194,6 +195,7 @@ def test_training_and_validation_prompts_are_rendered_with_enable_thinking():
     [(prompts, params)] = rollout.calls
     benchmark = load_problems("aime24", limit=2)
     assert prompts == [prompt_token_ids(tokenizer, p.messages, enable_thinking=False) for p in benchmark]
+    assert params == SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=15360, n=2)
 
 
 # --------------------------------------------------------------------------- the learning-rate schedule

@@ -124,6 +124,7 @@ class TrainConfig:
     eval_benchmarks: list[str] = field(default_factory=lambda: ["aime24"])
     eval_samples: int = 4
     eval_temperature: float = 0.7
+    eval_top_p: float = 1.0
     eval_max_new_tokens: int = 1024
     eval_limit: int | None = None
     student: ModelSpec = field(default_factory=ModelSpec)
@@ -218,7 +219,7 @@ FREE_ON_RESUME = frozenset({
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
     "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
     "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
-    "rollout.vllm_timeout_s",
+    "rollout.vllm_timeout_s", "eval_top_p",
 })
 
 
@@ -367,6 +368,7 @@ def validate(cfg: TrainConfig) -> None:
         require(getattr(cfg.rollout, name) >= 1, f"rollout.{name} must be >= 1")
     require(cfg.rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")
     require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {cfg.rollout.top_p}")
+    require(0 < cfg.eval_top_p <= 1, f"eval_top_p must be in (0, 1]; got {cfg.eval_top_p}")
     require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
     require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
     require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")

@@ -325,8 +325,8 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[
     if not cfg.eval_every:
         return None
     benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit) for name in cfg.eval_benchmarks}
-    params = SamplingParams(temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_new_tokens,
-                            n=cfg.eval_samples)
+    params = SamplingParams(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                            max_new_tokens=cfg.eval_max_new_tokens, n=cfg.eval_samples)
     reported = (f"avg@{cfg.eval_samples}", f"best@{cfg.eval_samples}", "dist-4g", "avg_len", "format_error_rate")
 
     def validation(step: int) -> dict[str, float]:
