@@ -110,6 +110,22 @@ def test_data_in_file_order_is_drawn_in_order_and_resumed_where_it_stopped(tmp_p
     assert drawn == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
+@pytest.mark.slow
+def test_grad_clip_0_turns_clipping_off_and_the_norm_before_clipping_is_logged(tmp_path):
+    def first_step(grad_clip: str):
+        overrides = ["max_steps=1", f"optim.grad_clip={grad_clip}", f"output_dir={tmp_path / grad_clip}"]
+        run_dir = train(load_config(SMOKE / "oprd.yaml", overrides))
+        [row] = _read_metrics(run_dir)
+        return row["grad_norm"], AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+
+    off_norm, off = first_step("0")
+    loose_norm, loose = first_step("1e9")  # far above any norm: never clips
+    tight_norm, tight = first_step("1e-9")  # always clips
+    assert off_norm == loose_norm == tight_norm > 0
+    assert all(torch.equal(off[name], loose[name]) for name in off)
+    assert any(not torch.equal(off[name], tight[name]) for name in off)
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
