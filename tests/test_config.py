@@ -53,6 +53,29 @@ def test_paper_recipes_match_table_2_settings():
     assert load_config(RECIPES / "paper" / "opd_top1_plus_oprd_mu10.yaml").oprd.coef == 10
 
 
+PAPER_RECIPES = sorted((RECIPES / "paper").glob("*.yaml")) + sorted((RECIPES / "bridge").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: p.name)
+def test_paper_recipes_follow_the_reference_run_where_the_paper_is_silent(recipe, tmp_path):
+    (tmp_path / "bridge.safetensors").write_bytes(b"")
+    bridge = recipe.parent.name == "bridge"
+    cfg = load_config(recipe, [f"bridge.path={tmp_path / 'bridge.safetensors'}"] if bridge else [])
+    # the paper's own settings
+    assert (cfg.max_steps, cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.schedule) == (500, 1e-5, 0.03, "cosine")
+    assert (cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.optim.precision) == (1.0, 16384, "bf16")
+    assert (cfg.eval_samples, cfg.eval_temperature) == (16, 0.7)
+    # the reference run's: its DAPO file in file order, a horizon of one epoch of it, no thinking, no effective
+    # clipping, a float32 teacher, validation at top_p 0.95 and 15,360 tokens, the bridge at coefficient 10
+    assert (cfg.data.path, cfg.data.shuffle, cfg.data.enable_thinking) == ("data/dapo-math-17k.parquet", False, False)
+    assert cfg.data.max_prompt_tokens == 2048 and cfg.optim.schedule_steps == 17_917 // 8 == 2239
+    assert (cfg.optim.grad_clip, cfg.optim.weight_decay, cfg.teacher.dtype) == (1000, 0.01, "float32")
+    assert (cfg.eval_top_p, cfg.eval_max_new_tokens) == (0.95, 15360)
+    assert cfg.eval_every == (50 if bridge else 20)
+    if bridge:
+        assert cfg.oprd.coef == 10 and cfg.oprd.normalize
+
+
 def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(b"")
     cfg = load_config(RECIPES / "bridge" / "qwen3_4b_to_1.7b_bridge_then_opd_top1.yaml",
