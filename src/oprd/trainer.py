@@ -128,8 +128,7 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
     optimizer, scheduler = make_optimizer(cfg, student)
-    stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, shuffle=cfg.data.shuffle)
-    start_step = 0
+    stream, start_step = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, shuffle=cfg.data.shuffle), 0
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler, student, world)
         if world.distributed:
