@@ -25,6 +25,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,7 +124,6 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None 
     still reports the published depth."""
     dtype = dtype or resolve_dtype(spec.dtype, device)
     config = model_config(spec, up_to_layer)
-    model_class = AutoModel if up_to_layer is not None else AutoModelForCausalLM
     options = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
     if spec.attn_implementation:
         options["attn_implementation"] = spec.attn_implementation
@@ -136,9 +136,29 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None 
             model = AutoModelForCausalLM.from_config(load_model_config(spec), **options)
         if up_to_layer is not None:
             model = _cut(model, config)
+    elif up_to_layer is None:
+        model = AutoModelForCausalLM.from_pretrained(spec.model, config=config, revision=spec.revision, **options)
     else:
-        model = model_class.from_pretrained(spec.model, config=config, revision=spec.revision, **options)
+        model = _load_backbone(spec, config, options)
     return model.to(device)
+
+
+def _load_backbone(spec: ModelSpec, config: PretrainedConfig, options: dict) -> torch.nn.Module:
+    """A cut backbone from a causal LM checkpoint. The weights it leaves out (the LM head, later
+    blocks) are meant to be left out, so transformers' report of them is not printed; a weight the
+    backbone needs and the checkpoint lacks is still an error."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(spec.model, config=config, revision=spec.revision,
+                                                output_loading_info=True, **options)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info["missing_keys"])  # (a mis-sized weight already raised in transformers)
+    if missing:
+        raise ValueError(f"{spec.model}: the checkpoint lacks weights the model needs ({', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}): is it the model its config.json describes?")
+    return model
 
 
 def _cut(model: torch.nn.Module, config: PretrainedConfig) -> torch.nn.Module:
