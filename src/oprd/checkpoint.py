@@ -166,7 +166,12 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
     found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint folder (`step_000050`) was written after."""
+    return int(checkpoint.name[len(PREFIX):])
 
 
 def check_complete(path: Path, world: World = ONE_PROCESS) -> None:

@@ -358,14 +358,20 @@ def bridge_sweep(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder (results.json, report.md, plots, runs/)"),
-    quick: bool = typer.Option(False, help="a reduced run (small world, few steps) in under 2 minutes"),
-    seed: int = typer.Option(0),
-    steps: int = typer.Option(None, help="optimizer steps per on-policy method [default: 150, quick: 4]"),
-    lr: float = typer.Option(None, help="student learning rate of every method [default: 3e-3]"),
+    quick: bool = typer.Option(False, help="a reduced run (small world, few steps), for tests"),
+    seed: int = typer.Option(0, help="the first seed"),
+    seeds: int = typer.Option(1, help="seeds per method (seed .. seed + N - 1): mean and spread in the tables"),
+    steps: int = typer.Option(None, help="optimizer steps per method [default: 150, quick: 4]"),
     oprd_k: int = typer.Option(None, help="OPRD last-k response positions [default: 64]"),
-    normalize: bool = typer.Option(None, "--normalize/--no-normalize", help="OPRD normalised MSE [default: off]"),
-    oprd_coef: float = typer.Option(None, help="OPRD coefficient, also mu of opd_top1_plus_oprd [default: 1]"),
-    seq_kd_steps: int = typer.Option(None, help="fixed seq-KD SFT steps [default: fill the on-policy wall clock]"),
+    tune: bool = typer.Option(False, "--tune", help="search every method's settings with the same budget on the "
+                                                    "validation split first (writes tuned.json)"),
+    tuned: Path = typer.Option(None, help="a tuned.json (from --tune) to use instead of the shipped one"),
+    resume: bool = typer.Option(False, "--resume", help="with --tune: continue an interrupted search in --out, "
+                                                        "reading back the runs it already measured"),
+    threads: int = typer.Option(2, help="torch CPU threads for training and measuring (the toy world is always "
+                                        "built on its own fixed count)"),
+    world_only: bool = typer.Option(False, "--world-only", help="build (or load) the toy world alone and write "
+                                                                "OUT/world.json"),
     methods: str = typer.Option(None, help="comma-separated subset of teacher,student,opd_top1,opd_top16,oprd,"
                                            "opd_top1_plus_oprd,seq_kd"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
@@ -374,20 +380,24 @@ def demo(
 ) -> None:
     """The paper's same-architecture experiment in miniature on a toy reasoning task (CPU, minutes).
 
-    Example: oprd demo --out runs/demo        (--bridge: Tables 4-6 in miniature, bridge_results.json)
+    Example: oprd demo --out runs/demo --seeds 3   (--bridge: Tables 4-6 in miniature, bridge_results.json)
     """
     from oprd.experiments.bridge_demo import run_bridge_demo
-    from oprd.experiments.demo import DemoSettings, run_demo
+    from oprd.experiments.demo import DemoSettings, run_demo, run_world_only
 
     with user_errors():
-        if bridge and (methods or seq_kd_steps is not None):
-            raise ValueError("--methods and --seq-kd-steps do not apply to --bridge, which runs its own set of pairs")
-        given = {"steps": steps, "lr": lr, "oprd_k": oprd_k, "oprd_normalize": normalize, "oprd_coef": oprd_coef,
-                 "seq_kd_steps": seq_kd_steps, "methods": _csv(methods) if methods else None, "seed": seed,
+        if bridge and methods:
+            raise ValueError("--methods does not apply to --bridge, which runs its own set of pairs")
+        if world_only and (bridge or tune or tuned or methods or resume):
+            raise ValueError("--world-only builds the toy world alone: drop --bridge, --tune, --tuned, --resume and "
+                             "--methods")
+        given = {"steps": steps, "oprd_k": oprd_k, "methods": _csv(methods) if methods else None, "seed": seed,
+                 "seeds": seeds, "tune": tune, "tuned": tuned, "resume": resume, "threads": threads,
                  "overwrite": overwrite}
         given = {k: v for k, v in given.items() if v is not None}
         settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
-        (run_bridge_demo if bridge else run_demo)(settings, Console(stderr=True, soft_wrap=True))
+        command = run_world_only if world_only else run_bridge_demo if bridge else run_demo
+        command(settings, Console(stderr=True, soft_wrap=True))
 
 
 if __name__ == "__main__":

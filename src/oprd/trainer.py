@@ -319,7 +319,10 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[int], dict[str, float]] | None:
     """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None.
 
-    Evaluation seeds its own generator (`rollout.seeded`), so it never shifts the training stream.
+    Evaluation seeds its own generator (`rollout.seeded`), so it never shifts the training stream,
+    and with the same seed at every step: the problems and the sampling noise stay fixed, so the
+    curve moves with the model alone, and step 0 is what `oprd eval` says of the starting student
+    with the same seed.
     """
     if not cfg.eval_every:
         return None
@@ -331,7 +334,7 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[
     def validation(step: int) -> dict[str, float]:
         record = {}
         for name, problems in benchmarks.items():
-            result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed + step,
+            result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed,
                               use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking)
             record.update({f"val/{name}/{key}": float(result.metrics[key]) for key in reported})
         return record

@@ -1,25 +1,32 @@
 """`oprd demo --bridge`: the paper's OPRD-Bridge experiments (Tables 4-6) in miniature, on a CPU.
 
 The student is the toy world's (`oprd.experiments.toy`, 4 x 64, byte-level BPE); three teachers of the same
-task are trained beside it (`toy.BRIDGE_TEACHERS`):
+task are trained beside it to the world's teacher target (`toy.BRIDGE_TEACHERS`):
   cross_arch       6 x 96: deeper and wider. OPD top-1 applies (same tokenizer), OPRD-Vanilla does not.
   cross_tokenizer  a character-level tokenizer: no OPD; positions matched by character offsets.
   cross_init       the student's architecture from another random initialisation: the case where a
                    feasibility trial saw OPRD-Vanilla collapse.
-Top to bottom: Stage 1 rows once per pair (`bridge.stage1.stage1_rows`); on cross_arch the
-rank sweep on unit-RMS states (the default, `oprd.bridge.projector` notes) and, for comparison, on
-raw states (the paper's recipe as written); Stage 2 on cross_arch at three ranks (`stage2_ranks`),
-then every other Stage 2 run with the widest bridge. Stage 2 runs through `oprd.trainer.train` with
-the same steps, rollouts, lr and seed as `oprd demo`; every model is evaluated on the held-out
-problems (Avg@k, Best@k, Dist-4g, Avg Len). Writes bridge_results.json, bridge_report.md and the
-sweeps' tables and plots under sweep/ and sweep_raw_states/.
+Top to bottom:
+1. Stage 1 rows once per pair, from the student's rollouts at the first seed
+   (`bridge.stage1.stage1_rows`); on cross_arch the rank sweep of the held-out Stage 1 cosine on
+   unit-RMS states (the default, `oprd.bridge.projector` notes) and on raw states (the paper's recipe
+   as written). Bridges are fitted per (pair, rank) as the runs need them.
+2. Each Stage 2 method's settings, searched with `--tune` with the same budget as `oprd demo`
+   (`demo.LEARNING_RATES` x two values of the method's own knob, `bridge_search`; for an
+   OPRD-Bridge the knob is its rank: the paper's, or the widest), chosen on the validation split;
+   otherwise the shipped `bridge_tuned.json` or `--tuned FILE`.
+3. For every seed: every method of every pair through `oprd.trainer.train` (the demo's steps and
+   rollouts), and cross_arch's OPRD-Bridge again on raw states; every model measured on the test
+   split with the toy's protocol and the seed.
+4. bridge_results.json (mean, per-seed accuracy and spread per model), bridge_report.md, the sweeps'
+   tables and plots under sweep/ and sweep_raw_states/.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,153 +35,232 @@ from rich.progress import Progress
 from transformers.utils import logging as hf_logging
 
 from oprd.bridge import save_bridge
-from oprd.bridge.stage1 import Stage1Settings, fit_bridge_at_rank, stage1_rows
+from oprd.bridge.stage1 import PairedRows, Stage1Settings, fit_bridge_at_rank, stage1_rows
 from oprd.config import BridgeConfig, TrainConfig
 from oprd.display import markdown_table, progress_bar
 from oprd.experiments import toy
 from oprd.experiments.bridge_sweep import sweep_ranks
-from oprd.experiments.demo import DemoSettings, evaluate_model, max_response_tokens, run_on_policy, software_versions
-from oprd.files import prepare_output_dir
+from oprd.experiments.demo import (
+    LEARNING_RATES,
+    SEARCH,
+    DemoSettings,
+    MethodSettings,
+    aggregate,
+    chosen_settings,
+    knob_text,
+    load_tuning,
+    measure_model,
+    open_demo_output,
+    run_on_policy,
+    search,
+    software_versions,
+)
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-PAPER_RANK = 8  # the paper's cross-architecture bridge
-REPORTED = ("accuracy", "best_at_k", "dist_4g", "avg_len")
-BRIDGE_DEMO_FILES = ("bridge_results.json", "settings.json", "bridge_report.md", "runs", "bridges", "sweep",
-                     "sweep_raw_states")  # what --overwrite may replace
+PAPER_RANK = {"cross_arch": 8, "cross_tokenizer": 4, "cross_init": 8}  # Tables 4-6; cross_init takes r = 8 too
+SHIPPED_TUNING = "bridge_tuned.json"  # beside this module
+MADE_BY = "oprd demo --bridge --tune"
+BRIDGE_DEMO_FILES = ("bridge_results.json", "settings.json", "bridge_report.md", "bridge_tuned.json", "runs",
+                     "tuning", "bridges", "sweep", "sweep_raw_states")  # what --overwrite may replace
 
 
-def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings) -> Stage1Settings:
+@dataclass(frozen=True)
+class StageTwo:
+    """One Stage 2 method of a pair: the demo objective it trains with, through a bridge or not, and
+    for Bridge -> OPD the switch to OPD top-1 halfway."""
+
+    pair: str
+    name: str
+    objective: str  # a key of demo.ON_POLICY
+    bridged: bool = False
+    then_opd: bool = False
+    raw_states: bool = False  # the bridge fitted on raw states (the paper's recipe as written)
+
+    @property
+    def key(self) -> str:
+        return f"{self.pair}/{self.name}"
+
+
+METHODS = (
+    StageTwo("cross_arch", "opd_top1", "opd_top1"),
+    StageTwo("cross_arch", "oprd_bridge", "oprd", bridged=True),
+    StageTwo("cross_arch", "bridge_then_opd", "opd_top1_plus_oprd", bridged=True, then_opd=True),
+    StageTwo("cross_tokenizer", "oprd_bridge", "oprd", bridged=True),
+    StageTwo("cross_init", "oprd_vanilla", "oprd"),
+    StageTwo("cross_init", "oprd_bridge", "oprd", bridged=True),
+)
+# cross_arch's OPRD-Bridge once more per seed, with its tuned settings, on a bridge fitted on raw states
+RAW_STATES = StageTwo("cross_arch", "oprd_bridge_raw_states", "oprd", bridged=True, raw_states=True)
+TUNED_LIKE = {RAW_STATES.key: "cross_arch/oprd_bridge"}
+BY_KEY = {method.key: method for method in METHODS}
+
+
+def bridge_search(method: StageTwo, widest: int) -> list[MethodSettings]:
+    """The same budget as `oprd demo`: every learning rate with two values of the method's knob.
+    An OPRD-Bridge's knob is its rank (the paper's, or the widest); the others keep the main demo's."""
+    if method.bridged:
+        knobs = ({"bridge_rank": PAPER_RANK[method.pair]}, {"bridge_rank": widest})
+    else:
+        knobs = SEARCH[method.objective]
+    # the Bridge loss compares L2-normalised projections (the paper's Stage 2)
+    fixed = {"oprd_normalize": True} if method.bridged else {}
+    return [MethodSettings(lr=lr, **fixed, **knob) for lr in LEARNING_RATES for knob in knobs]
+
+
+def stage1_settings(world: toy.World, teacher: Path, s: DemoSettings, normalize_states: bool = True) -> Stage1Settings:
     return Stage1Settings(
         student=str(world.student), teacher=str(teacher), data=str(world.train_path),
-        prompts=16 if s.quick else 256, responses_per_prompt=2, max_new_tokens=max_response_tokens(world),
-        batch_prompts=16, max_rows=20_000, seed=s.seed, device="cpu",
+        prompts=16 if s.quick else 256, responses_per_prompt=2, max_new_tokens=world.settings.max_response_tokens,
+        batch_prompts=16, max_rows=20_000, seed=s.seed, device="cpu", normalize_states=normalize_states,
     )
 
 
-def stage2_ranks(sweep: list[dict]) -> list[int]:
-    """The ranks cross_arch's Stage 2 runs at: the best held-out Stage 1 cosine, the paper's rank and the
-    widest of the sweep. Stage 1 cosine falls with rank while a wider bridge carries more of the
-    teacher's state; the Stage 2 runs show which matters for the student."""
-    widest = max(r["rank"] for r in sweep)
-    return sorted({max(sweep, key=lambda r: r["cos_after"])["rank"], min(PAPER_RANK, widest), widest})
+class Bridges:
+    """Stage 1 rows once per pair, and one bridge file per (pair, rank, state form), fitted on first use."""
+
+    def __init__(self, world: toy.World, teachers: dict[str, Path], s: DemoSettings, out: Path):
+        self.world, self.teachers, self.s, self.out = world, teachers, s, out
+        self.rows: dict[str, tuple[PairedRows, dict]] = {}
+        self.fitted: dict[tuple[str, int, bool], dict] = {}
+
+    def rows_of(self, pair: str) -> tuple[PairedRows, dict]:
+        if pair not in self.rows:
+            self.rows[pair] = stage1_rows(stage1_settings(self.world, self.teachers[pair], self.s))
+        return self.rows[pair]
+
+    def widest(self, pair: str) -> int:
+        rows, _ = self.rows_of(pair)
+        return min(min(a.shape[1], b.shape[1]) for a, b in rows.values())
+
+    def path(self, pair: str, rank: int, raw_states: bool = False) -> Path:
+        path = self.out / f"{pair}-r{rank}{'-raw-states' if raw_states else ''}.safetensors"
+        if not path.exists():
+            rows, info = self.rows_of(pair)
+            settings = stage1_settings(self.world, self.teachers[pair], self.s, normalize_states=not raw_states)
+            bridge = fit_bridge_at_rank(rows, rank, settings, info)
+            save_bridge(bridge, path)
+            self.fitted[(pair, rank, raw_states)] = bridge.metadata
+        return path
+
+    def metadata(self, pair: str, rank: int, raw_states: bool = False) -> dict:
+        self.path(pair, rank, raw_states)
+        return self.fitted[(pair, rank, raw_states)]
 
 
-def against(teacher: Path, bridge: Path | None = None, switch_at: int | None = None):
-    """The change to a demo config for a run against `teacher`: through `bridge` when given (whose
-    loss compares L2-normalised projections), and OPRD up to step `switch_at`, OPD after it."""
+def train_stage2(method: StageTwo, settings: MethodSettings, world: toy.World, s: DemoSettings, seed: int,
+                 teacher: Path, bridges: Bridges, run_dir: Path, console: Console) -> dict:
+    """One Stage 2 run against `teacher` (through its bridge when the method is bridged; OPRD up to
+    the halfway step, OPD after, for Bridge -> OPD)."""
+    bridge = bridges.path(method.pair, settings.bridge_rank, method.raw_states) if method.bridged else None
+    half = max(s.steps // 2, 1)
 
     def adjust(cfg: TrainConfig) -> TrainConfig:
-        cfg = replace(cfg, eval_every=0, teacher=replace(cfg.teacher, model=str(teacher)))
+        cfg = replace(cfg, teacher=replace(cfg.teacher, model=str(teacher)))
         if bridge is not None:
-            cfg = replace(cfg, bridge=BridgeConfig(path=str(bridge)), oprd=replace(cfg.oprd, normalize=True))
-        if switch_at is not None:
-            cfg = replace(cfg, oprd=replace(cfg.oprd, stop_step=switch_at), opd=replace(cfg.opd, start_step=switch_at))
+            cfg = replace(cfg, bridge=BridgeConfig(path=str(bridge)))
+        if method.then_opd:
+            cfg = replace(cfg, oprd=replace(cfg.oprd, stop_step=half), opd=replace(cfg.opd, start_step=half))
         return cfg
 
-    return adjust
-
-
-def stage2(name: str, method: str, world: toy.World, s: DemoSettings, console: Console, progress: Progress,
-           adjust) -> dict:
-    """One on-policy run (its config changed by `adjust`, see `against`), evaluated; its record for
-    bridge_results.json."""
-    console.rule(f"[bold]{name}")
-    run = run_on_policy(method, world, s, console, name=name, adjust=adjust)
-    with progress:
-        result = evaluate_model(run["final"], world, s, progress, name)
+    run = run_on_policy(method.objective, settings, world, s, seed, run_dir, console, curve=False, adjust=adjust)
     records = [r for r in run["curve"] if "loss" in r]
-    result["train_seconds"] = run["train_seconds"]
     if records and "align/matched_share" in records[0]:
-        result["matched_position_share"] = sum(r["align/matched_share"] for r in records) / len(records)
-    preflight = s.out / "runs" / name / "preflight.json"
+        run["matched_position_share"] = sum(r["align/matched_share"] for r in records) / len(records)
+    preflight = run_dir / "preflight.json"
     if preflight.is_file():
-        result["preflight_cosine_by_layer"] = json.loads(preflight.read_text())["cosine_by_layer"]
-    return result
+        run["preflight_cosine_by_layer"] = json.loads(preflight.read_text())["cosine_by_layer"]
+    return run
+
+
+def tune(world: toy.World, teachers: dict[str, Path], bridges: Bridges, s: DemoSettings, console: Console,
+         progress: Progress) -> dict:
+    """The equal-budget search of every Stage 2 method on the validation split; bridge_tuned.json's content."""
+    tuned = {}
+    for method in METHODS:
+        def train_one(settings: MethodSettings, run_dir: Path, method=method) -> dict:
+            return train_stage2(method, settings, world, s, s.seed, teachers[method.pair], bridges, run_dir, console)
+
+        candidates = bridge_search(method, bridges.widest(method.pair))
+        tuned[method.key] = search(method.key, candidates, train_one,
+                                   lambda i, method=method: s.out / "tuning" / method.pair / method.name / str(i),
+                                   world, s, console, progress)
+    return {"made_by": MADE_BY + (" --quick" if s.quick else ""), "world": world.root.name,
+            "grid": {"lr": list(LEARNING_RATES)}, "software": toy.software(), "methods": tuned}
 
 
 def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the three pairs; returns bridge_results.json's content."""
     console = console or Console(stderr=True)
-    out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", ours=BRIDGE_DEMO_FILES)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    out = open_demo_output(s, BRIDGE_DEMO_FILES)
+    torch.set_num_threads(s.threads)
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     progress = progress_bar(console)
     with progress:
-        world = toy.build_world(toy.QUICK_WORLD if s.quick else toy.WorldSettings(seed=s.seed), progress)
+        world = toy.build_world(s.world_settings, progress)
         teachers = {name: toy.build_teacher(world, name, *_quick_recipe(name, s), progress=progress)
                     for name in toy.BRIDGE_TEACHERS}
-        student = evaluate_model(world.student, world, s, progress, "student")
-    bridges = out / "bridges"
-    bridges.mkdir()
+    bridges = Bridges(world, teachers, s, out / "bridges")
+    (out / "bridges").mkdir()
 
-    # cross-architecture: the rank sweep, then Stage 2 at a few ranks
     console.rule("[bold]cross_arch: Stage 1 rank sweep")
-    arch = teachers["cross_arch"]
-    settings = stage1_settings(world, arch, s)
-    rows, info = stage1_rows(settings)
-    widest = min(min(a.shape[1], b.shape[1]) for a, b in rows.values())
-    ranks = [r for r in RANKS if r <= widest]
+    rows, info = bridges.rows_of("cross_arch")
+    ranks = [r for r in RANKS if r <= bridges.widest("cross_arch")]
+    settings = stage1_settings(world, teachers["cross_arch"], s)
     sweep = sweep_ranks(rows, ranks, settings, info, out / "sweep")
     raw_sweep = sweep_ranks(rows, ranks, replace(settings, normalize_states=False), info, out / "sweep_raw_states")
-    # Stage 2 at a few ranks; every other Stage 2 run uses the widest bridge (README: accuracy rises with rank)
-    by_rank = {r: stage2(f"cross_arch_oprd_bridge_r{r}", "oprd", world, s, console, progress,
-                         against(arch, out / "sweep" / f"bridge-r{r}.safetensors"))
-               for r in stage2_ranks(sweep)}
-    used = max(by_rank)  # the widest
-    raw_stage2 = stage2(f"cross_arch_oprd_bridge_raw_states_r{used}", "oprd", world, s, console, progress,
-                        against(arch, out / "sweep_raw_states" / f"bridge-r{used}.safetensors"))
-    arch_bridge = out / "sweep" / f"bridge-r{used}.safetensors"
-    half = max(s.steps // 2, 1)
-    with progress:
-        arch_teacher = evaluate_model(arch, world, s, progress, "cross_arch teacher")
-    cross_arch = {
-        "teacher": arch_teacher, "student": student,
-        "oprd_bridge": by_rank[used],
-        "opd_top1": stage2("cross_arch_opd_top1", "opd_top1", world, s, console, progress, against(arch)),
-        "bridge_then_opd": stage2("cross_arch_bridge_then_opd", "opd_top1_plus_oprd", world, s, console, progress,
-                                  against(arch, arch_bridge, switch_at=half)),
-    }
 
-    # cross-tokenizer and cross-initialisation: one bridge each, at the same rank
-    fitted = {}
-    for name in ("cross_tokenizer", "cross_init"):
-        console.rule(f"[bold]{name}: Stage 1 (rank {used})")
-        settings = stage1_settings(world, teachers[name], s)
-        rows, info = stage1_rows(settings)
-        bridge = fit_bridge_at_rank(rows, used, settings, info)
-        save_bridge(bridge, bridges / f"{name}-r{used}.safetensors")
-        fitted[name] = bridge.metadata
-    with progress:
-        token_teacher = evaluate_model(teachers["cross_tokenizer"], world, s, progress, "cross_tokenizer teacher")
-        init_teacher = evaluate_model(teachers["cross_init"], world, s, progress, "cross_init teacher")
-    cross_tokenizer = {
-        "teacher": token_teacher, "student": student,
-        "oprd_bridge": stage2("cross_tokenizer_oprd_bridge", "oprd", world, s, console, progress,
-                              against(teachers["cross_tokenizer"], bridges / f"cross_tokenizer-r{used}.safetensors")),
-        "matched_position_share": fitted["cross_tokenizer"]["matched_position_share"],
-    }
-    cross_init = {
-        "teacher": init_teacher, "student": student,
-        "oprd_vanilla": stage2("cross_init_oprd_vanilla", "oprd", world, s, console, progress,
-                               against(teachers["cross_init"])),
-        "oprd_bridge": stage2("cross_init_oprd_bridge", "oprd", world, s, console, progress,
-                              against(teachers["cross_init"], bridges / f"cross_init-r{used}.safetensors")),
-    }
-    cosine, raw_cosine = ({r["rank"]: r["cos_after"] for r in table} for table in (sweep, raw_sweep))
+    if s.tune:
+        tuning, source = tune(world, teachers, bridges, s, console, progress), "this run's --tune"
+        (out / SHIPPED_TUNING).write_text(json.dumps(tuning, indent=2))
+    else:
+        tuning, source = load_tuning(s.tuned, SHIPPED_TUNING, MADE_BY, world)
+    console.print(f"settings: {source}")
+    runs = [*METHODS, RAW_STATES]
+    settings_of = {method.key: chosen_settings(tuning, TUNED_LIKE.get(method.key, method.key), MADE_BY)
+                   for method in runs}
+
+    per_seed: dict[str, dict[int, dict]] = {pair: {} for pair in PAPER_RANK}
+    extras: dict[str, dict[int, dict]] = {pair: {} for pair in PAPER_RANK}
+    for seed in s.seed_list:
+        for pair in PAPER_RANK:
+            per_seed[pair][seed], extras[pair][seed] = {}, {}
+            for name, path in (("teacher", teachers[pair]), ("student", world.student)):
+                with progress:
+                    per_seed[pair][seed][name] = measure_model(path, world.test_path, world, seed, progress,
+                                                               f"{pair} {name} seed {seed}")
+        for method in runs:
+            console.rule(f"[bold]{method.key}, seed {seed}")
+            run = train_stage2(method, settings_of[method.key], world, s, seed, teachers[method.pair], bridges,
+                               s.out / "runs" / method.pair / f"{method.name}-seed{seed}", console)
+            with progress:
+                per_seed[method.pair][seed][method.name] = measure_model(
+                    run["final"], world.test_path, world, seed, progress, f"{method.key} seed {seed}")
+            extras[method.pair][seed][method.name] = run
+
+    results = {}
+    for pair in PAPER_RANK:
+        names = ["teacher", "student", *(m.name for m in runs if m.pair == pair)]
+        results[pair] = aggregate(per_seed[pair], extras[pair], names)
+        for method in (m for m in runs if m.pair == pair):
+            row, first = results[pair][method.name], extras[pair][s.seed_list[0]][method.name]
+            row["settings"] = asdict(settings_of[method.key])
+            for key in ("matched_position_share", "preflight_cosine_by_layer"):
+                if key in first:
+                    row[key] = first[key]
+            if method.bridged:
+                rank = settings_of[method.key].bridge_rank
+                row["stage1_cosine"] = bridges.metadata(method.pair, rank, method.raw_states)["cos_after"]
+    results["cross_tokenizer"]["matched_position_share"] = bridges.rows_of("cross_tokenizer")[1][
+        "matched_position_share"]
     payload = {
+        "seeds": s.seed_list,
         "rank_sweep": [{k: r[k] for k in ("rank", "cos_before", "cos_after")} for r in sweep],
         "rank_sweep_raw_states": [{k: r[k] for k in ("rank", "cos_before", "cos_after")} for r in raw_sweep],
-        "stage2_rank": used,
-        "stage2_rank_sweep": [{"rank": r, "cos_after": cosine[r],
-                               **{k: m[k] for k in REPORTED}} for r, m in by_rank.items()],
-        "stage2_raw_states": {"rank": used, "cos_after": raw_cosine[used],
-                              **{k: raw_stage2[k] for k in REPORTED}},
-        "cross_arch": cross_arch,
-        "cross_tokenizer": cross_tokenizer,
-        "cross_init": cross_init,
-        "stage1_cosine": {"cross_arch": cosine[used],
-                          **{name: meta["cos_after"] for name, meta in fitted.items()}},
+        **results,
+        "teachers": {pair: json.loads((path / "teacher.json").read_text()) for pair, path in teachers.items()},
+        "tuning": tuning["methods"],
+        "tuning_source": source,
         "wall_seconds": time.perf_counter() - started,
     }
     (out / "bridge_results.json").write_text(json.dumps(payload, indent=2, default=str))
@@ -182,47 +268,68 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
         {**asdict(s), "out": str(s.out), "world": str(world.root), "teachers": {k: str(v) for k, v in teachers.items()},
          "teacher_recipes": {k: [asdict(r), kind] for k, (r, kind) in toy.BRIDGE_TEACHERS.items()}},
         indent=2, default=str))
-    (out / "bridge_report.md").write_text(bridge_report(payload, s))
-    console.print(bridge_report(payload, s))
+    (out / "bridge_report.md").write_text(bridge_report(payload, s, world))
+    console.print(bridge_report(payload, s, world))
     return payload
 
 
 def _quick_recipe(name: str, s: DemoSettings):
-    """The full recipe, or for --quick a few SFT steps of a smaller teacher (a smoke test of the pipeline)."""
+    """The full recipe, or for --quick teachers for the quick world: cross_arch deeper and wider than
+    its student, the other two the student's own shape (a smoke test of the pipeline)."""
     recipe, kind = toy.BRIDGE_TEACHERS[name]
     if not s.quick:
         return recipe, kind
-    return replace(recipe, hidden_size=recipe.hidden_size // 2, intermediate_size=64,
-                   num_layers=max(2, recipe.num_layers - 3), steps=30), kind
+    student = toy.QUICK_WORLD.model
+    if name == "cross_arch":
+        return replace(student, hidden_size=96, intermediate_size=192, num_layers=3,
+                       max_steps=2 * student.max_steps), kind
+    return replace(student, init_seed=recipe.init_seed, max_steps=2 * student.max_steps), kind
 
 
 def _cells(m: dict) -> list[str]:
-    return [f"{100 * m['accuracy']:.1f}", f"{100 * m['best_at_k']:.1f}", f"{m['dist_4g']:.3f}", f"{m['avg_len']:.1f}"]
+    spread = f"{100 * m['accuracy_std']:.1f}; {100 * m['accuracy_min']:.1f}-{100 * m['accuracy_max']:.1f}"
+    return [f"{100 * m['accuracy']:.1f}", spread, f"{100 * m['best_at_k']:.1f}", f"{m['dist_4g']:.3f}",
+            f"{m['avg_len']:.1f}"]
 
 
-def bridge_report(payload: dict, s: DemoSettings) -> str:
-    k = s.eval_samples
+def bridge_report(payload: dict, s: DemoSettings, world: toy.World) -> str:
+    k = world.settings.eval_samples
     lines = ["# OPRD-Bridge on the toy world", "",
-             f"`oprd demo --bridge{' --quick' if s.quick else ''}`: {s.steps} steps x {s.prompts_per_step} prompts x "
-             f"{s.responses_per_prompt} responses, lr {s.lr}, seed {s.seed}; wall clock "
-             f"{payload['wall_seconds']:.0f} s. Software: {software_versions()}.", "",
+             f"`oprd demo --bridge{' --quick' if s.quick else ''}`: seeds {', '.join(map(str, payload['seeds']))}; "
+             f"{s.steps} steps x {s.prompts_per_step} prompts x {s.responses_per_prompt} responses per run; settings "
+             f"from {payload['tuning_source']}; wall clock {payload['wall_seconds']:.0f} s. "
+             f"Software: {software_versions()}.", "",
              "## Stage 1 rank sweep (cross_arch: 4x64 student, 6x96 teacher)", "",
              "Held-out cosine of the projected states, mean over the 4 layer pairs. Unit-RMS states are the default;",
              "raw states are the paper's recipe as written (`--raw-states`).", "",
              *markdown_table(["rank", "before (random P_S)", "after", "after, raw states"],
                              ([r["rank"], f"{r['cos_before']:.3f}", f"{r['cos_after']:.3f}", f"{raw['cos_after']:.3f}"]
                               for r, raw in zip(payload["rank_sweep"], payload["rank_sweep_raw_states"])))]
-    runs = [(str(r["rank"]), r) for r in payload["stage2_rank_sweep"]]
-    runs.append((f"{payload['stage2_raw_states']['rank']}, raw states", payload["stage2_raw_states"]))
-    lines += ["", "## Stage 2 by rank (cross_arch, OPRD-Bridge)", "",
-              *markdown_table(["rank", "Stage 1 held-out cos", f"Avg@{k}", f"Best@{k}", "Dist-4g", "Avg Len"],
-                              ([label, f"{r['cos_after']:.3f}", *_cells(r)] for label, r in runs))]
-    lines += ["", f"Every other Stage 2 run uses rank {payload['stage2_rank']}, the widest of the sweep."]
-    for pair in ("cross_arch", "cross_tokenizer", "cross_init"):
+    header = ["model", f"Avg@{k} (mean)", "spread (sd; min-max)", f"Best@{k}", "Dist-4g", "Avg Len", "settings"]
+    for pair in PAPER_RANK:
         result = payload[pair]
+        teacher = payload["teachers"][pair]
         lines += ["", f"## {pair}", "",
-                  *markdown_table(["model", f"Avg@{k}", f"Best@{k}", "Dist-4g", "Avg Len"],
-                                  ([name, *_cells(m)] for name, m in result.items() if isinstance(m, dict)))]
+                  f"Teacher: SFT step {teacher['step']}, validation {100 * teacher['validation_accuracy']:.1f}.", "",
+                  *markdown_table(header, ([name, *_cells(m), _settings(f"{pair}/{name}", m.get("settings"))]
+                                           for name, m in result.items() if isinstance(m, dict) and "accuracy" in m))]
         if "matched_position_share" in result:
             lines += ["", f"Matched position share (Stage 1 rollouts): {result['matched_position_share']:.3f}."]
+    lines += ["", "## Tuning (validation split)", "",
+              f"Every Stage 2 method: learning rates {', '.join(f'{lr:g}' for lr in LEARNING_RATES)} x two values of "
+              "its knob (an OPRD-Bridge's rank; OPD top-1's clipping; OPRD-Vanilla's loss form), one run each at the "
+              "first seed.", "",
+              *markdown_table(["method", "setting", "validation Avg@k", "chosen"],
+                              ([key, _settings(key, t["settings"]), f"{100 * t['validation_accuracy']:.1f}",
+                                "yes" if t["settings"] == entry["chosen"] else ""]
+                               for key, entry in payload["tuning"].items() for t in entry["tried"]))]
     return "\n".join(lines) + "\n"
+
+
+def _settings(key: str, settings: dict | None) -> str:
+    """lr and the method's knob, as tuned."""
+    if not settings:
+        return ""
+    method = BY_KEY[TUNED_LIKE.get(key, key)]
+    knobs = ({"bridge_rank": None},) if method.bridged else SEARCH[method.objective]
+    return f"lr {settings['lr']:g}; {knob_text(knobs, settings)}"

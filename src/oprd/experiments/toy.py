@@ -1,27 +1,35 @@
 """The toy reasoning world of `oprd demo`: a task, a tokenizer, a teacher and a student, built
-offline and deterministically, and cached on disk.
+offline and reproducibly, and cached on disk.
 
   make_problem, make_split         the toy task: chains of modular arithmetic, solved step by step
   sft                              supervised fine-tuning on (prompt, solution) pairs; also the
                                    demo's sequence-level KD baseline
+  measure                          the toy's accuracy protocol (Avg@k at a fixed temperature and seed)
   build_world                      task files + tokenizer + teacher + student, cached on disk
   build_teacher                    the bridge demo's teachers of other shapes and tokenizers
 
 The toy task ("chain"): start from a digit and apply 4-7 operations (+, -, *) with single-digit
-operands, mod 10, left to right. The solution writes one line per operation (`3*7=1`) and ends in
-`\\boxed{d}`. Each line is a small lookup (a copy of the previous result, the next operation from
-the prompt, a table fact), but errors compound over the chain: a model that is right 90% of the
-time per line solves about half of the 6-step chains, one that is right 99% nearly all. That
-keeps a wide, graded teacher-student gap on a model small enough to train on a laptop CPU.
+operands, mod 10, left to right. The solution writes one line per operation and ends in
+`\\boxed{d}`. A commutative step may be written either way round (`3*7=1` or `7*3=1`), at random
+in the training solutions, so the teacher has a real choice at each such line instead of one
+right next token everywhere: a one-hot teacher makes sampled-token rewards extreme, and real
+reasoning teachers are not one-hot. Each line is a small lookup (the previous result, the next
+operation from the prompt, a table fact), but errors compound over the chain: a model that is
+right 90% of the time per line solves about half of the 6-step chains, one that is right 99%
+nearly all. That keeps a wide, graded teacher-student gap on a model small enough to train on a
+laptop CPU.
 
 The student is the teacher's own earlier checkpoint (same architecture, same initialisation), as
 the paper's teacher was RL-trained from its student; so hidden states are aligned and
-OPRD-Vanilla applies. The teacher is the checkpoint right after the steep part of the SFT learning
-curve (step 500; the student is step 250), not a much longer-trained model: its weights stay close
-to the student's, as an RL-tuned teacher's do, and the world builds in about a minute on a CPU.
-`ModelRecipe` names how each model of the world is made, so other pairs (a deeper or wider teacher,
-another initialisation, another tokenizer) can be added as new recipes without touching the task or
-the cache.
+OPRD-Vanilla applies. Both are chosen from one SFT run by accuracy on a validation split, not by
+step numbers: the teacher is the first checkpoint at or above `teacher_target`, the student the
+last one at or below `student_target` before it. The learning curve jumps steeply, so a fixed
+step lands at very different accuracies when rounding differs (thread counts, kernels, torch
+versions); a target does not. Every build also runs on `BUILD_THREADS` CPU threads with torch's
+deterministic kernels (`reproducible_build`), so on one install the world does not depend on the
+thread settings of the process that builds it. `ModelRecipe` names how each model of the world is
+made, so other pairs (a deeper or wider teacher, another initialisation, another tokenizer) can be
+added as new recipes without touching the task or the cache.
 """
 
 from __future__ import annotations
@@ -30,21 +38,29 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from oprd.capture import model_inputs
 from oprd.checkpoint import save_model_dir
-from oprd.data import prompt_token_ids
+from oprd.data import Problem, load_problems, prompt_token_ids
+from oprd.evaluation.harness import evaluate
 from oprd.files import write_dir_atomically
+from oprd.rollout import HFRollout, SamplingParams, seeded
 from oprd.testing import tiny_config, train_char_tokenizer, train_tokenizer
 
-TOY_VERSION = 2  # bump when the task, the SFT or the world layout changes: it is part of the cache key
+TOY_VERSION = 3  # bump when the task, the SFT or the world layout changes: it is part of the cache key
+# Every world and bridge teacher is built on this many CPU threads: how torch splits a reduction
+# across threads changes its rounding, and SFT across a steep learning curve amplifies it.
+BUILD_THREADS = 2
 
 
 # --------------------------------------------------------------------------- the task
@@ -60,7 +76,8 @@ class ToyProblem:
 
 
 def make_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 7) -> ToyProblem:
-    """One chain: a start digit and `min_steps..max_steps` operations, mod 10, left to right."""
+    """One chain: a start digit and `min_steps..max_steps` operations, mod 10, left to right; a
+    commutative step (+, *) is written with its operands in either order, at random."""
     value = rng.randrange(10)
     ops = [(rng.choice("+-*"), rng.randrange(1, 10)) for _ in range(rng.randint(min_steps, max_steps))]
     chain = "".join(f"{op}{b}" for op, b in ops)
@@ -68,7 +85,8 @@ def make_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 7) -> 
     lines = []
     for op, b in ops:
         result = OPS[op](value, b)
-        lines.append(f"{value}{op}{b}={result}")
+        left, right = (b, value) if op != "-" and rng.random() < 0.5 else (value, b)
+        lines.append(f"{left}{op}{right}={result}")
         value = result
     return ToyProblem(prompt, "\n".join(lines) + f"\nSo \\boxed{{{value}}}", str(value))
 
@@ -136,12 +154,11 @@ def sft(
     pad_id: int,
     seed: int,
     warmup: int = 0,
-    deadline: float | None = None,
-    callback: Callable[[int, float], None] | None = None,
+    callback: Callable[[int, float], bool | None] | None = None,
 ) -> int:
     """Supervised fine-tuning, next-token loss on response tokens, AdamW at a constant lr after
-    a linear warm-up. Stops after `steps` or at `deadline` (time.perf_counter()), whichever comes
-    first; returns the steps taken. `callback(step, loss)` runs after each step.
+    a linear warm-up, for `steps` steps; returns the steps taken. `callback(step, loss)` runs after
+    each step and ends the run early by returning True.
 
     Batches are drawn from a seeded generator, so the same call on the same machine trains the
     same model.
@@ -150,7 +167,7 @@ def sft(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     step = 0
-    while step < steps and (deadline is None or time.perf_counter() < deadline):
+    while step < steps:
         picked = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
         batch = _sft_batch([examples[i] for i in picked], pad_id)
         for group in optimizer.param_groups:
@@ -161,22 +178,23 @@ def sft(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if callback is not None:
-            callback(step, loss.item())
+        if callback is not None and callback(step, loss.item()):
+            break
     model.eval()
     return step
 
 
-# --------------------------------------------------------------------------- the world, cached
+# --------------------------------------------------------------------------- measuring a model
 
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """How one model of the world is made: an architecture, an initialisation and SFT steps.
+    """How one model of the world is made: an architecture, an initialisation and at most
+    `max_steps` of SFT (the run stops at the first checkpoint that reaches the teacher target).
 
-    The same-architecture pair is one recipe trained once: the teacher is its final weights and the
-    student its checkpoint at `student_steps`. Cross-architecture or cross-initialisation teachers
-    are further recipes of their own (other sizes, another `init_seed`).
+    The same-architecture pair is one recipe trained once: the teacher and the student are two of
+    its checkpoints. Cross-architecture or cross-initialisation teachers are further recipes of
+    their own (other sizes, another `init_seed`).
     """
 
     hidden_size: int = 64
@@ -185,36 +203,161 @@ class ModelRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     init_seed: int = 0
-    steps: int = 500
+    max_steps: int = 1000
 
 
 @dataclass(frozen=True)
 class WorldSettings:
     seed: int = 0
     train_problems: int = 4000
-    test_problems: int = 200
+    validation_problems: int = 200  # checkpoint selection and the demo's tuning read these
+    test_problems: int = 200  # only the reported numbers read these
     min_ops: int = 4
     max_ops: int = 7
     vocab_size: int = 300
     model: ModelRecipe = field(default_factory=ModelRecipe)
-    # The student is the teacher's own checkpoint at this SFT step: just before the steep part of the learning
-    # curve, so teacher and student are a short walk apart in weight space with a wide accuracy gap, as the
-    # paper's RL-trained teacher is from its student.
-    student_steps: int = 250
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 50
+    checkpoint_every: int = 20  # SFT steps between the checkpoints measured on the validation split
+    # The teacher is the first checkpoint at or above teacher_target and the student the last one at
+    # or below student_target before it: a wide accuracy gap between two points of one run, a short
+    # walk apart in weight space, as the paper's RL-trained teacher is from its student.
+    teacher_target: float = 0.85
+    student_target: float = 0.25
+    # The toy's accuracy protocol, the same for every model the demos report: Avg@k of k samples
+    # per problem at this temperature, sampled from this seed.
+    eval_samples: int = 4
+    eval_temperature: float = 0.7
+    eval_seed: int = 0
 
     def key(self) -> str:
-        text = json.dumps({"version": TOY_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        text = json.dumps({"version": TOY_VERSION, "threads": BUILD_THREADS, **dataclasses.asdict(self)},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+    @property
+    def max_response_tokens(self) -> int:
+        # the longest chain's solution is about 6 tokens per operation plus the boxed answer
+        return 8 * self.max_ops + 16
 
+
+# A reduced world for tests (built in under a minute): chains of 1-2 steps and a 2-layer model
 QUICK_WORLD = WorldSettings(
-    train_problems=1000, test_problems=64,
-    model=ModelRecipe(hidden_size=32, num_layers=2, intermediate_size=64, steps=60),
-    student_steps=20,
+    train_problems=1000, validation_problems=32, test_problems=64, min_ops=1, max_ops=2, lr=1e-2,
+    model=ModelRecipe(hidden_size=64, num_layers=2, intermediate_size=128, max_steps=800),
+    checkpoint_every=20, teacher_target=0.6, student_target=0.25, eval_samples=2,
 )
+
+
+def measure(model: torch.nn.Module, tokenizer, problems: list[Problem], settings: WorldSettings, *,
+            seed: int | None = None, progress=None, description: str = "eval") -> dict:
+    """The toy's accuracy protocol on `problems`: Avg@k, Best@k, Dist-4g, Avg Len, format errors.
+    `seed` (default: the protocol's) seeds the sampling."""
+    params = SamplingParams(temperature=settings.eval_temperature, max_new_tokens=settings.max_response_tokens,
+                            n=settings.eval_samples)
+    was_training = model.training
+    model.eval()
+    result = evaluate(HFRollout.for_model(model, tokenizer), tokenizer, problems, params,
+                      seed=settings.eval_seed if seed is None else seed, progress=progress, description=description)
+    model.train(was_training)
+    m, k = result.metrics, settings.eval_samples
+    return {"accuracy": m[f"avg@{k}"], "best_at_k": m[f"best@{k}"], "dist_4g": m["dist-4g"],
+            "avg_len": m["avg_len"], "k": k, "format_error_rate": m["format_error_rate"]}
+
+
+@torch.no_grad()
+def mean_entropy(model: torch.nn.Module, tokenizer, problems: list[Problem], settings: WorldSettings) -> float:
+    """Mean next-token entropy (nats) of `model` over its own samples at temperature 1, one per
+    problem: how far from one-hot its distribution is where it writes."""
+    prompts = [prompt_token_ids(tokenizer, p.messages) for p in problems]
+    params = SamplingParams(temperature=1.0, max_new_tokens=settings.max_response_tokens, n=1)
+    with seeded(settings.eval_seed):
+        batch = HFRollout.for_model(model.eval(), tokenizer).generate(prompts, params)
+    T = batch.response_ids.shape[1]
+    logp = torch.log_softmax(model(**model_inputs(batch)).logits[:, -T:].float(), dim=-1)
+    entropy_B_T = -(logp.exp() * logp).sum(-1)
+    mask = batch.response_mask.float()
+    return float((entropy_B_T * mask).sum() / mask.sum())
+
+
+# --------------------------------------------------------------------------- the world, cached
+
+
+@contextmanager
+def reproducible_build() -> Iterator[None]:
+    """`BUILD_THREADS` CPU threads and torch's deterministic kernels while a world or a teacher is
+    built; the process's own settings after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(BUILD_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def pick_checkpoints(curve: list[tuple[int, float]], teacher_target: float,
+                     student_target: float) -> tuple[int | None, int | None]:
+    """(student step, teacher step) from an SFT run's (step, validation accuracy) checkpoints: the
+    teacher is the first at or above `teacher_target`, the student the last at or below
+    `student_target` before it. None where no checkpoint qualifies."""
+    teacher = next((step for step, accuracy in curve if accuracy >= teacher_target), None)
+    before = [(step, accuracy) for step, accuracy in curve if teacher is None or step < teacher]
+    student = next((step for step, accuracy in reversed(before) if accuracy <= student_target), None)
+    return student, teacher
+
+
+@dataclass
+class SFTRun:
+    """An SFT run to the teacher target: the teacher, the student's weights, the measured curve."""
+
+    teacher: torch.nn.Module
+    teacher_step: int
+    student_state: dict[str, torch.Tensor] | None
+    student_step: int | None
+    curve: list[tuple[int, float]]  # (step, validation accuracy) of every measured checkpoint
+
+
+def train_to_targets(recipe: ModelRecipe, settings: WorldSettings, tokenizer, examples, validation: list[Problem],
+                     name: str, progress=None) -> SFTRun:
+    """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed`, trained by SFT until
+    a checkpoint reaches the teacher target on `validation`; the student is picked from the same
+    run (`pick_checkpoints`). Raises, naming the settings, when the target is not reached."""
+    config = tiny_config(
+        len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
+        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.init_seed)
+        model = AutoModelForCausalLM.from_config(config)
+    curve: list[tuple[int, float]] = []
+    candidates: dict[int, dict[str, torch.Tensor]] = {}  # the weights of checkpoints at or below the student target
+    task = progress.add_task(f"toy world: SFT {name}", total=recipe.max_steps) if progress else None
+
+    def checkpoint(step: int, loss: float) -> bool:
+        if progress:
+            progress.update(task, completed=step)
+        if step % settings.checkpoint_every:
+            return False
+        accuracy = measure(model, tokenizer, validation, settings)["accuracy"]
+        curve.append((step, accuracy))
+        if accuracy <= settings.student_target:
+            candidates[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return accuracy >= settings.teacher_target
+
+    sft(model, examples, steps=recipe.max_steps, batch_size=settings.batch_size, lr=settings.lr,
+        pad_id=tokenizer.pad_token_id, seed=settings.seed, warmup=settings.warmup, callback=checkpoint)
+    student_step, teacher_step = pick_checkpoints(curve, settings.teacher_target, settings.student_target)
+    if teacher_step is None:
+        best = max(curve, key=lambda point: point[1], default=(0, 0.0))
+        raise RuntimeError(
+            f"the toy {name} did not reach teacher_target={settings.teacher_target} validation accuracy in "
+            f"max_steps={recipe.max_steps} SFT steps (best {best[1]:.3f} at step {best[0]}): raise the recipe's "
+            f"max_steps or lower teacher_target")
+    return SFTRun(model.eval(), teacher_step, candidates.get(student_step), student_step, curve)
 
 
 @dataclass
@@ -240,44 +383,31 @@ class World:
         return self.root / "train.parquet"
 
     @property
+    def validation_path(self) -> Path:
+        return self.root / "validation.parquet"
+
+    @property
     def test_path(self) -> Path:
         return self.root / "test.parquet"
 
 
-def train_model(recipe: ModelRecipe, settings: WorldSettings, tokenizer, examples,
-                on_step: Callable[[int, torch.nn.Module], None] | None = None) -> torch.nn.Module:
-    """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed`, after `recipe.steps` of SFT."""
-    config = tiny_config(
-        len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
-        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.init_seed)
-        model = AutoModelForCausalLM.from_config(config)
-    callback = (lambda step, loss: on_step(step, model)) if on_step else None
-    sft(model, examples, steps=recipe.steps, batch_size=settings.batch_size, lr=settings.lr,
-        pad_id=tokenizer.pad_token_id, seed=settings.seed, warmup=settings.warmup, callback=callback)
-    return model
-
-
-# The bridge demo's teachers, each paired with the world's student (4 x 64, BPE, init seed 0). Each
-# trains twice as long as the world's teacher: at 500 steps the 6 x 96 teacher was still below the
-# student, and a teacher must be clearly the stronger model for distillation to mean anything.
+# The bridge demo's teachers, each paired with the world's student (4 x 64, BPE, init seed 0), each
+# trained to the world's teacher target, so every pair has a teacher of the same strength.
 BRIDGE_TEACHERS = {
     # deeper and wider: OPD still applies (same tokenizer), OPRD-Vanilla cannot (other width)
-    "cross_arch": (ModelRecipe(hidden_size=96, num_layers=6, intermediate_size=384, steps=1000), "bpe"),
+    "cross_arch": (ModelRecipe(hidden_size=96, num_layers=6, intermediate_size=384, max_steps=2000), "bpe"),
     # the student's architecture from another random initialisation: no shared representation
-    "cross_init": (ModelRecipe(init_seed=1, steps=1000), "bpe"),
+    "cross_init": (ModelRecipe(init_seed=1, max_steps=2000), "bpe"),
     # a character-level tokenizer: no OPD, positions matched by character offsets
-    "cross_tokenizer": (ModelRecipe(init_seed=2, steps=1000), "char"),
+    "cross_tokenizer": (ModelRecipe(init_seed=2, max_steps=2000), "char"),
 }
 
 
 def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, tokenizer_kind: str | None = None,
                   progress=None) -> Path:
-    """A bridge-demo teacher of the world (`BRIDGE_TEACHERS[name]` unless given), built once and cached
-    beside the world; returns its folder (model and tokenizer)."""
+    """A bridge-demo teacher of the world (`BRIDGE_TEACHERS[name]` unless given), trained to the
+    world's teacher target, built once and cached beside the world; returns its folder (model,
+    tokenizer and teacher.json: its SFT curve, chosen step and accuracies)."""
     default_recipe, default_kind = BRIDGE_TEACHERS.get(name, (None, "bpe"))
     recipe, tokenizer_kind = recipe or default_recipe, tokenizer_kind or default_kind
     if recipe is None:
@@ -288,7 +418,8 @@ def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, to
         return root
     if tokenizer_kind not in ("bpe", "char"):
         raise ValueError(f"tokenizer kind must be bpe or char, got {tokenizer_kind!r}")
-    train = train_split(world.settings)
+    settings = world.settings
+    train = train_split(settings)
 
     def fill(tmp: Path) -> None:
         if tokenizer_kind == "char":
@@ -296,12 +427,16 @@ def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, to
         else:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(world.tokenizer))
         examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
-        task = progress.add_task(f"toy world: SFT {name} teacher", total=recipe.steps) if progress else None
-        on_step = (lambda step, model: progress.update(task, completed=step)) if progress else None
-        train_model(recipe, world.settings, tokenizer, examples, on_step).save_pretrained(tmp)
+        run = train_to_targets(recipe, settings, tokenizer, examples, load_problems(str(world.validation_path)),
+                               f"{name} teacher", progress)
+        run.teacher.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        info = {"step": run.teacher_step, "sft_curve": _curve_records(run.curve),
+                **_accuracies(run.teacher, tokenizer, world, progress, f"{name} teacher")}
+        (tmp / "teacher.json").write_text(json.dumps(info, indent=2))
 
-    return write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written teacher
+    with reproducible_build():
+        return write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written teacher
 
 
 def cache_root() -> Path:
@@ -312,48 +447,90 @@ def cache_root() -> Path:
 
 
 def train_split(settings: WorldSettings) -> list[ToyProblem]:
-    return make_split(settings.train_problems, settings.seed * 2 + 1, min_steps=settings.min_ops,
+    return make_split(settings.train_problems, settings.seed * 3 + 1, min_steps=settings.min_ops,
                       max_steps=settings.max_ops)
 
 
+def held_out_splits(settings: WorldSettings, train: list[ToyProblem]) -> tuple[list[ToyProblem], list[ToyProblem]]:
+    """(validation, test): disjoint from each other and from `train`."""
+    shape = {"min_steps": settings.min_ops, "max_steps": settings.max_ops}
+    seen = {p.prompt for p in train}
+    validation = make_split(settings.validation_problems, settings.seed * 3 + 2, exclude=seen, **shape)
+    test = make_split(settings.test_problems, settings.seed * 3 + 3, exclude=seen | {p.prompt for p in validation},
+                      **shape)
+    return validation, test
+
+
+def _curve_records(curve: list[tuple[int, float]]) -> list[dict]:
+    return [{"step": step, "validation_accuracy": accuracy} for step, accuracy in curve]
+
+
+def _accuracies(model: torch.nn.Module, tokenizer, world: World, progress, name: str) -> dict:
+    """A chosen model's accuracy on the validation and the test split (the toy's protocol)."""
+    measured = {split: measure(model, tokenizer, load_problems(str(path)), world.settings, progress=progress,
+                               description=f"toy world: {name} on {split}")
+                for split, path in (("validation", world.validation_path), ("test", world.test_path))}
+    return {"validation_accuracy": measured["validation"]["accuracy"], "test_accuracy": measured["test"]["accuracy"],
+            "validation": measured["validation"], "test": measured["test"]}
+
+
+def software() -> dict:
+    """What a build's numbers depend on beyond its settings."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
 def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> World:
-    """The toy world for `settings`, from the cache or built (deterministically) and cached.
+    """The toy world for `settings`, from the cache or built (reproducibly) and cached.
 
     Built in a temporary folder and renamed into place, so an interrupted build never leaves a
-    half-written world behind. `progress` (a rich Progress) shows the SFT steps.
+    half-written world behind. `progress` (a rich Progress) shows the SFT steps and measurements.
+    world.json records the SFT curve, the chosen teacher and student checkpoints and their
+    validation and test accuracy.
     """
     root = cache_root() / f"toy-{settings.key()}"
     if (root / "world.json").is_file():
         return World(root, settings, json.loads((root / "world.json").read_text()))
     started = time.perf_counter()
     train = train_split(settings)
-    test = make_split(settings.test_problems, settings.seed * 2 + 2, exclude={p.prompt for p in train},
-                      min_steps=settings.min_ops, max_steps=settings.max_ops)
+    validation, test = held_out_splits(settings, train)
     info = {
         "settings": dataclasses.asdict(settings),
         "version": TOY_VERSION,
+        "build_threads": BUILD_THREADS,
+        "software": software(),
         "example": {"prompt": test[0].prompt, "solution": test[0].solution, "answer": test[0].answer},
     }
 
     def fill(tmp: Path) -> None:
-        write_problems(train, tmp / "train.parquet")
-        write_problems(test, tmp / "test.parquet")
+        for problems, split in ((train, "train"), (validation, "validation"), (test, "test")):
+            write_problems(problems, tmp / f"{split}.parquet")
         tokenizer = train_tokenizer(
             (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
         )
         examples = sft_examples(tokenizer, [(p.prompt, p.solution) for p in train])
-        task = progress.add_task("toy world: SFT teacher", total=settings.model.steps) if progress else None
-
-        def on_step(step: int, model: torch.nn.Module) -> None:
-            if step == settings.student_steps:
-                save_model_dir(tmp / "student", model, tokenizer)  # the teacher's own earlier checkpoint
-            if progress:
-                progress.update(task, completed=step)
-
-        model = train_model(settings.model, settings, tokenizer, examples, on_step)
-        save_model_dir(tmp / "teacher", model, tokenizer)
+        run = train_to_targets(settings.model, settings, tokenizer, examples,
+                               load_problems(str(tmp / "validation.parquet")), "teacher", progress)
+        if run.student_state is None:
+            raise RuntimeError(
+                f"no checkpoint before the teacher (step {run.teacher_step}) was at or below student_target="
+                f"{settings.student_target} validation accuracy (curve {run.curve}): raise student_target or "
+                f"lower checkpoint_every")
+        student = AutoModelForCausalLM.from_config(run.teacher.config)
+        student.load_state_dict(run.student_state)
+        in_progress = World(tmp, settings, info)
+        for name, model, step in (("teacher", run.teacher, run.teacher_step),
+                                  ("student", student.eval(), run.student_step)):
+            save_model_dir(tmp / name, model, tokenizer)
+            info[name] = {"step": step, **_accuracies(model, tokenizer, in_progress, progress, name)}
+        info["sft_curve"] = _curve_records(run.curve)
+        info["teacher_entropy_nats"] = mean_entropy(run.teacher, tokenizer, load_problems(str(tmp / "test.parquet")),
+                                                    settings)
         info["build_seconds"] = time.perf_counter() - started
         (tmp / "world.json").write_text(json.dumps(info, indent=2))
 
-    write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written world
+    with reproducible_build():
+        write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written world
     return World(root, settings, info)
