@@ -182,9 +182,7 @@ def last_evaluation(run: dict, k: int) -> dict:
     last = [r for r in run["curve"] if key in r][-1]
     if last["step"] != run["steps"]:
         raise RuntimeError(f"the run's last evaluation is at step {last['step']}, not at its last step {run['steps']}")
-    return {"accuracy": last[f"val/test/avg@{k}"], "best_at_k": last[f"val/test/best@{k}"],
-            "dist_4g": last["val/test/dist-4g"], "avg_len": last["val/test/avg_len"], "k": k,
-            "format_error_rate": last["val/test/format_error_rate"]}
+    return toy.protocol_numbers(last, k, prefix="val/test/")
 
 
 def train_config(method: str, settings: MethodSettings, world: toy.World, s: DemoSettings, seed: int,

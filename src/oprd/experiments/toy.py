@@ -261,9 +261,14 @@ def measure(model: torch.nn.Module, tokenizer, problems: list[Problem], settings
     result = evaluate(HFRollout.for_model(model, tokenizer), tokenizer, problems, params,
                       seed=settings.eval_seed if seed is None else seed, progress=progress, description=description)
     model.train(was_training)
-    m, k = result.metrics, settings.eval_samples
-    return {"accuracy": m[f"avg@{k}"], "best_at_k": m[f"best@{k}"], "dist_4g": m["dist-4g"],
-            "avg_len": m["avg_len"], "k": k, "format_error_rate": m["format_error_rate"]}
+    return protocol_numbers(result.metrics, settings.eval_samples)
+
+
+def protocol_numbers(metrics: dict, k: int, prefix: str = "") -> dict:
+    """The toy's names for an evaluation's metrics (`prefix`: e.g. the trainer's "val/test/")."""
+    return {"accuracy": metrics[f"{prefix}avg@{k}"], "best_at_k": metrics[f"{prefix}best@{k}"],
+            "dist_4g": metrics[f"{prefix}dist-4g"], "avg_len": metrics[f"{prefix}avg_len"], "k": k,
+            "format_error_rate": metrics[f"{prefix}format_error_rate"]}
 
 
 @torch.no_grad()
