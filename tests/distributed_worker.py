@@ -21,6 +21,7 @@ from oprd.models import decoder_layers, load_tokenizer
 from oprd.objective import LossPlan
 from oprd.recorder import RunRecorder
 from oprd.rollout import HFRollout, Sampler, SamplingParams
+from oprd.teachers import Routing, teacher_sources
 from oprd.trainer import Run, load_models, make_optimizer, update
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
@@ -30,20 +31,27 @@ OBJECTIVES = {  # name -> (recipe, overrides)
     "opd_sampled": ("opd_sampled.yaml", []),
     "both_checkpointed_full_teacher": ("oprd_plus_opd.yaml", ["optim.gradient_checkpointing=true",
                                                               "teacher.shard=false"]),
+    # prompt 0 goes to the first teacher and prompt 1 to the second: each process holds one prompt's rows,
+    # so each sharded teacher runs in step on a process that has no sample for it
+    "two_teachers_routed": ("multi_teacher.yaml", []),
+    "self_ema": ("self_distillation.yaml", ["teacher.self_mode=ema", "teacher.ema_decay=0.5"]),
 }
 
 
 def models(cfg, plan, world):
     """What the trainer loads: sharded under several processes, the OPRD-only teacher cut short."""
-    return load_models(cfg, torch.device("cpu"), world, None, plan)
+    sources = teacher_sources(cfg)
+    return load_models(cfg, torch.device("cpu"), world, None, sources, [plan for _ in sources])
 
 
-def make_run(cfg, world, student, teacher, tokenizer, plan, out):
+def make_run(cfg, world, student, teachers, tokenizer, out):
     optimizer, scheduler = make_optimizer(cfg, student)
     rollout = HFRollout.for_model(student, tokenizer)
     sampler = Sampler(rollout, PromptSet([[1]]), tokenizer, tokenizer, torch.device("cpu"))
-    return Run(cfg, world, out, RunRecorder(out), torch.device("cpu"), student, teacher, tokenizer, plan, sampler,
-               SamplingParams(), optimizer, scheduler, PromptStream(1, 1, 0), 0, None)
+    weights = tuple(teacher.source.weight for teacher in teachers)
+    routing = Routing(torch.tensor([0, 1]) if cfg.teachers.route_by else None, weights)  # prompt i -> teacher i
+    return Run(cfg, world, out, RunRecorder(out), torch.device("cpu"), student, teachers, routing, tokenizer,
+               sampler, SamplingParams(), optimizer, scheduler, PromptStream(1, 1, 0), 0, None)
 
 
 def full_grads(model):
@@ -59,8 +67,8 @@ def check_objective(name, world, tokenizer, prompts, out):
     recipe, overrides = OBJECTIVES[name]
     cfg = load_config(SMOKE / recipe, [*overrides, "optim.grad_clip=0.5"])
     plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
-    sharded_run = make_run(cfg, world, *models(cfg, plan, world), tokenizer, plan, out)
-    single_run = make_run(cfg, ONE_PROCESS, *models(cfg, plan, ONE_PROCESS), tokenizer, plan, out)
+    sharded_run = make_run(cfg, world, *models(cfg, plan, world), tokenizer, out)
+    single_run = make_run(cfg, ONE_PROCESS, *models(cfg, plan, ONE_PROCESS), tokenizer, out)
     grads = {}
     for run, key in ((sharded_run, "sharded"), (single_run, "single")):
         step = run.optimizer.step

@@ -27,6 +27,7 @@ def test_recipe_loads_and_overrides_apply():
 
 @pytest.mark.parametrize("recipe", sorted((RECIPES / "paper").glob("*.yaml"))
                          + sorted((RECIPES / "bridge").glob("*.yaml"))
+                         + sorted((RECIPES / "applications").glob("*.yaml"))
                          + sorted(SMOKE.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(recipe, tmp_path):
     import yaml
@@ -131,7 +132,7 @@ def other_tokenizer(tmp_path_factory):
 def _pairing(cfg: TrainConfig, teacher_config=None, teacher_tok=None):
     spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"))
     tok, config = load_tokenizer(spec), load_model_config(spec)
-    return check_model_pairing(cfg, config, teacher_config or config, tok, teacher_tok or tok)
+    return check_model_pairing(cfg, config, teacher_config or config, tok, teacher_tok or tok, cfg.bridge.path)
 
 
 def test_pairing_accepts_same_models():

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from oprd.bridge import load_bridge
 from oprd.cli import app
+from oprd.data import load_problems
 from oprd.display import progress_bar
 from oprd.experiments import demo, toy
 
@@ -253,3 +254,39 @@ def test_resume_keeps_the_tuning_runs_and_clears_the_rest(tmp_path):
         demo.open_demo_output(demo.DemoSettings(out, tune=True), demo.DEMO_FILES)
     with pytest.raises(ValueError, match="add --tune"):
         demo.DemoSettings(out, resume=True)
+
+
+@pytest.mark.slow
+def test_applications_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("OPRD_CACHE_DIR", str(cache))
+    out = tmp_path / "applications"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--applications", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "applications_results.json").read_text())
+    methods = payload["self_distillation"]["methods"]
+    assert set(methods) == {"student", "plain_sft", "self_frozen", "self_live"}
+    assert methods["self_live"]["teacher_bytes"] == 0 < methods["self_frozen"]["teacher_bytes"]
+    models = payload["multi_teacher"]["models"]
+    assert set(models) == {"student", "teacher_add_sub", "teacher_mul", "merged_routed", "merged_averaged"}
+    for row in models.values():
+        assert row["whole"]["mean"] == pytest.approx((row["add_sub"]["mean"] + row["mul"]["mean"]) / 2)
+    # every routed sample went to the teacher of its half, and both halves were drawn
+    records = [json.loads(line) for line in (out / "runs" / "merged_routed-seed0" / "metrics.jsonl")
+               .read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    for r in steps:
+        assert r["teachers/add_sub/share"] + r["teachers/mul/share"] == pytest.approx(1.0)
+    assert 0 < statistics.mean(r["teachers/add_sub/share"] for r in steps) < 1
+    averaged = [json.loads(line) for line in (out / "runs" / "merged_averaged-seed0" / "metrics.jsonl")
+                .read_text().splitlines()]
+    assert all(r["teachers/mul/share"] == 1.0 for r in averaged if "loss" in r)
+    # each specialist was trained on its own half only: its data says so
+    data = toy.build_world(toy.QUICK_WORLD).root
+    halves = list(data.glob("halves-v*"))
+    assert len(halves) == 1
+    for half, operations in (("add_sub", "+-"), ("mul", "*")):
+        for problem in load_problems(str(halves[0] / f"test_{half}.parquet")):
+            chain = problem.messages[0]["content"].split()[1]
+            assert {c for c in chain if c in "+-*"} <= set(operations), chain
+    assert (out / "applications.png").stat().st_size > 0 and "(b) Two teachers" in (
+        out / "applications_report.md").read_text()

@@ -42,7 +42,8 @@ def sharded_report(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["oprd_early_stop", "opd_topk", "opd_sampled", "both_checkpointed_full_teacher"])
+@pytest.mark.parametrize("objective", ["oprd_early_stop", "opd_topk", "opd_sampled", "both_checkpointed_full_teacher",
+                                       "two_teachers_routed", "self_ema"])
 def test_two_processes_train_exactly_as_one(sharded_report, objective):
     report = sharded_report[0][objective]
     for key in ("loss", "grad_norm", "lr"):

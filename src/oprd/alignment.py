@@ -13,6 +13,8 @@ models pairs (both have read exactly the prompt), and a matched token pair (i, j
   align_by_offsets         (student_index, teacher_index) pairs of one text whose token ends coincide
   decoded_offsets          text and per-token spans of ids a model sampled (not necessarily canonical)
   retokenize               a sampled batch, rebuilt with the teacher's view of it (`batch.TeacherView`)
+  with_teacher_prompts     the same, for a teacher with the student's tokenizer that reads another
+                           prompt (a privileged context): response positions pair one to one
   positions_with_partner   the student response positions a representation loss may use
   teacher_inputs           teacher inputs and positions paired, in order, with kept student positions
   paired_states            both models' hidden states at paired positions (no grad)
@@ -168,6 +170,21 @@ def retokenize(batch: RolloutBatch, student_tokenizer, teacher_tokenizer,
     teacher_batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
                                  batch.prompt_index.clone(), batch.truncated.clone())
     return replace(batch, teacher_view=TeacherView(teacher_batch, partner).to(batch.response_ids.device))
+
+
+def with_teacher_prompts(batch: RolloutBatch, teacher_prompts: Sequence[Sequence[int]], pad_id: int) -> RolloutBatch:
+    """`batch` with the view of a teacher that shares the student's tokenizer but reads its own
+    prompt: teacher_prompts[i] for prompt i of the generate() call (`batch.prompt_index`). The
+    response tokens are the same, so response position t pairs with the teacher's position t,
+    whatever the two prompts' lengths."""
+    prompts = [list(teacher_prompts[int(i)]) for i in batch.prompt_index]
+    prompt_ids, prompt_mask = pad_left(prompts, pad_id)
+    device = batch.response_ids.device
+    teacher_batch = replace(batch, prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
+                            teacher_view=None, sampled_logprobs=None)
+    positions_B_T = torch.arange(batch.response_ids.shape[1], device=device).expand_as(batch.response_ids)
+    partner_B_T = positions_B_T.masked_fill(batch.response_mask == 0, -1)
+    return replace(batch, teacher_view=TeacherView(teacher_batch, partner_B_T))
 
 
 def positions_with_partner(batch: RolloutBatch) -> torch.Tensor:

@@ -11,6 +11,7 @@ batch that carries it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -64,6 +65,11 @@ class RolloutBatch:
             weight_version=self.weight_version,
             sampled_logprobs=self.sampled_logprobs[rows, :width] if self.sampled_logprobs is not None else None,
         )
+
+    def with_rows_only(self, rows_B: torch.Tensor) -> RolloutBatch:
+        """The batch with the responses of rows outside `rows_B` ((B,) bool) masked out: every
+        loss and normalizer over it counts only those rows (one teacher's share of a routed batch)."""
+        return dataclasses.replace(self, response_mask=self.response_mask * rows_B[:, None].to(self.response_mask))
 
     def micro_batches(self, size: int) -> list[RolloutBatch]:
         """Consecutive groups of `size` rows (the last may be smaller), each trimmed by `select`."""

@@ -4,9 +4,10 @@
         model.safetensors, config.json, tokenizer files   (a plain HF model directory)
         optimizer.pt, scheduler.pt, rng.pt                 (loaded with weights_only=True)
         trainer_state.json                                 (step, data position, Python RNG)
+        ema_teacher.safetensors                            (self-distillation with self_mode=ema)
 
     output_dir/checkpoints/step_000050/       several processes (torchrun)
-        dcp/                                  model and optimizer, sharded (torch.distributed.checkpoint)
+        dcp/                                  model, optimizer (and EMA teacher), sharded (torch.distributed.checkpoint)
         scheduler.pt, rng-rank{r}.pt          the schedule, and each rank's RNG
         trainer_state.json                    as above, with the number of processes
 
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from oprd import distributed
@@ -35,6 +37,7 @@ from oprd.files import new_temporary_dir, publish_dir, raise_if_disk_full, write
 from oprd.models import ModelSpec, empty_model
 
 PREFIX = "step_"
+EMA_TEACHER = "ema_teacher.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -113,6 +116,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     world: World = ONE_PROCESS,
+    ema_teacher: torch.nn.Module | None = None,
 ) -> Path:
     """Writes step `step`'s checkpoint (the layout of the module notes) and keeps the newest `keep`."""
     state = {"step": step, "world_size": world.size, "python_random": _jsonable(random.getstate()), **trainer_state}
@@ -124,10 +128,12 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        if ema_teacher is not None:
+            safetensors.torch.save_model(ema_teacher, str(tmp / EMA_TEACHER))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
     if world.distributed:
-        _save_sharded(target, model, optimizer, scheduler, state, world)
+        _save_sharded(target, model, optimizer, scheduler, state, world, ema_teacher)
     else:
         write_dir_atomically(target, fill)
     if world.main:
@@ -137,13 +143,14 @@ def save_checkpoint(
     return target
 
 
-def _save_sharded(target: Path, model, optimizer, scheduler, state: dict, world: World) -> None:
+def _save_sharded(target: Path, model, optimizer, scheduler, state: dict, world: World,
+                  ema_teacher: torch.nn.Module | None) -> None:
     """Every rank writes its shards and its RNG into rank 0's temporary folder; rank 0 renames it
     once all have succeeded. A failure on any rank fails every rank (no rank waits forever)."""
     tmp = world.broadcast(new_temporary_dir(target) if world.main else None)
     failure = None
     try:
-        distributed.save_sharded(tmp / "dcp", model, optimizer)
+        distributed.save_sharded(tmp / "dcp", model, optimizer, ema_teacher)
         torch.save(rng_state(), tmp / f"rng-rank{world.rank}.pt")
         if world.main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -203,10 +210,11 @@ def check_complete(path: Path, world: World = ONE_PROCESS) -> None:
 
 
 def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module | None = None,
-                        world: World = ONE_PROCESS) -> dict[str, Any]:
-    """Restores optimizer, scheduler and RNG from a checkpoint (under several processes also the
-    sharded model); returns its trainer state (step and data position). Every file is read before
-    anything is restored, and a file that cannot be read is named in a CheckpointError."""
+                        world: World = ONE_PROCESS, ema_teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restores optimizer, scheduler, RNG (and the EMA teacher) from a checkpoint (under several
+    processes also the sharded model); returns its trainer state (step and data position). Every
+    file is read before anything is restored, and a file that cannot be read is named in a
+    CheckpointError."""
     with reading(path, "trainer_state.json"):
         state = json.loads((path / "trainer_state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "data" not in state:
@@ -214,7 +222,7 @@ def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module
         python_random = _tupled(state.pop("python_random"))
     if world.distributed:
         with reading(path, "dcp/ (the sharded model and optimizer)"):
-            distributed.load_sharded(path / "dcp", model, optimizer)
+            distributed.load_sharded(path / "dcp", model, optimizer, ema_teacher)
         rng = f"rng-rank{world.rank}.pt"
         with reading(path, "scheduler.pt"):
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -226,6 +234,9 @@ def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         with reading(path, name):
             loaded[name] = torch.load(path / name, weights_only=True)
+    if ema_teacher is not None:  # restored first: a damaged file leaves the rest untouched too
+        with reading(path, EMA_TEACHER):
+            safetensors.torch.load_model(ema_teacher, str(path / EMA_TEACHER), device=str(_device_of(ema_teacher)))
     with reading(path, "optimizer.pt"):
         optimizer.load_state_dict(loaded["optimizer.pt"])
     with reading(path, "scheduler.pt"):
@@ -234,6 +245,10 @@ def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module
         set_rng_state(loaded["rng.pt"])
         random.setstate(python_random)
     return state
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _jsonable(value):

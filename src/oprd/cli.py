@@ -377,26 +377,36 @@ def demo(
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     bridge: bool = typer.Option(False, "--bridge", help="the OPRD-Bridge experiments instead: cross-architecture, "
                                                         "cross-tokenizer, cross-initialisation teachers"),
+    applications: bool = typer.Option(False, "--applications", help="the paper's applications instead: "
+                                      "self-distillation with privileged context, two teachers in one student"),
 ) -> None:
     """The paper's same-architecture experiment in miniature on a toy reasoning task (CPU, minutes).
 
-    Example: oprd demo --out runs/demo --seeds 3   (--bridge: Tables 4-6 in miniature, bridge_results.json)
+    Example: oprd demo --out runs/demo --seeds 3   (--bridge: Tables 4-6 in miniature, bridge_results.json;
+    --applications: self-distillation and several teachers, applications_results.json)
     """
+    from oprd.experiments.applications import run_applications
     from oprd.experiments.bridge_demo import run_bridge_demo
     from oprd.experiments.demo import DemoSettings, run_demo, run_world_only
 
     with user_errors():
-        if bridge and methods:
-            raise ValueError("--methods does not apply to --bridge, which runs its own set of pairs")
-        if world_only and (bridge or tune or tuned or methods or resume):
-            raise ValueError("--world-only builds the toy world alone: drop --bridge, --tune, --tuned, --resume and "
-                             "--methods")
+        if bridge and applications:
+            raise ValueError("--bridge and --applications are two demos: give one of them")
+        if (bridge or applications) and methods:
+            raise ValueError("--methods does not apply to --bridge or --applications, which run their own sets")
+        if applications and (tune or resume):
+            raise ValueError("--applications uses the OPRD settings `oprd demo --tune` chose (shipped, or --tuned "
+                             "FILE) and searches none of its own: drop --tune and --resume")
+        if world_only and (bridge or applications or tune or tuned or methods or resume):
+            raise ValueError("--world-only builds the toy world alone: drop --bridge, --applications, --tune, "
+                             "--tuned, --resume and --methods")
         given = {"steps": steps, "oprd_k": oprd_k, "methods": _csv(methods) if methods else None, "seed": seed,
                  "seeds": seeds, "tune": tune, "tuned": tuned, "resume": resume, "threads": threads,
                  "overwrite": overwrite}
         given = {k: v for k, v in given.items() if v is not None}
         settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
-        command = run_world_only if world_only else run_bridge_demo if bridge else run_demo
+        command = (run_world_only if world_only else run_bridge_demo if bridge else run_applications if applications
+                   else run_demo)
         command(settings, Console(stderr=True, soft_wrap=True))
 
 

@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import math
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from oprd.models import DTYPES, ModelSpec
 
 OPD_OBJECTIVES = ("none", "sampled", "topk", "full")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+SELF = "self"  # teacher.model=self: the student teaches itself (self-distillation)
+SELF_MODES = ("frozen", "ema", "live")
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it becomes part of metric keys
 
 
 class ConfigError(ValueError):
@@ -108,6 +112,34 @@ class BridgeConfig:
 
 
 @dataclass
+class TeacherSpec(ModelSpec):
+    """`teacher.*`: where the teacher comes from (a hub id or path, or `self`) and what it reads."""
+
+    self_mode: str = "frozen"  # model=self: frozen (the student at step 0) | ema (its moving average) | live (itself)
+    ema_decay: float = 0.99  # self_mode=ema: teacher <- decay * teacher + (1 - decay) * student after each step
+    prompt_template: str | None = None  # the teacher's privileged prompt: "{prompt}" and data columns, e.g. "{answer}"
+
+
+@dataclass
+class TeacherMember(ModelSpec):
+    """One entry of `teachers.members`: a model, its bridge, its weight and the samples it scores."""
+
+    name: str = ""  # names its metrics: teachers/NAME/share, rep/cosine_similarity/teacher_NAME
+    bridge: str | None = None  # its OPRD-Bridge file, when its width or depth differs from the student's
+    weight: float = 1.0  # teachers.route_by unset: its weight in the average of all teachers' losses
+    routes: list[str] = field(default_factory=list)  # values of the route_by column it scores; default [name]
+
+
+@dataclass
+class TeachersConfig:
+    """Several teachers in one student (`teacher.*` and `bridge.path` describe a single one)."""
+
+    route_by: str | None = None  # a data column (e.g. data_source): each sample goes to the teacher it names;
+    # unset: every teacher scores every sample and the loss is the weighted average of theirs
+    members: list[TeacherMember] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/oprd"
     seed: int = 0
@@ -128,7 +160,8 @@ class TrainConfig:
     eval_max_new_tokens: int = 1024
     eval_limit: int | None = None
     student: ModelSpec = field(default_factory=ModelSpec)
-    teacher: ModelSpec = field(default_factory=ModelSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
@@ -143,6 +176,10 @@ class TrainConfig:
     @property
     def uses_oprd(self) -> bool:
         return self.oprd.coef > 0
+
+    @property
+    def self_distillation(self) -> bool:
+        return self.teacher.model == SELF
 
 
 # --------------------------------------------------------------------------- building
@@ -242,11 +279,18 @@ def trained_differences(run: TrainConfig, new: TrainConfig) -> dict[str, tuple[A
 
 
 def _resolve_recipe_paths(raw: dict, folder: Path) -> None:
+    def resolve(mapping: Any, key: str) -> None:
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
+            mapping[key] = str((folder / value).resolve())
+
     for section, key in (("student", "model"), ("student", "tokenizer"), ("teacher", "model"),
                          ("teacher", "tokenizer"), ("data", "path"), ("bridge", "path")):
-        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
-        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
-            raw[section][key] = str((folder / value).resolve())
+        resolve(raw.get(section), key)
+    members = raw.get("teachers", {}).get("members") if isinstance(raw.get("teachers"), dict) else None
+    for member in members if isinstance(members, list) else []:
+        for key in ("model", "tokenizer", "bridge"):
+            resolve(member, key)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -276,8 +320,13 @@ def _build(cls, raw: dict, prefix: str):
         if name not in raw:
             continue
         hint = hints[name]
+        item_type = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, raw[name] or {}, prefix=f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(item_type):  # a list of sections: teachers.members
+            items = raw[name] if raw[name] is not None else []
+            require(isinstance(items, list), f"{prefix}{name} must be a list of mappings, got {items!r}")
+            values[name] = [_build(item_type, item, prefix=f"{prefix}{name}[{i}].") for i, item in enumerate(items)]
         else:
             values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
     return cls(**values)
@@ -351,7 +400,7 @@ def validate_objective(opd: OPDConfig, oprd: OPRDConfig) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model."""
     require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
-    require(bool(cfg.teacher.model), "teacher.model is required (a hub id or a local path)")
+    validate_teachers(cfg)
     require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
     validate_objective(cfg.opd, cfg.oprd)
     _one_of(cfg.rollout.backend, ("hf", "vllm"), "rollout.backend")
@@ -404,8 +453,8 @@ def validate(cfg: TrainConfig) -> None:
     require(cfg.data.enable_thinking is None or cfg.data.use_chat_template,
             f"data.enable_thinking={cfg.data.enable_thinking} is a chat-template variable, but "
             "data.use_chat_template=false: drop one of them")
-    for side in ("student", "teacher"):
-        spec: ModelSpec = getattr(cfg, side)
+    for side, spec in (("student", cfg.student), ("teacher", cfg.teacher),
+                       *((f"teachers.members[{i}]", m) for i, m in enumerate(cfg.teachers.members))):
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
     require(cfg.student.shard, "student.shard=false is not supported: the student is always sharded under torchrun "
                                "(teacher.shard=false keeps a full teacher in every process)")
@@ -430,3 +479,73 @@ def validate(cfg: TrainConfig) -> None:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
         require(importlib.util.find_spec(sink) is not None,
                 f"report_to={sink} needs the {sink} package: pip install 'oprd[{sink}]'")
+
+
+def validate_teachers(cfg: TrainConfig) -> None:
+    """One teacher (`teacher.*`, possibly `self`) or several (`teachers.members`), never both."""
+    teacher, members = cfg.teacher, cfg.teachers.members
+    if not members:
+        require(bool(teacher.model), "teacher.model is required (a hub id, a local path, or self for "
+                                     "self-distillation), or list several teachers in teachers.members")
+        require(cfg.teachers.route_by is None, "teachers.route_by is set but teachers.members is empty: list the "
+                                               "teachers to route between, or drop teachers.route_by")
+    else:
+        require(not teacher.model, f"teacher.model={teacher.model} and teachers.members are both set: a run has one "
+                                   "teacher (teacher.*) or several (teachers.members), not both")
+        require(cfg.bridge.path is None, "bridge.path is for a single teacher: with teachers.members give each "
+                                         "member its own bridge (teachers.members[i].bridge)")
+        require(teacher.prompt_template is None, "teacher.prompt_template applies to a single teacher; it cannot "
+                                                 "be combined with teachers.members")
+        names = [member.name for member in members]
+        routes: dict[str, str] = {}
+        for i, member in enumerate(members):
+            field_name = f"teachers.members[{i}]"
+            require(bool(TEACHER_NAME.match(member.name)),
+                    f"{field_name}.name must be a non-empty name of letters, digits, '_', '.' or '-' (it names the "
+                    f"teacher's metrics); got {member.name!r}")
+            require(names.count(member.name) == 1, f"{field_name}.name={member.name!r} names two teachers")
+            require(bool(member.model) and member.model != SELF,
+                    f"{field_name}.model must be a hub id or a local path (self-distillation uses teacher.model=self)")
+            require(member.weight > 0, f"{field_name}.weight must be > 0; got {member.weight}")
+            require(cfg.teachers.route_by is None or member.weight == 1.0,
+                    f"{field_name}.weight={member.weight}: weights apply to the weighted average (teachers.route_by "
+                    "unset); a routed sample is scored by its one teacher")
+            require(member.bridge is None or cfg.uses_oprd,
+                    f"{field_name}.bridge is set but OPRD is off: set oprd.coef > 0 to use the bridge")
+            require(member.bridge is None or Path(member.bridge).is_file(),
+                    f"{field_name}.bridge={member.bridge}: no such file (fit one with `oprd bridge fit`)")
+            require(member.bridge is None or cfg.oprd.normalize,
+                    f"{field_name}.bridge compares L2-normalised projections: set oprd.normalize=true")
+            for value in member.routes or [member.name]:
+                require(value not in routes, f"{field_name}.routes: {cfg.teachers.route_by}={value!r} is routed to "
+                                             f"both {routes.get(value)} and {member.name}")
+                routes[value] = member.name
+            require(not member.routes or cfg.teachers.route_by is not None,
+                    f"{field_name}.routes is set but teachers.route_by is not: name the data column to route by")
+    require(teacher.model == SELF or (teacher.self_mode == "frozen" and teacher.ema_decay == 0.99),
+            "teacher.self_mode and teacher.ema_decay apply to teacher.model=self (self-distillation)")
+    _one_of(teacher.self_mode, SELF_MODES, "teacher.self_mode")
+    require(0 < teacher.ema_decay < 1, f"teacher.ema_decay must be in (0, 1); got {teacher.ema_decay}")
+    if teacher.model == SELF:
+        require(teacher.tokenizer is None and not teacher.random_init and teacher.revision is None,
+                "teacher.model=self is the student itself: drop teacher.tokenizer, teacher.revision and "
+                "teacher.random_init (the student's apply)")
+        require(cfg.bridge.path is None, "teacher.model=self shares the student's width and depth: drop bridge.path")
+        require(teacher.self_mode != "ema" or teacher.shard,
+                "teacher.self_mode=ema keeps its average in the student's own shards: drop teacher.shard=false")
+    if teacher.prompt_template is not None:
+        fields = template_fields(teacher.prompt_template, "teacher.prompt_template")
+        require(bool(fields), f"teacher.prompt_template={teacher.prompt_template!r} names no field: write {{prompt}} "
+                              "for the student's prompt and data columns such as {answer} for the privileged context")
+
+
+def template_fields(template: str, name: str) -> list[str]:
+    """The `{field}` names of a prompt template, in order; a template str.format cannot read is an error."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ConfigError(f"{name}={template!r} is not a valid template ({error}); write literal braces as {{{{ }}}}") \
+            from None
+    fields = [field_name for _, field_name, _, _ in parsed if field_name is not None]
+    require(all(fields), f"{name}={template!r} has an empty {{}}: name the field, e.g. {{prompt}} or {{answer}}")
+    return fields

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,29 @@ class Problem:
     messages: list[dict]  # chat messages [{"role": ..., "content": ...}]
     answer: str | None  # ground truth if the file has one
     source: str | None = None  # the `data_source` column, if any
+    row: dict = field(default_factory=dict, repr=False, compare=False)  # every column, for templates and routing
+
+    def column(self, key: str) -> Any:
+        """The value of a data column (dotted for nested fields: `reward_model.ground_truth`); a
+        column the row lacks is an error that lists the ones it has."""
+        value = _get(self.row, key)
+        if value is _MISSING:
+            raise ValueError(f"data row {self.index} has no column {key!r}; columns found: {_columns(self.row)}")
+        return value
+
+    def privileged_messages(self, template: str) -> list[dict]:
+        """The chat messages a teacher reads in place of the student's: the last user turn
+        rewritten by `template`, where {prompt} is that turn's text, {answer} the row's answer
+        column (or the answer the loader found, e.g. in reward_model.ground_truth) and any other
+        {name} the data column of that name (dotted for nested fields)."""
+        last_user = max(i for i, m in enumerate(self.messages) if m["role"] == "user")
+        values = {"prompt": self.messages[last_user]["content"]}
+        if _get(self.row, "answer") is _MISSING and self.answer is not None:
+            values["answer"] = self.answer
+        text = "".join(literal + ("" if name is None else
+                                  format(values[name] if name in values else self.column(name), spec or ""))
+                       for literal, name, spec, _ in string.Formatter().parse(template))
+        return [*self.messages[:last_user], {"role": "user", "content": text}, *self.messages[last_user + 1:]]
 
 
 def load_problems(
@@ -67,6 +91,7 @@ def load_problems(
             messages=_messages(_get(row, prompt_key), f"{path} row {i}"),
             answer=_answer(_get(row, answer_key), from_solution=answer_key == "solution") if answer_key else None,
             source=row.get("data_source"),
+            row=row,
         )
         for i, row in enumerate(rows)
     ]
@@ -112,11 +137,15 @@ def prompt_token_ids(
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Token ids of each prompt as the student reads it and, when the teacher has another
-    tokenizer, as the teacher reads it (its own chat template); else `teacher` is None."""
+    """Token ids of each prompt as the student reads it and, when the teacher reads another
+    prompt (its own tokenizer and chat template, or a privileged prompt), as the teacher reads it;
+    else `teacher` is None. `retokenize`: the teacher has another tokenizer, so it re-reads each
+    response too. `routes`: each prompt's value of the column that routes it to a teacher."""
 
     student: list[list[int]]
     teacher: list[list[int]] | None = None
+    retokenize: bool = False
+    routes: list[str] | None = None
 
     @classmethod
     def render(
@@ -127,19 +156,28 @@ class PromptSet:
         *,
         use_chat_template: bool = True,
         enable_thinking: bool | None = None,
+        teacher_template: str | None = None,
+        route_by: str | None = None,
     ) -> PromptSet:
-        def render(tokenizer) -> list[list[int]]:
-            return [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template,
-                                     enable_thinking=enable_thinking) for p in problems]
+        """The prompts of `problems`; the teacher's too when `teacher_tokenizer` (another
+        tokenizer) or `teacher_template` (a privileged prompt, `Problem.privileged_messages`) is given."""
+        def render(tokenizer, template: str | None = None) -> list[list[int]]:
+            return [prompt_token_ids(tokenizer, p.privileged_messages(template) if template else p.messages,
+                                     use_chat_template=use_chat_template, enable_thinking=enable_thinking)
+                    for p in problems]
 
-        return cls(render(student_tokenizer), render(teacher_tokenizer) if teacher_tokenizer is not None else None)
+        teacher = None
+        if teacher_tokenizer is not None or teacher_template is not None:
+            teacher = render(teacher_tokenizer or student_tokenizer, teacher_template)
+        routes = [str(p.column(route_by)) for p in problems] if route_by else None
+        return cls(render(student_tokenizer), teacher, retokenize=teacher_tokenizer is not None, routes=routes)
 
     def __len__(self) -> int:
         return len(self.student)
 
     def subset(self, indices: list[int]) -> PromptSet:
-        pick = lambda ids: [ids[i] for i in indices]  # noqa: E731
-        return PromptSet(pick(self.student), pick(self.teacher) if self.teacher is not None else None)
+        pick = lambda ids: [ids[i] for i in indices] if ids is not None else None  # noqa: E731
+        return PromptSet(pick(self.student), pick(self.teacher), self.retokenize, pick(self.routes))
 
 
 def drop_long_prompts(prompts: PromptSet, max_tokens: int, source: str, warn: Callable[[str], None]) -> PromptSet:

@@ -214,15 +214,20 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- sharded checkpoints
 
 
-def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model and optimizer, each rank writing its own shards into `folder` (DCP)."""
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 ema_teacher: torch.nn.Module | None = None) -> None:
+    """Model and optimizer (and an EMA teacher), each rank writing its own shards into `folder` (DCP)."""
     import torch.distributed.checkpoint as dcp
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if ema_teacher is not None:
+        state["ema_teacher"] = get_model_state_dict(ema_teacher)
+    dcp.save(state, checkpoint_id=str(folder))
 
 
-def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 ema_teacher: torch.nn.Module | None = None) -> None:
     """The inverse of `save_sharded`. Partial: parameters that never took a step (the LM head of
     an OPRD-only run) have no optimizer state to restore."""
     import torch.distributed.checkpoint as dcp
@@ -230,9 +235,24 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    if ema_teacher is not None:
+        state["ema_teacher"] = get_model_state_dict(ema_teacher)
     dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True))
+    if ema_teacher is not None:
+        missing = [key for key in state["ema_teacher"] if key not in _saved_keys(folder, "ema_teacher")]
+        if missing:
+            raise KeyError(f"the checkpoint holds no EMA teacher ({missing[0]} ...)")
+        set_model_state_dict(ema_teacher, state["ema_teacher"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))
+
+
+def _saved_keys(folder: Path, prefix: str) -> set[str]:
+    """The keys under `prefix` a DCP checkpoint holds (allow_partial_load skips missing ones silently)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    return {key.removeprefix(prefix + ".") for key in metadata.state_dict_metadata if key.startswith(prefix + ".")}
 
 
 # --------------------------------------------------------------------------- loading

@@ -5,6 +5,8 @@
   score_with_teacher  the frozen teacher reads a batch: no grad, no LM head, only as deep as the
                       loss needs, only at the positions it reads
   student_loss        the student's forward pass and the loss against those scores
+  combined_loss       one student forward pass against several teachers' scores (`Term`s), each
+                      on its own rows with its own plan (several teachers, routed or averaged)
   distillation_loss   both, on one micro-batch
 
 Output-space losses apply both LM heads chunk by chunk on response positions only
@@ -123,6 +125,24 @@ class TeacherScores:
     keep_B_T: torch.Tensor  # (B, T) bool: the student positions they pair with, in row-major order
     head: torch.nn.Module  # applied chunk by chunk, only when OPD needs the teacher's logits
 
+    def placed(self, rows: torch.Tensor, shape: torch.Size) -> TeacherScores:
+        """Scores of the sub-batch `batch.select(rows)` ((R,) increasing row indices), placed in
+        the (B, T) batch it was selected from: the same states, in the same row-major order."""
+        keep_B_T = torch.zeros(shape, dtype=torch.bool, device=self.keep_B_T.device)
+        keep_B_T[rows, : self.keep_B_T.shape[1]] = self.keep_B_T
+        return dataclasses.replace(self, keep_B_T=keep_B_T)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One teacher's part of a micro-batch's loss: its plan, its scores of the rows it read, and
+    the denominators that make its sum its share of the step's loss."""
+
+    plan: LossPlan
+    scores: TeacherScores  # keep_B_T over the whole micro-batch
+    normalizers: dict[str, torch.Tensor]
+    rows_B: torch.Tensor | None = None  # (B,) bool: the rows it scores; None = every row
+
 
 @torch.no_grad()
 def score_with_teacher(plan: LossPlan, teacher: torch.nn.Module, batch: RolloutBatch) -> TeacherScores:
@@ -145,10 +165,34 @@ def student_loss(
 
     Returns the loss (backward-ready) and metrics as weighted sums that add up over micro-batches.
     """
-    student_h = capture_hidden(
-        student, model_inputs(batch), list(plan.student_layers),
-        response_positions(scores.keep_B_T, batch.prompt_ids.shape[1]), final=plan.uses_opd,
-    )
+    loss, (metrics,) = combined_loss(student, batch, [Term(plan, scores, normalizers)])
+    return loss, metrics
+
+
+def combined_loss(student: torch.nn.Module, batch: RolloutBatch,
+                  terms: list[Term]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The sum of every term's loss from one student forward pass over the micro-batch (the layers
+    and positions any term reads); each term's metrics apart, as weighted sums over its rows."""
+    keep_B_T = torch.stack([term.scores.keep_B_T for term in terms]).any(0)
+    layers = sorted({layer for term in terms for layer in term.plan.student_layers})
+    student_h = capture_hidden(student, model_inputs(batch), layers,
+                               response_positions(keep_B_T, batch.prompt_ids.shape[1]),
+                               final=any(term.plan.uses_opd for term in terms))
+    loss = torch.zeros((), device=batch.response_ids.device)
+    all_metrics = []
+    for term in terms:
+        rows_N = term.scores.keep_B_T[keep_B_T]
+        term_h = student_h if bool(rows_N.all()) else {key: h[rows_N] for key, h in student_h.items()}
+        term_batch = batch if term.rows_B is None else batch.with_rows_only(term.rows_B)
+        term_loss, metrics = _term_loss(term.plan, student, term_batch, term_h, term.scores, term.normalizers)
+        loss = loss + term_loss
+        all_metrics.append(metrics)
+    return loss, all_metrics
+
+
+def _term_loss(plan: LossPlan, student: torch.nn.Module, batch: RolloutBatch, student_h: dict,
+               scores: TeacherScores, normalizers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """L_OPD + mu * L_OPRD of one teacher's scores, given the student's states at its positions."""
     loss = torch.zeros((), device=batch.response_ids.device)
     metrics: dict[str, torch.Tensor] = {}
     if plan.uses_opd:

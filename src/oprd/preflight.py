@@ -19,8 +19,10 @@ from oprd.data import PromptSet
 from oprd.objective import LossPlan
 
 
-def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok) -> list[str]:
-    """Checks that the chosen objectives can pair these two models; returns warnings to report.
+def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok,
+                        bridge_path: str | None = None, bridge_field: str = "bridge.path") -> list[str]:
+    """Checks that the chosen objectives can pair these two models (through the bridge at
+    `bridge_path`, the option `bridge_field`); returns warnings to report.
 
     Reads configs and tokenizers only, so a bad pairing fails before gigabytes of weights load.
     """
@@ -32,9 +34,9 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
                 f"opd.objective={cfg.opd.objective} compares next-token distributions over one vocabulary, but "
                 f"{differ}. Across tokenizers only OPRD-Bridge can distil: set opd.objective=none, oprd.coef > 0 and "
                 "bridge.path=FILE (fit one with `oprd bridge fit`).")
-        require(cfg.bridge.path is not None,
+        require(bridge_path is not None,
                 f"OPRD-Vanilla compares hidden states position by position, but {differ}, so positions do not "
-                "correspond. Fit an OPRD-Bridge with `oprd bridge fit` and pass bridge.path=FILE: it matches "
+                f"correspond. Fit an OPRD-Bridge with `oprd bridge fit` and pass {bridge_field}=FILE: it matches "
                 "positions by character offsets.")
         warnings.append(f"{differ}: the teacher re-reads each response's text with its own tokenizer and prompt "
                         "template; OPRD uses the positions at which both have read the same text")
@@ -52,11 +54,11 @@ def check_model_pairing(cfg: TrainConfig, student_config, teacher_config, studen
                 f"tokens: {side}.tokenizer does not belong to {side}.model")
     if cfg.opd.objective == "topk":
         require(cfg.opd.k <= vocab, f"opd.k={cfg.opd.k} is larger than the vocabulary ({vocab} tokens); lower opd.k")
-    if cfg.uses_oprd and cfg.bridge.path is None:
+    if cfg.uses_oprd and bridge_path is None:
         ds, dt = student_config.hidden_size, teacher_config.hidden_size
         require(ds == dt,
                 f"OPRD-Vanilla compares hidden states, but the student's hidden size is {ds} and the teacher's "
-                f"{dt}. Fit an OPRD-Bridge (oprd.bridge.fit_bridge + save_bridge) and pass bridge.path=FILE, "
+                f"{dt}. Fit an OPRD-Bridge (`oprd bridge fit`) and pass {bridge_field}=FILE, "
                 "or set oprd.coef=0 and use an OPD objective.")
         layers = cfg.oprd.layers
         if isinstance(layers, list):

@@ -1,7 +1,7 @@
 """Everything a run writes besides its checkpoints, and what it shows while it runs.
 
 One `RunRecorder` per run: config.yaml (and every segment's config in configs/), metrics.jsonl
-(plus TensorBoard / W&B when asked for), preflight.json, bridge.json, the console and the progress
+(plus TensorBoard / W&B when asked for), preflight.json, bridge.json, teachers.json, the console and the progress
 bar. Under several processes only the main one writes or prints: this is the one place that asks
 which process it is.
 """
@@ -24,7 +24,7 @@ from oprd.files import write_text_atomically
 
 # What a run folder holds; `overwrite=true` replaces a folder only when it holds nothing else.
 RUN_FILES = ("config.yaml", "configs", "metrics.jsonl", "checkpoints", "final", "preflight.json", "bridge.json",
-             "tensorboard", "wandb", ".vllm-weights")
+             "teachers.json", "tensorboard", "wandb", ".vllm-weights")
 RUN_MARK = "config.yaml"  # every run writes it before anything else
 
 

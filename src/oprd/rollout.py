@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from oprd import distributed
-from oprd.alignment import retokenize
+from oprd.alignment import retokenize, with_teacher_prompts
 from oprd.batch import RolloutBatch, concat, pad_left
 from oprd.config import RolloutConfig
 from oprd.data import PromptSet
@@ -209,8 +209,14 @@ class Sampler:
     device: torch.device
 
     def sample(self, indices: list[int], params: SamplingParams) -> RolloutBatch:
+        """The responses to prompts `indices` of the prompt set; each row's `prompt_index` is its
+        prompt's index in the set."""
         batch = self.rollout.generate([self.prompts.student[i] for i in indices], params).to(self.device)
-        if self.prompts.teacher is None:
-            return batch
-        return retokenize(batch, self.student_tokenizer, self.teacher_tokenizer,
-                          [self.prompts.teacher[i] for i in indices])
+        if self.prompts.teacher is not None:
+            teacher_prompts = [self.prompts.teacher[i] for i in indices]
+            if self.prompts.retokenize:
+                batch = retokenize(batch, self.student_tokenizer, self.teacher_tokenizer, teacher_prompts)
+            else:
+                batch = with_teacher_prompts(batch, teacher_prompts, self.student_tokenizer.pad_token_id)
+        in_set = torch.tensor(indices, dtype=torch.long)[batch.prompt_index.cpu()].to(batch.prompt_index.device)
+        return replace(batch, prompt_index=in_set)

@@ -40,16 +40,17 @@ from transformers.utils import logging as hf_logging
 from oprd import checkpoint, distributed
 from oprd.batch import RolloutBatch
 from oprd.bridge import Bridge, load_bridge
-from oprd.config import TrainConfig, read_run_config, require, trained_differences
+from oprd.config import ConfigError, TrainConfig, read_run_config, require, trained_differences
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
 from oprd.evaluation.harness import evaluate
 from oprd.files import check_output_dir, open_output_dir, remove_leftovers
 from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
-from oprd.objective import LossPlan, score_with_teacher, student_loss
+from oprd.objective import LossPlan, Term, combined_loss
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
 from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder
 from oprd.rollout import Rollout, Sampler, SamplingParams, make_rollout, seeded
+from oprd.teachers import Routing, Teacher, TeacherSource, ema_model, teacher_sources, update_ema
 
 
 @dataclass
@@ -62,9 +63,9 @@ class Run:
     recorder: RunRecorder
     device: torch.device
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    teachers: list[Teacher]  # one, unless teachers.members lists several
+    routing: Routing
     tokenizer: PreTrainedTokenizerBase  # the student's
-    plan: LossPlan
     sampler: Sampler
     sampling: SamplingParams
     optimizer: torch.optim.Optimizer
@@ -72,6 +73,10 @@ class Run:
     stream: PromptStream
     start_step: int
     validation: Callable[[int], dict[str, float]] | None
+
+    @property
+    def ema_teacher(self) -> torch.nn.Module | None:
+        return ema_model(self.teachers)
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
@@ -107,30 +112,39 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     replace_folder, resume_from = claim_run_dir(cfg, world)
     recorder = RunRecorder(run_dir, console)
 
+    sources = teacher_sources(cfg)
     check_spec(cfg.student, "student")
-    check_spec(cfg.teacher, "teacher")
-    student_tok, teacher_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
-    student_config, teacher_config = load_model_config(cfg.student), load_model_config(cfg.teacher)
-    for warning in check_model_pairing(cfg, student_config, teacher_config, student_tok, teacher_tok):
-        recorder.warn(warning)
-    prompts = training_prompts(cfg, student_tok, teacher_tok, recorder)
-    check_context_length(cfg, student_config, teacher_config, prompts)
+    for source in sources:
+        if source.self_mode is None:
+            check_spec(source.spec, source.field)
+    student_tok, student_config = load_tokenizer(cfg.student), load_model_config(cfg.student)
+    teacher_toks = [student_tok if s.self_mode else load_tokenizer(s.spec) for s in sources]
+    teacher_configs = [student_config if s.self_mode else load_model_config(s.spec) for s in sources]
+    for source, teacher_tok, teacher_config in zip(sources, teacher_toks, teacher_configs):
+        for warning in check_teacher_pairing(cfg, source, len(sources), student_config, teacher_config, student_tok,
+                                             teacher_tok):
+            recorder.warn(warning)
+    prompts = training_prompts(cfg, student_tok, teacher_toks[0], recorder)
+    for teacher_config in teacher_configs:
+        check_context_length(cfg, student_config, teacher_config, prompts)
     if resume_from is not None:
         check_resumed_config(cfg, run_dir, recorder)
     torch.manual_seed(cfg.seed + world.rank)  # each process samples its own prompts with its own stream
 
-    bridge = load_run_bridge(cfg, student_config, teacher_config, student_tok, teacher_tok)
-    plan = LossPlan.from_config(cfg.opd, cfg.oprd, student_config.num_hidden_layers,
-                                teacher_config.num_hidden_layers, len(student_tok),
-                                bridge.to(device) if bridge is not None else None)
-    student, teacher = load_models(cfg, device, world, resume_from, plan)
+    bridges = [load_run_bridge(s.bridge, student_config, c, student_tok, t)
+               for s, c, t in zip(sources, teacher_configs, teacher_toks)]
+    plans = [LossPlan.from_config(cfg.opd, cfg.oprd, student_config.num_hidden_layers, c.num_hidden_layers,
+                                  len(student_tok), bridge.to(device) if bridge is not None else None)
+             for c, bridge in zip(teacher_configs, bridges)]
+    student, teachers = load_models(cfg, device, world, resume_from, sources, plans)
+    routing = Routing.of(sources, prompts, cfg.teachers.route_by, device)
     rollout = make_rollout(cfg.rollout, student, student_tok, world=world, workdir=run_dir, source=cfg.student.model)
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
     optimizer, scheduler = make_optimizer(cfg, student)
     stream, start_step = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, shuffle=cfg.data.shuffle), 0
     if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, student, world)
+        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, student, world, ema_model(teachers))
         if world.distributed:
             _require_finite(student, world, f"checkpoint {resume_from}")
         apply_optimizer_config(cfg, optimizer, scheduler)
@@ -145,19 +159,53 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         for leftover in remove_leftovers(folder):
             recorder.say(f"removed {leftover}, left behind by an interrupted write")
     recorder.start_segment(cfg, start_step, resume_from)
-    if bridge is not None:  # which bridge this run used: models, data, rank, date, Stage 1 report
-        recorder.write_json("bridge.json", {
-            "path": str(Path(cfg.bridge.path).resolve()), "rank": bridge.rank, "pairs": bridge.pairs,
-            "normalize_states": bridge.normalize_states, "metadata": bridge.metadata})
+    record_teachers(recorder, teachers, bridges)
     recorder.open_metrics(cfg, start_step)
     if resume_from is not None:
         recorder.say(f"resuming from {resume_from} (step {start_step})")
     elif cfg.resume:
         recorder.warn(f"resume=true but {run_dir} has no checkpoint yet: starting from step 0")
     first_sync(rollout, student, student_tok, start_step)
-    return Run(cfg, world, run_dir, recorder, device, student, teacher, student_tok, plan,
-               Sampler(rollout, prompts, student_tok, teacher_tok, device), sampling, optimizer, scheduler, stream,
+    return Run(cfg, world, run_dir, recorder, device, student, teachers, routing, student_tok,
+               Sampler(rollout, prompts, student_tok, teacher_toks[0], device), sampling, optimizer, scheduler, stream,
                start_step, validation)
+
+
+def check_teacher_pairing(cfg: TrainConfig, source: TeacherSource, count: int, student_config, teacher_config,
+                          student_tok, teacher_tok) -> list[str]:
+    """`check_model_pairing` for one teacher; of several, each must share the student's tokenizer,
+    and every message names the teacher."""
+    try:
+        if count > 1:
+            require(student_tok.get_vocab() == teacher_tok.get_vocab(),
+                    "its tokenizer differs from the student's: several teachers must share the student's tokenizer "
+                    "(a teacher with another tokenizer can be the run's single teacher, with a bridge)")
+        warnings = check_model_pairing(cfg, student_config, teacher_config, student_tok, teacher_tok, source.bridge,
+                                       bridge_field=f"{source.field}.bridge" if count > 1 else "bridge.path")
+    except ConfigError as error:
+        if count == 1:
+            raise
+        raise ConfigError(f"{source.field} ({source.name}): {error}") from None
+    return warnings if count == 1 else [f"teacher {source.name}: {warning}" for warning in warnings]
+
+
+def record_teachers(recorder: RunRecorder, teachers: list[Teacher], bridges: list[Bridge | None]) -> None:
+    """teachers.json: each teacher's source and the memory its own weights take (a live
+    self-teacher takes none); bridge.json: which bridge each used (models, data, rank, Stage 1)."""
+    memory = {teacher.name: teacher.memory() for teacher in teachers}
+    recorder.write_json("teachers.json", memory)
+    for held in memory.values():
+        if held["self_mode"] is not None:
+            recorder.say(f"teacher: the student itself ({held['self_mode']}), "
+                         f"{held['bytes'] / 2**20:.1f} MiB of weights of its own in this process")
+    described = {teacher.name: {"path": str(Path(teacher.source.bridge).resolve()), "rank": bridge.rank,
+                                "pairs": bridge.pairs, "normalize_states": bridge.normalize_states,
+                                "metadata": bridge.metadata}
+                 for teacher, bridge in zip(teachers, bridges) if bridge is not None}
+    if len(teachers) == 1 and described:
+        recorder.write_json("bridge.json", described[teachers[0].name])
+    elif described:
+        recorder.write_json("bridge.json", {"teachers": described})
 
 
 def first_sync(rollout: Rollout, student: torch.nn.Module, tokenizer, version: int) -> None:
@@ -217,22 +265,26 @@ def apply_optimizer_config(cfg: TrainConfig, optimizer: torch.optim.Optimizer, s
 
 
 def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRecorder) -> PromptSet:
-    """The training prompts as the student reads them, and as the teacher reads them (its own chat
-    template) when its tokenizer differs; prompts over data.max_prompt_tokens are left out."""
+    """The training prompts as the student reads them, and as the teacher reads them when its
+    tokenizer differs (its own chat template) or it reads a privileged prompt (teacher.prompt_template);
+    with the route of each (teachers.route_by); prompts over data.max_prompt_tokens are left out."""
     problems = load_problems(cfg.data.path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
                              split=cfg.data.split, limit=cfg.data.limit)
     cross_tokenizer = student_tok.get_vocab() != teacher_tok.get_vocab()  # allowed with a bridge only
     prompts = PromptSet.render(problems, student_tok, teacher_tok if cross_tokenizer else None,
-                               use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking)
+                               use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking,
+                               teacher_template=cfg.teacher.prompt_template, route_by=cfg.teachers.route_by)
     return drop_long_prompts(prompts, cfg.data.max_prompt_tokens, cfg.data.path, recorder.warn)
 
 
-def load_models(cfg: TrainConfig, device: torch.device, world: World, resume_from: Path | None, plan: LossPlan):
+def load_models(cfg: TrainConfig, device: torch.device, world: World, resume_from: Path | None,
+                sources: list[TeacherSource], plans: list[LossPlan]) -> tuple[torch.nn.Module, list[Teacher]]:
     """The student (from the checkpoint when one process resumes; several processes restore theirs
-    with the optimizer) in training mode, and the teacher frozen; both checked for weights that are
-    not finite numbers. Under torchrun both are sharded (FSDP2; the teacher unless
-    teacher.shard=false). A teacher that OPRD alone reads is loaded only up to its deepest layer in
-    use: no later blocks, no LM head."""
+    with the optimizer) in training mode, and the teachers frozen; all checked for weights that are
+    not finite numbers. Under torchrun they are sharded (FSDP2; a teacher unless its shard=false).
+    A teacher that OPRD alone reads is loaded only up to its deepest layer in use: no later blocks,
+    no LM head. A self-teacher is the student as loaded from student.* (frozen), a copy that follows
+    it (ema, whose state a resumed run restores from the checkpoint), or the student module (live)."""
     # The optimizer keeps float32 master weights (bf16 comes from autocast) unless student.dtype says otherwise.
     student_dtype = torch.float32 if cfg.student.dtype == "auto" else None
     if resume_from is None or world.distributed:
@@ -245,13 +297,23 @@ def load_models(cfg: TrainConfig, device: torch.device, world: World, resume_fro
             student = load_model(spec, device, dtype=student_dtype)
         if (bad := first_non_finite(student)) is not None:
             raise checkpoint.damaged(resume_from, f"its weights hold values that are not finite numbers ({bad})")
-    up_to_layer = None if plan.uses_opd else max(plan.teacher_layers)
-    teacher = distributed.load_model(cfg.teacher, device, world, up_to_layer=up_to_layer, shard_it=cfg.teacher.shard)
-    teacher.eval().requires_grad_(False)
-    _require_finite(teacher, world, f"teacher.model={cfg.teacher.model}")
+    teachers = []
+    for source, plan in zip(sources, plans):
+        if source.self_mode == "live":
+            teachers.append(Teacher(source, student, plan))
+            continue
+        if source.self_mode == "ema":  # the student's whole structure, parameter for parameter
+            model = distributed.load_model(cfg.student, device, world, dtype=student_dtype,
+                                           mp_policy=_mixed_precision(cfg, device))
+        else:
+            up_to_layer = None if plan.uses_opd else max(plan.teacher_layers)
+            model = distributed.load_model(source.spec, device, world, up_to_layer=up_to_layer, shard_it=source.shard)
+        model.eval().requires_grad_(False)
+        _require_finite(model, world, f"{source.field}.model={source.spec.model}")
+        teachers.append(Teacher(source, model, plan))
     if cfg.optim.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return student.train(), teacher
+    return student.train(), teachers
 
 
 def _require_finite(model: torch.nn.Module, world: World, source: str) -> None:
@@ -277,11 +339,11 @@ def _mixed_precision(cfg: TrainConfig, device: torch.device):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def load_run_bridge(cfg: TrainConfig, student_config, teacher_config, student_tok, teacher_tok) -> Bridge | None:
-    """The OPRD-Bridge of bridge.path, checked against both models."""
-    if not cfg.bridge.path:
+def load_run_bridge(path: str | None, student_config, teacher_config, student_tok, teacher_tok) -> Bridge | None:
+    """The OPRD-Bridge file at `path` (bridge.path, or a member's bridge), checked against both models."""
+    if not path:
         return None
-    bridge = load_bridge(cfg.bridge.path)
+    bridge = load_bridge(path)
     bridge.check_fits(student_config, teacher_config)
     bridge.check_tokenizers(student_tok, teacher_tok)
     return bridge
@@ -343,20 +405,28 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[
 
 
 def check_before_training(run: Run) -> None:
-    """Before step 1 of a fresh run: the pre-flight alignment check of OPRD (preflight.json, and a
-    warning when the two models share little) and the step-0 validation."""
+    """Before step 1 of a fresh run: the pre-flight alignment check of OPRD, for each teacher
+    (preflight.json, and a warning when student and teacher share little), and the step-0 validation."""
     cfg = run.cfg
     if run.start_step:
         return
-    if run.plan.uses_oprd and cfg.oprd.preflight_prompts:
+    checked = [teacher for teacher in run.teachers if teacher.plan.uses_oprd]
+    if checked and cfg.oprd.preflight_prompts:
         with seeded(cfg.seed + 1, run.device):
             probe = run.sampler.sample(list(range(min(cfg.oprd.preflight_prompts, len(run.sampler.prompts)))),
                                        dataclasses.replace(run.sampling, n=1))
-            cosines = preflight_alignment(run.plan, run.student, run.teacher, probe)
-        run.recorder.write_json("preflight.json", {"cosine_by_layer": cosines})
-        warning = preflight_warning(cosines, cfg.oprd.preflight_min_cos, run.plan.bridge is not None)
-        if warning:
-            run.recorder.warn(warning)
+            cosines = {}
+            for teacher in checked:
+                with teacher.reading():
+                    cosines[teacher.name] = preflight_alignment(teacher.plan, run.student, teacher.model, probe)
+        single = len(run.teachers) == 1
+        run.recorder.write_json("preflight.json", {"cosine_by_layer": cosines[checked[0].name]} if single else
+                                {"teachers": {name: {"cosine_by_layer": c} for name, c in cosines.items()}})
+        for teacher in checked:
+            bridged = teacher.plan.bridge is not None
+            warning = preflight_warning(cosines[teacher.name], cfg.oprd.preflight_min_cos, bridged)
+            if warning:
+                run.recorder.warn(warning if single else f"teacher {teacher.name}: {warning}")
     if run.validation:
         run.recorder.log(0, run.validation(0))
 
@@ -387,31 +457,43 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
         if lag != 0:
             raise RuntimeError(f"step {step} would train on rollouts sampled by weights {lag} steps old: the sampler's "
                                "weights were not synced after an update, so the batch is off-policy")
-        plan = run.plan.at_step(step)
-        # every process's losses are its share of the whole step's average (see oprd.distributed)
-        normalizers = {name: run.world.sum(total) for name, total in plan.normalizers(batch).items()}
-        totals: dict[str, torch.Tensor] = {}
+        plans = [teacher.plan.at_step(step) for teacher in run.teachers]
+        # every process's losses are its share of the whole step's average (see oprd.distributed), and
+        # each teacher's its share of the step's (routed) or its weight's share of the average (weighted)
+        own = [{name: run.world.sum(total) for name, total in plan.normalizers(_rows_only(batch, rows)).items()}
+               for plan, rows in zip(plans, (run.routing.rows(i, batch) for i in range(len(plans))))]
+        normalizers = run.routing.normalizers(own)
+        totals: list[dict[str, torch.Tensor]] = [{} for _ in run.teachers]
         total_loss = 0.0
         for micro in batch.micro_batches(cfg.optim.micro_batch_size):
             with _autocast(cfg, run.device):
+                terms, scored_by = [], []
                 with timed(timings, "teacher", run.device):
-                    scores = score_with_teacher(plan, run.teacher, micro)
-                loss, metrics = student_loss(plan, run.student, micro, scores, normalizers)
-            distributed.reshard(run.teacher)  # forward only: no backward will free its gathered weights
+                    for index, (teacher, plan) in enumerate(zip(run.teachers, plans)):
+                        rows = run.routing.rows(index, micro)
+                        scores = teacher.score(plan, micro, rows, run.world)
+                        if scores is not None:
+                            terms.append(Term(plan, scores, normalizers[index], rows))
+                            scored_by.append(index)
+                loss, term_metrics = combined_loss(run.student, micro, terms)
             if not run.world.distributed and not torch.isfinite(loss):  # several processes: checked below, together
                 raise FloatingPointError(
-                    f"non-finite loss at step {step} ({_describe(metrics)}). Lower optim.lr, use "
+                    f"non-finite loss at step {step} ({_describe(_summed(term_metrics))}). Lower optim.lr, use "
                     f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
                 )
             loss.backward()
             total_loss += loss.item()
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value
+            for index, metrics in zip(scored_by, term_metrics):
+                for name, value in metrics.items():
+                    totals[index][name] = totals[index].get(name, 0.0) + value
         total_loss = float(run.world.sum(torch.tensor(total_loss, dtype=torch.float64, device=run.device)))
-        totals = {name: run.world.sum(torch.as_tensor(value, device=run.device)) for name, value in totals.items()}
+        names = sorted({name for metrics in totals for name in metrics})
+        totals = [{name: run.world.sum(torch.as_tensor(metrics.get(name, 0.0), device=run.device)) for name in names}
+                  for metrics in totals]
+        summed = _summed(totals)
         if not math.isfinite(total_loss):
             raise FloatingPointError(
-                f"non-finite loss at step {step} ({_describe(totals)}). Lower optim.lr, use "
+                f"non-finite loss at step {step} ({_describe(summed)}). Lower optim.lr, use "
                 f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
             )
         grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -433,9 +515,45 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
             raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
                                      f"so the run stops before sampling from them: lower optim.lr. "
                                      f"{_newest_checkpoint(run)}")
+        if run.ema_teacher is not None:
+            update_ema(run.ema_teacher, run.student, cfg.teacher.ema_decay)
         run.sampler.rollout.sync_weights(run.student, version=step)
-    return {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "rollout/weight_version_lag": lag,
-            **{name: float(value) for name, value in totals.items()}}
+    record = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "rollout/weight_version_lag": lag,
+              **{name: float(value) for name, value in summed.items()}}
+    if len(run.teachers) > 1:
+        record.update(teacher_metrics(run, batch, own, normalizers, totals))
+    return record
+
+
+def teacher_metrics(run: Run, batch: RolloutBatch, own: list[dict], used: list[dict],
+                    totals: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Per teacher: `teachers/NAME/share`, the share of the step's samples it scored, and its own
+    mean of each loss metric (`rep/cosine_similarity/teacher_NAME`, ...): its weighted sum over the
+    step's denominators (`used`) rescaled to the positions it scored (`own`)."""
+    record = {}
+    samples = run.world.sum(torch.tensor(float(batch.response_ids.shape[0]), device=run.device))
+    for index, teacher in enumerate(run.teachers):
+        rows = run.routing.rows(index, batch)
+        scored = samples if rows is None else run.world.sum(rows.sum().float())
+        record[f"teachers/{teacher.name}/share"] = float(scored / samples)
+        for name, value in totals[index].items():
+            kind = "opd" if name.startswith("opd/") else "oprd"
+            if "/layer_" not in name and float(own[index][kind]) > 0:
+                record[f"{name}/teacher_{teacher.name}"] = float(value * used[index][kind] / own[index][kind])
+    return record
+
+
+def _rows_only(batch: RolloutBatch, rows: torch.Tensor | None) -> RolloutBatch:
+    return batch if rows is None else batch.with_rows_only(rows)
+
+
+def _summed(per_teacher: list[dict]) -> dict:
+    """Metrics summed over teachers: each is already its share of the step's value."""
+    summed: dict = {}
+    for metrics in per_teacher:
+        for name, value in metrics.items():
+            summed[name] = summed.get(name, 0.0) + value
+    return summed
 
 
 def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], timings: dict[str, float],
@@ -480,10 +598,11 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
 
 
 def save(run: Run, step: int) -> None:
-    """A resumable checkpoint: weights, optimizer, scheduler, RNG and the prompt stream's position."""
+    """A resumable checkpoint: weights, optimizer, scheduler, RNG, the prompt stream's position (and
+    the EMA teacher)."""
     checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
                                run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
-                               world=run.world)
+                               world=run.world, ema_teacher=run.ema_teacher)
 
 
 def finish(run: Run) -> Path:

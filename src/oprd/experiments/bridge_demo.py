@@ -29,15 +29,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import Progress
-from transformers.utils import logging as hf_logging
 
 from oprd.bridge import save_bridge
 from oprd.bridge.stage1 import PairedRows, Stage1Settings, fit_bridge_at_rank, stage1_rows
 from oprd.config import BridgeConfig, TrainConfig
-from oprd.display import markdown_table, progress_bar
+from oprd.display import markdown_table
 from oprd.experiments import toy
 from oprd.experiments.bridge_sweep import sweep_ranks
 from oprd.experiments.demo import (
@@ -50,10 +48,10 @@ from oprd.experiments.demo import (
     knob_text,
     load_tuning,
     measure_model,
-    open_demo_output,
     run_on_policy,
     search,
     software_versions,
+    start_demo,
 )
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -190,14 +188,9 @@ def tune(world: toy.World, teachers: dict[str, Path], bridges: Bridges, s: DemoS
 
 def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the three pairs; returns bridge_results.json's content."""
-    console = console or Console(stderr=True)
-    out = open_demo_output(s, BRIDGE_DEMO_FILES)
-    torch.set_num_threads(s.threads)
-    hf_logging.disable_progress_bar()
-    started = time.perf_counter()
-    progress = progress_bar(console)
+    start = start_demo(s, console, BRIDGE_DEMO_FILES)
+    console, out, progress, world, started = start.console, start.out, start.progress, start.world, start.started
     with progress:
-        world = toy.build_world(s.world_settings, progress)
         teachers = {name: toy.build_teacher(world, name, *_quick_recipe(name, s), progress=progress)
                     for name in toy.BRIDGE_TEACHERS}
     bridges = Bridges(world, teachers, s, out / "bridges")

@@ -45,7 +45,16 @@ from rich.progress import Progress
 from transformers.utils import logging as hf_logging
 
 from oprd.checkpoint import checkpoint_step, list_checkpoints, save_model_dir
-from oprd.config import DataConfig, OPDConfig, OPRDConfig, OptimConfig, RolloutConfig, TrainConfig, validate
+from oprd.config import (
+    DataConfig,
+    OPDConfig,
+    OPRDConfig,
+    OptimConfig,
+    RolloutConfig,
+    TeacherSpec,
+    TrainConfig,
+    validate,
+)
 from oprd.data import load_problems
 from oprd.display import console_table, markdown_table, progress_bar
 from oprd.evaluation.harness import evaluate
@@ -192,7 +201,7 @@ def train_config(method: str, settings: MethodSettings, world: toy.World, s: Dem
     w = world.settings
     return TrainConfig(
         output_dir=str(run_dir), seed=seed, max_steps=s.steps, save_every=0, overwrite=True, device="cpu",
-        student=ModelSpec(model=str(world.student)), teacher=ModelSpec(model=str(world.teacher)),
+        student=ModelSpec(model=str(world.student)), teacher=TeacherSpec(model=str(world.teacher)),
         data=DataConfig(path=str(world.train_path)),
         rollout=RolloutConfig(prompts_per_step=s.prompts_per_step, responses_per_prompt=s.responses_per_prompt,
                               temperature=1.0, max_new_tokens=w.max_response_tokens),
@@ -413,17 +422,35 @@ def world_summary(world: toy.World) -> str:
         f" ({world.root})"
 
 
-def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
-    """Runs the whole demo; returns results.json's content."""
+@dataclass
+class DemoStart:
+    """What every demo has once it has started: its console, output folder, progress bar and world."""
+
+    console: Console
+    out: Path
+    progress: Progress
+    world: toy.World
+    started: float  # time.perf_counter() at the start
+
+
+def start_demo(s: DemoSettings, console: Console | None, files: tuple[str, ...]) -> DemoStart:
+    """Opens --out (`files`: what --overwrite may replace), sets the torch threads and builds or
+    loads the toy world: the first steps of every demo."""
     console = console or Console(stderr=True)
-    out = open_demo_output(s, DEMO_FILES)
+    out = open_demo_output(s, files)
     torch.set_num_threads(s.threads)
     hf_logging.disable_progress_bar()  # ours are the progress bars that matter
     started = time.perf_counter()
     progress = progress_bar(console)
-
     with progress:
         world = toy.build_world(s.world_settings, progress)
+    return DemoStart(console, out, progress, world, started)
+
+
+def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
+    """Runs the whole demo; returns results.json's content."""
+    start = start_demo(s, console, DEMO_FILES)
+    console, out, progress, world, started = start.console, start.out, start.progress, start.world, start.started
     console.print(f"toy world: {world_summary(world)}")
     if s.tune:
         tuning, tuning_source = tune(world, s, console, progress), "this run's --tune"

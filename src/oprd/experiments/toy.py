@@ -34,6 +34,7 @@ added as new recipes without touching the task or the cache.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -75,11 +76,11 @@ class ToyProblem:
     answer: str
 
 
-def make_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 7) -> ToyProblem:
-    """One chain: a start digit and `min_steps..max_steps` operations, mod 10, left to right; a
-    commutative step (+, *) is written with its operands in either order, at random."""
+def make_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 7, operations: str = "+-*") -> ToyProblem:
+    """One chain: a start digit and `min_steps..max_steps` operations drawn from `operations`, mod
+    10, left to right; a commutative step (+, *) is written with its operands in either order, at random."""
     value = rng.randrange(10)
-    ops = [(rng.choice("+-*"), rng.randrange(1, 10)) for _ in range(rng.randint(min_steps, max_steps))]
+    ops = [(rng.choice(operations), rng.randrange(1, 10)) for _ in range(rng.randint(min_steps, max_steps))]
     chain = "".join(f"{op}{b}" for op, b in ops)
     prompt = f"Compute {value}{chain} left to right, mod 10."
     lines = []
@@ -102,14 +103,15 @@ def make_split(n: int, seed: int, exclude: set[str] | None = None, **kwargs) -> 
     return problems
 
 
-def write_problems(problems: list[ToyProblem], path: Path) -> None:
-    """verl layout (`prompt` = chat messages, `reward_model.ground_truth`), read by `load_problems`."""
+def write_problems(problems: list[ToyProblem], path: Path, source: str | list[str] = "oprd-toy-chain") -> None:
+    """verl layout (`prompt` = chat messages, `reward_model.ground_truth`), read by `load_problems`;
+    `source`: every row's data_source, or each row's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = [
         {
-            "data_source": "oprd-toy-chain",
+            "data_source": source if isinstance(source, str) else source[i],
             "prompt": [{"role": "user", "content": p.prompt}],
             "reward_model": {"style": "rule", "ground_truth": p.answer},
             "extra_info": {"index": i, "solution": p.solution},
@@ -326,18 +328,22 @@ class SFTRun:
 
 
 def train_to_targets(recipe: ModelRecipe, settings: WorldSettings, tokenizer, examples, validation: list[Problem],
-                     name: str, progress=None) -> SFTRun:
-    """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed`, trained by SFT until
-    a checkpoint reaches the teacher target on `validation`; the student is picked from the same
-    run (`pick_checkpoints`). Raises, naming the settings, when the target is not reached."""
-    config = tiny_config(
-        len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
-        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.init_seed)
-        model = AutoModelForCausalLM.from_config(config)
+                     name: str, progress=None, start: torch.nn.Module | None = None) -> SFTRun:
+    """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed` (or a copy of
+    `start`), trained by SFT for at most `recipe.max_steps` until a checkpoint reaches the teacher
+    target on `validation`; the student is picked from the same run (`pick_checkpoints`). Raises,
+    naming the settings, when the target is not reached."""
+    if start is not None:
+        model = copy.deepcopy(start)
+    else:
+        config = tiny_config(
+            len(tokenizer), hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
+            num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.init_seed)
+            model = AutoModelForCausalLM.from_config(config)
     curve: list[tuple[int, float]] = []
     candidates: dict[int, dict[str, torch.Tensor]] = {}  # the weights of checkpoints at or below the student target
     task = progress.add_task(f"toy world: SFT {name}", total=recipe.max_steps) if progress else None
