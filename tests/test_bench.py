@@ -1,5 +1,6 @@
 """`oprd bench` on the tiny preset: layout, every method runs, and the TRL reference is comparable."""
 
+import importlib.metadata
 import json
 
 import pytest
@@ -31,6 +32,31 @@ def test_tiny_bench_writes_every_method(tmp_path):
     assert "projection" in report  # 2 of the preset's 4 layers
     assert (out / "bench.png").stat().st_size > 0
     assert "| oprd |" in (out / "bench.md").read_text()
+    assert report["trl_version"] == importlib.metadata.version("trl")  # the peer's loss path changes between releases
+
+
+@pytest.mark.slow
+def test_one_shape_is_drawn_as_bars_per_method(tmp_path, monkeypatch):
+    """One sequence length: a bar per method (time and memory), the floor marked as a line."""
+    import matplotlib.axes
+
+    drawn = {}
+    real_bar, real_line = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, height, *a, **k: (
+        drawn.setdefault("bars", []).append((list(x), list(height))), real_bar(self, x, height, *a, **k))[1])
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: (
+        drawn.setdefault("floor", []).append(y), real_line(self, y, *a, **k))[1])
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--seq-lens", "16", "--repeats", "1",
+                                      "--num-layers", "2", "--methods", "floor,oprd,opd_full", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    (times, memory) = drawn["bars"]
+    assert times == (["floor", "oprd", "opd_full"], [report["methods"][m]["step_seconds"] for m in times[0]])
+    assert memory[1] == [report["methods"][m]["peak_memory_delta_bytes"] / 2**20 for m in memory[0]]
+    assert drawn["floor"] == [report["methods"]["floor"]["step_seconds"],
+                              report["methods"]["floor"]["peak_memory_delta_bytes"] / 2**20]
+    assert "trl_version" not in report  # trl was not measured
 
 
 def test_sweep_fit_separates_the_loss_from_the_backbones():

@@ -87,13 +87,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_dir(target: Path, model: torch.nn.Module, tokenizer) -> Path:
-    """A plain HF model folder (safetensors weights, config, tokenizer), written atomically:
-    `AutoModelForCausalLM.from_pretrained(target)` and vLLM load it."""
-    return write_dir_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, card: str | None = None) -> Path:
+    """A plain HF model folder (safetensors weights, config, tokenizer, and `card` as its README.md
+    model card), written atomically: `AutoModelForCausalLM.from_pretrained(target)` and vLLM load it."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+
+    return write_dir_atomically(target, fill)
 
 
-def save_gathered_model_dir(target: Path, model: torch.nn.Module, tokenizer, spec: ModelSpec, world: World) -> None:
+def save_gathered_model_dir(target: Path, model: torch.nn.Module, tokenizer, spec: ModelSpec, world: World,
+                            card: str | None = None) -> None:
     """`save_model_dir` for a model sharded across processes: every weight is gathered to rank 0,
     which writes the plain HF model folder (a sharded model cannot `save_pretrained` itself)."""
     state = distributed.full_model_state(model)
@@ -102,7 +109,7 @@ def save_gathered_model_dir(target: Path, model: torch.nn.Module, tokenizer, spe
         whole.load_state_dict(state, assign=True)
         whole.tie_weights()
         whole.generation_config = model.generation_config
-        save_model_dir(target, whole, tokenizer)
+        save_model_dir(target, whole, tokenizer, card)
     world.barrier()
 
 

@@ -352,6 +352,64 @@ def bridge_sweep(
     console.print(f"wrote {out / 'sweep.md'}, {out / 'sweep.png'}")
 
 
+# --- runs: gates, reports, comparisons ---
+
+
+@app.command()
+def gate(run: Path = typer.Argument(..., help="a run folder (oprd train output_dir)")) -> None:
+    """The run's evaluation gates at its last judged validation; exit 0 if all pass, 1 if any fails,
+    2 if the run has no gates or no validation to judge: a step for a CI pipeline.
+
+    Example: oprd gate runs/mine && echo ship it
+    """
+    from oprd.display import console_table
+    from oprd.gates import verdict
+
+    console = Console(soft_wrap=True)
+    with user_errors():
+        if not run.is_dir():
+            raise FileNotFoundError(f"{run}: no such run folder")
+        code, judged = verdict(run)
+    if judged is None:
+        console.print(f"{run}: no gates were judged (set gates=[...] and eval_every=N in the recipe)")
+        raise typer.Exit(code=2)
+    rows = [[r["gate"], "-" if r["value"] is None else f"{r['value']:.4g}", f"{r['threshold']:.4g}",
+             "pass" if r["passed"] else "FAIL"] for r in judged["results"]]
+    title = f"gates at step {judged['step']}{' (the end of the run)' if judged['final'] else ''}"
+    console.print(console_table(title, ["gate", "value", "threshold", ""], rows))
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="a run folder (oprd train output_dir)")) -> None:
+    """RUN/report.md and RUN/report/*.png: loss, representation cosine, KL estimate, response length,
+    validation and cost against step; final and best validation; the run's segments and cost.
+
+    Example: oprd report runs/mine
+    """
+    from oprd.run_report import write_report
+
+    with user_errors():
+        written = write_report(run)
+    Console().print(f"report: {written}")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="two or more run folders"),
+    out: Path = typer.Option(Path("runs/compare"), help="folder for compare.md and the overlaid plots"),
+) -> None:
+    """Runs side by side: the config keys that differ, final and best validation, cost, overlaid curves.
+
+    Example: oprd compare runs/oprd runs/opd --out runs/compare
+    """
+    from oprd.run_report import write_comparison
+
+    with user_errors():
+        written = write_comparison(runs, out)
+    Console().print(f"comparison: {written}")
+
+
 # --- demo ---
 
 

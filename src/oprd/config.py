@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 
+from oprd.gates import GateError, parse_gate
 from oprd.losses import AGGREGATIONS, LAYER_MODES, POSITION_MODES, TOPK_SUPPORTS
 from oprd.models import DTYPES, ModelSpec
 
@@ -159,6 +160,9 @@ class TrainConfig:
     eval_top_p: float = 1.0
     eval_max_new_tokens: int = 1024
     eval_limit: int | None = None
+    gates: list[str] = field(default_factory=list)  # "val/B/M >= N", ">= start + N", ">= teacher - N" (oprd.gates)
+    keep_best: str | None = None  # a validation metric: best/ keeps the checkpoint with its best value
+    keep_best_mode: str = "max"  # max | min
     student: ModelSpec = field(default_factory=ModelSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
@@ -256,7 +260,7 @@ FREE_ON_RESUME = frozenset({
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
     "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
     "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
-    "rollout.vllm_timeout_s", "eval_top_p",
+    "rollout.vllm_timeout_s", "eval_top_p", "gates", "keep_best", "keep_best_mode",
 })
 
 
@@ -475,6 +479,7 @@ def validate(cfg: TrainConfig) -> None:
             f"steps {oprd_last + 1}..{min(opd_first, cfg.max_steps + 1) - 1} have no objective: OPRD stops after "
             f"oprd.stop_step={cfg.oprd.stop_step} and OPD starts after opd.start_step={cfg.opd.start_step}")
     require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
+    validate_gates(cfg)
     for sink in cfg.report_to:
         _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
         require(importlib.util.find_spec(sink) is not None,
@@ -549,3 +554,35 @@ def template_fields(template: str, name: str) -> list[str]:
     fields = [field_name for _, field_name, _, _ in parsed if field_name is not None]
     require(all(fields), f"{name}={template!r} has an empty {{}}: name the field, e.g. {{prompt}} or {{answer}}")
     return fields
+
+
+VALIDATION_METRICS = ("avg@{k}", "best@{k}", "dist-4g", "avg_len", "format_error_rate")  # per benchmark
+
+
+def validation_keys(cfg: TrainConfig) -> list[str]:
+    """The metric keys a run's validation reports: val/BENCHMARK/METRIC."""
+    return [f"val/{Path(name).stem}/{metric.format(k=cfg.eval_samples)}"
+            for name in cfg.eval_benchmarks for metric in VALIDATION_METRICS]
+
+
+def validate_gates(cfg: TrainConfig) -> None:
+    """`gates` and `keep_best` name metrics the run's validation reports, and the run validates."""
+    _one_of(cfg.keep_best_mode, ("max", "min"), "keep_best_mode")
+    if not cfg.gates and cfg.keep_best is None:
+        return
+    require(cfg.eval_every > 0, "gates and keep_best judge the run's validation, but eval_every=0 turns it off: set "
+                                "eval_every=N (validation every N steps and at the last)")
+    known = validation_keys(cfg)
+    for text in cfg.gates:
+        try:
+            gate = parse_gate(text)
+        except GateError as error:
+            raise ConfigError(f"gates: {error}") from None
+        require(gate.metric in known, f"gates: {text!r} names {gate.metric}, which validation does not report; "
+                                      f"it reports {', '.join(known)}")
+        require(gate.base != "teacher" or len(cfg.teachers.members) <= 1 and cfg.teacher.model != SELF,
+                f"gates: {text!r} is relative to the teacher, but this run has "
+                f"{'no teacher of its own (teacher.model=self)' if cfg.teacher.model == SELF else 'several'}: "
+                "write an absolute threshold or one relative to start")
+    require(cfg.keep_best is None or cfg.keep_best in known,
+            f"keep_best={cfg.keep_best} is not a metric validation reports; it reports {', '.join(known)}")

@@ -1,9 +1,9 @@
 """Everything a run writes besides its checkpoints, and what it shows while it runs.
 
 One `RunRecorder` per run: config.yaml (and every segment's config in configs/), metrics.jsonl
-(plus TensorBoard / W&B when asked for), preflight.json, bridge.json, teachers.json, the console and the progress
-bar. Under several processes only the main one writes or prints: this is the one place that asks
-which process it is.
+(plus TensorBoard / W&B when asked for), run.json (`provenance`), gates.json (`gates`),
+preflight.json, bridge.json, teachers.json, the console and the progress bar. Under several
+processes only the main one writes or prints: this is the one place that asks which process it is.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from rich.text import Text
 from oprd.config import TrainConfig, config_yaml, to_dict
 from oprd.display import progress_bar
 from oprd.files import write_text_atomically
+from oprd.gates import Gate, GateLog, GateResult, judge
+from oprd.provenance import RunJson
 
 # What a run folder holds; `overwrite=true` replaces a folder only when it holds nothing else.
-RUN_FILES = ("config.yaml", "configs", "metrics.jsonl", "checkpoints", "final", "preflight.json", "bridge.json",
-             "teachers.json", "tensorboard", "wandb", ".vllm-weights")
+RUN_FILES = ("config.yaml", "configs", "metrics.jsonl", "checkpoints", "final", "best", "preflight.json", "bridge.json",
+             "teachers.json", "run.json", "gates.json", "report.md", "report", "tensorboard", "wandb", ".vllm-weights")
 RUN_MARK = "config.yaml"  # every run writes it before anything else
 
 
@@ -40,7 +42,50 @@ class RunRecorder:
         self.main = is_main_process()
         self.console = console or Console(quiet=not self.main)
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.run_json = RunJson(run_dir)
+        self.gate_log = GateLog(run_dir)
         self._sinks: list[Any] = []
+
+    def start_provenance(self, *, models: Callable[[], dict], data: Callable[[], dict], **segment) -> None:
+        """run.json: a fresh run's record, or a resumed run's next segment (`RunJson.start_segment`);
+        `models` and `data` describe them (hashing their files) on the main process only."""
+        if self.main:
+            self.run_json.start_segment(models=models(), data=data(), **segment)
+
+    def add_cost(self, step: int, cost: dict[str, float]) -> None:
+        if self.main:
+            self.run_json.add_step(step, cost)
+
+    def end_provenance(self, exit_status: str) -> None:
+        if self.main:
+            self.run_json.end_segment(exit_status)
+
+    def note(self, key: str, value) -> None:
+        """A top-level entry of run.json (e.g. `best`)."""
+        if self.main:
+            self.run_json.set(key, value)
+
+    def start_gates(self, gates: list[Gate], resume_step: int) -> None:
+        if self.main and gates:
+            self.gate_log.start(gates, resume_step)
+
+    def set_gate_baseline(self, name: str, metrics: dict[str, float]) -> None:
+        if self.main:
+            self.gate_log.set_baseline(name, metrics)
+
+    def judge_gates(self, gates: list[Gate], step: int, metrics: dict[str, float], final: bool) -> list[GateResult]:
+        """Every gate against one validation (gates.json); a failing gate is reported as a warning."""
+        if not gates:
+            return []
+        results = judge(gates, metrics, self.gate_log.baselines)
+        if self.main:
+            self.gate_log.record(step, results, final)
+        for result in results:
+            if not result.passed:
+                shown = "not reported" if result.value is None else f"{result.value:.4g}"
+                self.warn(f"gate failed at step {step}: {result.gate} ({result.metric} = {shown}, threshold "
+                          f"{result.threshold:.4g})")
+        return results
 
     def warn(self, message: str) -> None:
         self.console.print(Text.assemble(("warning: ", "yellow"), message))

@@ -69,6 +69,12 @@ class Teacher:
     source: TeacherSource
     model: torch.nn.Module
     plan: LossPlan
+    tokens_read: int = 0  # since the last take_tokens_read(): the cost of the teacher's forwards
+
+    def take_tokens_read(self) -> int:
+        """The tokens this teacher read since the last call (its share of a step's cost)."""
+        read, self.tokens_read = self.tokens_read, 0
+        return read
 
     @property
     def name(self) -> str:
@@ -98,22 +104,34 @@ class Teacher:
             yield
         finally:
             self.model.train(was_training)
-            distributed.reshard(self.model)  # forward only: no backward will free its gathered weights
+
+    def release(self) -> None:
+        """After the loss that used its scores (OPD applies its LM head there): a sharded teacher's
+        gathered weights are freed, as no backward will free them. A live teacher's are the
+        student's, which its backward frees."""
+        if not self.is_live:
+            distributed.reshard(self.model)
 
     def score(self, plan: LossPlan, batch, rows_B: torch.Tensor | None, world: World) -> TeacherScores | None:
         """Its scores of the rows `rows_B` ((B,) bool; None: every row) of a micro-batch, placed in
         the micro-batch; None when it has no row there. A sharded teacher runs in step on every
         process: a process without rows for it reads one row and drops it while another has rows."""
         if rows_B is None:
-            with self.reading():
-                return score_with_teacher(plan, self.model, batch)
+            return self._read(plan, batch)
         has_rows = bool(rows_B.any())
         if not (world.any(has_rows) if distributed.is_sharded(self.model) else has_rows):
             return None
         rows = rows_B.nonzero()[:, 0] if has_rows else torch.zeros(1, dtype=torch.long, device=rows_B.device)
-        with self.reading():
-            scores = score_with_teacher(plan, self.model, batch.select(rows))
+        scores = self._read(plan, batch.select(rows), counted=has_rows)
         return scores.placed(rows, batch.response_ids.shape) if has_rows else None
+
+    def _read(self, plan: LossPlan, batch, counted: bool = True) -> TeacherScores:
+        with self.reading():
+            scores = score_with_teacher(plan, self.model, batch)
+        if counted:
+            read = batch.teacher_view.batch if batch.teacher_view is not None else batch
+            self.tokens_read += int(read.attention_mask.sum())
+        return scores
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -37,7 +38,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from oprd import checkpoint, distributed
+from oprd import checkpoint, distributed, provenance
 from oprd.batch import RolloutBatch
 from oprd.bridge import Bridge, load_bridge
 from oprd.config import ConfigError, TrainConfig, read_run_config, require, trained_differences
@@ -45,11 +46,13 @@ from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
 from oprd.evaluation.harness import evaluate
 from oprd.files import check_output_dir, open_output_dir, remove_leftovers
+from oprd.gates import Gate, parse_gate
 from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
 from oprd.objective import LossPlan, Term, combined_loss
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
-from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder
-from oprd.rollout import Rollout, Sampler, SamplingParams, make_rollout, seeded
+from oprd.provenance import data_record, model_record, sha256_of_files
+from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder, read_metrics
+from oprd.rollout import HFRollout, Rollout, Sampler, SamplingParams, make_rollout, seeded
 from oprd.teachers import Routing, Teacher, TeacherSource, ema_model, teacher_sources, update_ema
 
 
@@ -73,6 +76,8 @@ class Run:
     stream: PromptStream
     start_step: int
     validation: Callable[[int], dict[str, float]] | None
+    gates: list[Gate] = dataclasses.field(default_factory=list)
+    best: float | None = None  # the best value of keep_best's metric so far
 
     @property
     def ema_teacher(self) -> torch.nn.Module | None:
@@ -83,17 +88,24 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Runs on-policy distillation as configured; returns the run folder (final model in final/)."""
     hf_logging.disable_progress_bar()  # our progress bar is the one that matters
     run = set_up_run(cfg, console)
-    check_before_training(run)
-    with run.recorder.progress(cfg.max_steps, run.start_step) as advance:
-        for step in range(run.start_step + 1, cfg.max_steps + 1):
-            timings: dict[str, float] = {}
-            started = time.perf_counter()
-            batch = sample(run, step, timings)
-            metrics = update(run, batch, step, timings)
-            advance(step, _live(record(run, step, batch, metrics, timings, started)))
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save(run, step)
-    return finish(run)
+    try:
+        check_before_training(run)
+        with run.recorder.progress(cfg.max_steps, run.start_step) as advance:
+            for step in range(run.start_step + 1, cfg.max_steps + 1):
+                timings: dict[str, float] = {}
+                started = time.perf_counter()
+                batch = sample(run, step, timings)
+                metrics = update(run, batch, step, timings)
+                advance(step, _live(record(run, step, batch, metrics, timings, started)))
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    save(run, step)
+        folder = finish(run)
+    except BaseException as error:  # run.json says how the segment ended, whatever ended it
+        run.recorder.end_provenance("interrupted" if isinstance(error, KeyboardInterrupt)
+                                    else f"failed: {type(error).__name__}")
+        raise
+    run.recorder.end_provenance("completed")
+    return folder
 
 
 # --------------------------------------------------------------------------- set up
@@ -159,6 +171,12 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         for leftover in remove_leftovers(folder):
             recorder.say(f"removed {leftover}, left behind by an interrupted write")
     recorder.start_segment(cfg, start_step, resume_from)
+    recorder.start_provenance(seed=cfg.seed, device=device, world_size=world.size, first_step=start_step,
+                              models=lambda: provenance_models(cfg, sources, student_tok, teacher_toks),
+                              data=lambda: data_record(cfg.data.path, len(prompts)))
+    gates = [parse_gate(text) for text in cfg.gates]
+    recorder.start_gates(gates, start_step)
+    best = (recorder.run_json.read().get("best") or {}).get("value") if resume_from is not None else None
     record_teachers(recorder, teachers, bridges)
     recorder.open_metrics(cfg, start_step)
     if resume_from is not None:
@@ -168,7 +186,22 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     first_sync(rollout, student, student_tok, start_step)
     return Run(cfg, world, run_dir, recorder, device, student, teachers, routing, student_tok,
                Sampler(rollout, prompts, student_tok, teacher_toks[0], device), sampling, optimizer, scheduler, stream,
-               start_step, validation)
+               start_step, validation, gates, best)
+
+
+def provenance_models(cfg: TrainConfig, sources: list[TeacherSource], student_tok, teacher_toks) -> dict[str, dict]:
+    """run.json's `models`: the student, each teacher (a self-teacher: the student's files) and each bridge file."""
+    models = {"student": model_record(cfg.student, student_tok)}
+    for source, teacher_tok in zip(sources, teacher_toks):
+        suffix = "" if len(sources) == 1 else f":{source.name}"
+        models[f"teacher{suffix}"] = model_record(source.spec, teacher_tok)
+        if source.self_mode is not None:
+            models[f"teacher{suffix}"].update(source="self", self_mode=source.self_mode)
+        if source.bridge is not None:
+            models[f"bridge{suffix}"] = {"source": source.bridge, "revision": None,
+                                         "weights_sha256": sha256_of_files([Path(source.bridge)]),
+                                         "tokenizer_sha256": None, "chat_template_sha256": None}
+    return models
 
 
 def check_teacher_pairing(cfg: TrainConfig, source: TeacherSource, count: int, student_config, teacher_config,
@@ -419,6 +452,7 @@ def check_before_training(run: Run) -> None:
             for teacher in checked:
                 with teacher.reading():
                     cosines[teacher.name] = preflight_alignment(teacher.plan, run.student, teacher.model, probe)
+                teacher.release()
         single = len(run.teachers) == 1
         run.recorder.write_json("preflight.json", {"cosine_by_layer": cosines[checked[0].name]} if single else
                                 {"teachers": {name: {"cosine_by_layer": c} for name, c in cosines.items()}})
@@ -428,7 +462,25 @@ def check_before_training(run: Run) -> None:
             if warning:
                 run.recorder.warn(warning if single else f"teacher {teacher.name}: {warning}")
     if run.validation:
-        run.recorder.log(0, run.validation(0))
+        start = run.validation(0)
+        run.recorder.log(0, start)
+        if run.gates:
+            run.recorder.set_gate_baseline("start", start)
+            if any(gate.base == "teacher" for gate in run.gates):
+                run.recorder.set_gate_baseline("teacher", teacher_validation(run))
+            run.recorder.judge_gates(run.gates, 0, start, final=False)
+
+
+def teacher_validation(run: Run) -> dict[str, float]:
+    """The teacher's validation on the student's benchmarks and settings, for gates relative to it:
+    the whole teacher (with its LM head) is loaded for it and freed after."""
+    source = run.teachers[0].source
+    teacher = distributed.load_model(source.spec, run.device, run.world, shard_it=source.shard).eval()
+    tokenizer = load_tokenizer(source.spec)
+    run.recorder.say(f"measuring the teacher ({source.spec.model}) on the validation benchmarks, for the gates")
+    measured = make_validation(run.cfg, HFRollout.for_model(teacher, tokenizer), tokenizer)(0)
+    del teacher
+    return measured
 
 
 # --------------------------------------------------------------------------- the step
@@ -476,6 +528,8 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
                             terms.append(Term(plan, scores, normalizers[index], rows))
                             scored_by.append(index)
                 loss, term_metrics = combined_loss(run.student, micro, terms)
+            for teacher in run.teachers:
+                teacher.release()
             if not run.world.distributed and not torch.isfinite(loss):  # several processes: checked below, together
                 raise FloatingPointError(
                     f"non-finite loss at step {step} ({_describe(_summed(term_metrics))}). Lower optim.lr, use "
@@ -561,10 +615,46 @@ def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], 
     """The step's line of metrics.jsonl: the update's metrics, the rollouts', the phases' times and,
     every eval_every steps and at the last, the validation."""
     line = {**metrics, **rollout_metrics(batch, run.world, run.device), **time_metrics(timings, started, run.device)}
+    line.update(cost_metrics(run, batch, line["time/step_s"]))
+    run.recorder.add_cost(step, {key.removeprefix("cost/"): line[key] for key in COST_METRICS})
     if run.validation and (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
         line.update(run.validation(step))
+        run.recorder.judge_gates(run.gates, step, line, final=step == run.cfg.max_steps)
+        if run.cfg.keep_best:
+            keep_best(run, step, line[run.cfg.keep_best])
     run.recorder.log(step, line)
     return line
+
+
+COST_METRICS = ("cost/sampled_tokens", "cost/teacher_tokens", "cost/wall_seconds", "cost/device_hours")
+
+
+def cost_metrics(run: Run, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
+    """What the step cost: tokens sampled and tokens the teachers read (every process's), wall
+    seconds, device-hours (wall x processes) and the peak memory so far (the GPU's allocator, or
+    this process's resident set on a CPU)."""
+    read = sum(teacher.take_tokens_read() for teacher in run.teachers)
+    sampled, teacher_tokens = run.world.sum(torch.tensor([float(batch.response_lengths.sum()), float(read)],
+                                                         device=run.device)).tolist()
+    if run.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(run.device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return {"cost/sampled_tokens": sampled, "cost/teacher_tokens": teacher_tokens, "cost/wall_seconds": step_seconds,
+            "cost/device_hours": step_seconds * run.world.size / 3600, "memory/peak_gb": peak}
+
+
+def keep_best(run: Run, step: int, value: float) -> None:
+    """best/: the student at its best validation value of keep_best so far (a plain HF model,
+    written atomically, only on improvement); run.json's `best` says which step it is."""
+    better = run.best is None or (value > run.best if run.cfg.keep_best_mode == "max" else value < run.best)
+    if not better:
+        return
+    run.best = value
+    write_model(run, run.run_dir / "best")
+    run.recorder.note("best", {"metric": run.cfg.keep_best, "mode": run.cfg.keep_best_mode, "step": step,
+                               "value": value})
+    run.recorder.say(f"best/ is now step {step} ({run.cfg.keep_best} = {value:.4g})")
 
 
 def rollout_metrics(batch: RolloutBatch, world: World, device: torch.device) -> dict[str, float]:
@@ -609,14 +699,26 @@ def finish(run: Run) -> Path:
     """The last step's full state (so the run can be extended with resume=true) and final/."""
     if run.cfg.save_every:
         save(run, run.cfg.max_steps)
-    if run.world.distributed:
-        checkpoint.save_gathered_model_dir(run.run_dir / "final", run.student, run.tokenizer, run.cfg.student,
-                                           run.world)
-    else:
-        checkpoint.save_model_dir(run.run_dir / "final", run.student, run.tokenizer)
+    write_model(run, run.run_dir / "final", model_card(run))
     run.recorder.close()
     run.recorder.say(f"final model: {run.run_dir / 'final'}")
     return run.run_dir
+
+
+def write_model(run: Run, target: Path, card: str | None = None) -> None:
+    """The student as a plain HF model folder at `target` (gathered from every process when sharded)."""
+    if run.world.distributed:
+        checkpoint.save_gathered_model_dir(target, run.student, run.tokenizer, run.cfg.student, run.world, card)
+    else:
+        checkpoint.save_model_dir(target, run.student, run.tokenizer, card)
+
+
+def model_card(run: Run) -> str:
+    """final/README.md (`provenance.model_card`) from run.json and the last metrics."""
+    rows = read_metrics(run.recorder.metrics_path) if run.recorder.metrics_path.is_file() else []
+    teachers = {t.name: f"the student itself ({t.source.self_mode})" if t.source.self_mode else t.source.spec.model
+                for t in run.teachers}
+    return provenance.model_card(run.cfg, run.recorder.run_json.read(), teachers, rows)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -26,6 +26,7 @@ activations are still alive (trl).
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import inspect
 import json
 import multiprocessing as mp
@@ -486,16 +487,31 @@ def plot(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result.get("sweep", [{"seq_len": result["seq_len"], "methods": result["methods"]}])
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in result["methods"]:
-        lengths = [r["seq_len"] for r in rows]
-        ax_time.plot(lengths, [r["methods"][name]["step_seconds"] for r in rows], marker="o", label=name)
-        ax_mem.plot(lengths, [r["methods"][name]["peak_memory_delta_bytes"] / 2**20 for r in rows], marker="o",
-                    label=name)
-    ax_time.set(xlabel="response tokens", ylabel="update seconds", title="time per actor update")
-    ax_mem.set(xlabel="response tokens", ylabel="peak memory above baseline (MiB)", title="transient memory")
-    ax_mem.legend()
+    if "sweep" in result:  # several lengths: a line per method
+        rows = result["sweep"]
+        for name in result["methods"]:
+            lengths = [r["seq_len"] for r in rows]
+            ax_time.plot(lengths, [r["methods"][name]["step_seconds"] for r in rows], marker="o", label=name)
+            ax_mem.plot(lengths, [r["methods"][name]["peak_memory_delta_bytes"] / 2**20 for r in rows], marker="o",
+                        label=name)
+        ax_time.set(xlabel="response tokens")
+        ax_mem.set(xlabel="response tokens")
+        ax_mem.legend()
+    else:  # one shape: a bar per method, the floor (no LM head) marked
+        names = list(result["methods"])
+        for axis, key, scale in ((ax_time, "step_seconds", 1), (ax_mem, "peak_memory_delta_bytes", 2**20)):
+            values = [result["methods"][name][key] / scale for name in names]
+            bars = axis.bar(names, values, color=["tab:gray" if n == "floor" else "tab:blue" for n in names])
+            axis.bar_label(bars, fmt="%.3g", fontsize=7)
+            if "floor" in result["methods"]:
+                axis.axhline(result["methods"]["floor"][key] / scale, color="tab:gray", linestyle="--", label="floor")
+                axis.legend()
+            axis.tick_params(axis="x", rotation=30)
+        ax_time.set(xlabel=f"method ({result['seq_len']} response tokens)")
+        ax_mem.set(xlabel=f"method ({result['seq_len']} response tokens)")
+    ax_time.set(ylabel="update seconds", title="time per actor update")
+    ax_mem.set(ylabel="peak memory above baseline (MiB)", title="transient memory")
     fig.suptitle(f"{result['preset']}, {result['num_layers']} layers, batch {result['batch_size']}, {result['device']}")
     fig.tight_layout()
     fig.savefig(out / "bench.png", dpi=120)
@@ -558,6 +574,8 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         result["projection"] = {"num_layers": PRESETS[s.preset]["num_layers"],
                                 "methods": project(result["methods"], first)}
     result["flops"] = flop_model(first)
+    if "trl" in s.methods:  # the peer's private loss path changes between TRL releases: say which one was measured
+        result["trl_version"] = importlib.metadata.version("trl")
     result["teacher_weights"] = teacher_weights(first)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)

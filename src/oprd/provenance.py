@@ -1,0 +1,203 @@
+"""run.json: which code, models and data made a run, what it cost, and how each segment ended.
+
+    {"oprd_version", "git_commit", "git_dirty", "command", "seed", "versions", "devices",
+     "segments": [{start, end, exit_status, first_step, last_step}],
+     "models": {role: {source, revision, weights_sha256, tokenizer_sha256, chat_template_sha256}},
+     "data": {path, sha256, rows}, "cost": {sampled_tokens, teacher_tokens, wall_seconds, device_hours},
+     "best": {metric, mode, step, value} (keep_best)}
+
+A resumed run appends a segment and adds to the cost; the models and data are re-hashed and a
+change is kept as the segment's own record (`segments[i].models`), so history is never rewritten.
+Hashes: the bytes of every weight file (sorted by name), the tokenizer's vocabulary (token -> id)
+and its chat template; a model built from its config (`random_init`) has no weight file to hash
+and records its init seed instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from oprd.config import TrainConfig, config_yaml
+from oprd.files import write_text_atomically
+
+RUN_JSON = "run.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SCHEMA_KEYS = ("oprd_version", "git_commit", "command", "seed", "versions", "devices", "segments", "models", "data",
+               "cost")  # the documented top-level keys (README: "What a run records")
+SEGMENT_KEYS = ("start", "end", "exit_status", "first_step", "last_step")
+MODEL_KEYS = ("source", "revision", "weights_sha256", "tokenizer_sha256", "chat_template_sha256")
+COST_KEYS = ("sampled_tokens", "teacher_tokens", "wall_seconds", "device_hours")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def sha256_of_files(paths: list[Path]) -> str:
+    """One digest of the files' names and bytes, in name order (a changed, added or renamed file changes it)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_of_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_folder(source: str, revision: str | None) -> tuple[Path | None, str | None]:
+    """The local folder of a model (a path, or the hub cache's snapshot) and its resolved revision
+    (the snapshot's commit for a hub model; None for a local folder)."""
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser(), None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except Exception:  # not in the cache: the model was loaded some other way (e.g. a custom loader)
+        return None, revision
+    return folder, folder.name
+
+
+def model_record(spec, tokenizer) -> dict:
+    """{source, revision, weights_sha256, tokenizer_sha256, chat_template_sha256} of a model spec
+    (models.ModelSpec) and its loaded tokenizer."""
+    folder, revision = model_folder(spec.model, spec.revision)
+    weights = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES] if folder is not None else []
+    record = {
+        "source": spec.model,
+        "revision": revision,
+        "weights_sha256": sha256_of_files(weights) if weights and not spec.random_init else None,
+        "tokenizer_sha256": sha256_of_text(json.dumps(sorted(tokenizer.get_vocab().items()))),
+        "chat_template_sha256": sha256_of_text(getattr(tokenizer, "chat_template", None)),
+    }
+    if spec.random_init:
+        record["random_init_seed"] = spec.init_seed
+    return record
+
+
+def data_record(path: str, rows: int) -> dict:
+    """{path, sha256, rows}: the file's digest (None for a hub dataset or a shipped benchmark name)."""
+    local = Path(path)
+    return {"path": path, "sha256": sha256_of_files([local]) if local.is_file() else None, "rows": rows}
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout oprd runs from; (None, None) outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(status.strip())
+
+
+def command_line() -> list[str]:
+    """The command as the user typed it: `oprd ...` for the console script or `python -m oprd`."""
+    program = Path(sys.argv[0]).name
+    return ["oprd" if program in ("oprd", "__main__.py") else sys.argv[0], *sys.argv[1:]]
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for package in ("oprd", "transformers", "vllm", "safetensors"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def devices(device: torch.device, world_size: int) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"type": device.type, "name": name, "count": world_size}
+
+
+class RunJson:
+    """run.json of one run folder, written atomically by the main process."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / RUN_JSON
+
+    def read(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text())
+
+    def write(self, record: dict) -> None:
+        write_text_atomically(self.path, json.dumps(record, indent=2))
+
+    def start_segment(self, *, seed: int, device: torch.device, world_size: int, first_step: int,
+                      models: dict[str, dict], data: dict) -> None:
+        """A fresh run's record, or a resumed run's next segment (its models and data recorded with it)."""
+        record = self.read()
+        commit, dirty = git_state()
+        segment = {"start": now(), "end": None, "exit_status": "running", "first_step": first_step + 1,
+                   "last_step": first_step, "command": command_line(), "git_commit": commit, "git_dirty": dirty}
+        if not record:
+            record = {"oprd_version": versions()["oprd"], "git_commit": commit, "git_dirty": dirty,
+                      "command": " ".join(command_line()), "seed": seed, "versions": versions(),
+                      "devices": devices(device, world_size), "segments": [], "models": models, "data": data,
+                      "cost": dict.fromkeys(COST_KEYS, 0)}
+        elif models != record["models"] or data != record["data"]:
+            segment.update(models=models, data=data)  # what this segment read, where it differs from the start
+        record["segments"].append(segment)
+        self.write(record)
+
+    def add_step(self, step: int, cost: dict[str, float]) -> None:
+        """One step's cost (the COST_KEYS) added to the run's, and the segment's last step."""
+        record = self.read()
+        for key in COST_KEYS:
+            record["cost"][key] += cost[key]
+        record["segments"][-1]["last_step"] = step
+        self.write(record)
+
+    def end_segment(self, exit_status: str) -> None:
+        record = self.read()
+        if record:
+            record["segments"][-1].update(end=now(), exit_status=exit_status)
+            self.write(record)
+
+    def set(self, key: str, value) -> None:
+        record = self.read()
+        record[key] = value
+        self.write(record)
+
+
+def model_card(cfg: TrainConfig, record: dict, teachers: dict[str, str], metrics: list[dict]) -> str:
+    """A short model card (the README.md of an HF model folder): the student it started from, its
+    teachers, data and objective, the last value of every loss and validation metric, the cost and
+    the recipe. `record`: the run's run.json; `metrics`: metrics.jsonl's rows."""
+    last = {key: value for row in metrics for key, value in row.items()
+            if key.startswith("val/") or key in ("loss", "rep/cosine_similarity", "opd/kl_estimate")}
+    cost = record.get("cost") or {}
+    data = record.get("data") or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [oprd, distillation, on-policy-distillation]", "---", "",
+        f"# Distilled from {', '.join(teachers.values())}", "",
+        f"Trained by oprd {record.get('oprd_version') or ''} (commit {record.get('git_commit') or 'unknown'}) "
+        f"from `{cfg.student.model}` by on-policy distillation.", "",
+        *(f"- teacher {name}: `{source}`" for name, source in teachers.items()),
+        f"- data: `{cfg.data.path}`, {data.get('rows', '?')} prompts (sha256 {data.get('sha256') or 'n/a'})",
+        f"- objective: opd.objective={cfg.opd.objective}, oprd.coef={cfg.oprd.coef}; {cfg.max_steps} steps",
+        f"- cost: {cost.get('sampled_tokens', 0):,.0f} tokens sampled, {cost.get('teacher_tokens', 0):,.0f} read "
+        f"by the teachers, {cost.get('wall_seconds', 0):,.0f} s, {cost.get('device_hours', 0):.3f} device-hours",
+        "", "## Last metrics", "", *(f"- `{key}`: {value:.4g}" for key, value in sorted(last.items())), "",
+        "## Recipe", "", "```yaml", config_yaml(cfg).rstrip(), "```", "",
+    ]
+    return "\n".join(lines)
