@@ -36,6 +36,7 @@ SCHEMA_KEYS = ("oprd_version", "git_commit", "command", "seed", "versions", "dev
 SEGMENT_KEYS = ("start", "end", "exit_status", "first_step", "last_step")
 MODEL_KEYS = ("source", "revision", "weights_sha256", "tokenizer_sha256", "chat_template_sha256")
 COST_KEYS = ("sampled_tokens", "teacher_tokens", "wall_seconds", "device_hours")
+PHASE_KEYS = ("rollout_seconds", "teacher_seconds", "update_seconds")  # wall seconds by phase, also summed
 
 
 def now() -> str:
@@ -160,10 +161,12 @@ class RunJson:
         self.write(record)
 
     def add_step(self, step: int, cost: dict[str, float]) -> None:
-        """One step's cost (the COST_KEYS) added to the run's, and the segment's last step."""
+        """One step's cost (COST_KEYS and PHASE_KEYS, summed; peak_memory_gb, the maximum) added to
+        the run's, and the segment's last step."""
         record = self.read()
-        for key in COST_KEYS:
-            record["cost"][key] += cost[key]
+        for key in (*COST_KEYS, *PHASE_KEYS):
+            record["cost"][key] = record["cost"].get(key, 0) + cost[key]
+        record["cost"]["peak_memory_gb"] = max(record["cost"].get("peak_memory_gb", 0.0), cost["peak_memory_gb"])
         record["segments"][-1]["last_step"] = step
         self.write(record)
 

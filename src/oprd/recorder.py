@@ -74,12 +74,12 @@ class RunRecorder:
             self.gate_log.set_baseline(name, metrics)
 
     def judge_gates(self, gates: list[Gate], step: int, metrics: dict[str, float], final: bool) -> list[GateResult]:
-        """Every gate against one validation (gates.json); a failing gate is reported as a warning."""
-        if not gates:
+        """Every gate against one validation (gates.json), on the main process; a failing gate is
+        reported as a warning."""
+        if not gates or not self.main:  # the main process wrote the baselines; the others only train
             return []
         results = judge(gates, metrics, self.gate_log.baselines)
-        if self.main:
-            self.gate_log.record(step, results, final)
+        self.gate_log.record(step, results, final)
         for result in results:
             if not result.passed:
                 shown = "not reported" if result.value is None else f"{result.value:.4g}"

@@ -4,6 +4,7 @@
   write_report      RUN/report.md and RUN/report/*.png
   write_comparison  DIR/compare.md and DIR/*.png: the config keys that differ, final and best
                     validation, cost, and every run's curves overlaid
+  plot_lines        the one plot of series against step they (and the demo's curves) draw
 
 Plots: loss, representation cosine, KL estimate, response length, validation (every val/ metric
 reported as a fraction), and the cost: cumulative device-hours and sampled tokens, against step.
@@ -62,18 +63,23 @@ def _title(stem: str) -> str:
     return PLOTS[stem][0] if stem in PLOTS else TITLES[stem]
 
 
-def _plot(path: Path, title: str, lines: dict[str, list[tuple[int, float]]]) -> None:
+def plot_lines(path: Path, title: str, lines: dict[str, list[tuple[int, float]]], ylabel: str | None = None,
+               references: dict[str, float] | None = None) -> None:
+    """One plot against step: a line per series, and a dashed horizontal line per reference value
+    (e.g. the teacher's accuracy). Every run plot of oprd is drawn here (report, compare, the demo)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 3.6))
+    figure, axis = plt.subplots(figsize=(6, 4))
     for name, points in lines.items():
         steps, values = zip(*points)
-        axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
-    axis.set_xlabel("step")
-    axis.set_title(title)
+        axis.plot(steps, values, marker="o" if len(steps) < 30 else None, label=name)
+    for i, (name, value) in enumerate((references or {}).items()):
+        axis.axhline(value, linestyle=("--", ":", "-.")[i % 3], color="k", label=name)
+    axis.set(xlabel="step", ylabel=ylabel or "", title=title)
+    axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -98,7 +104,7 @@ def write_report(run_dir: Path) -> Path:
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
     for stem, lines in plots.items():
-        _plot(folder / f"{stem}.png", _title(stem), lines)
+        plot_lines(folder / f"{stem}.png", _title(stem), lines)
     record = RunJson(run_dir).read()
     rows = _rows(run_dir)
     lines = [f"# Run {run_dir.name}", ""]
@@ -142,7 +148,7 @@ def write_comparison(run_dirs: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     overlaid = comparison_series(run_dirs, names)
     for stem, lines in overlaid.items():
-        _plot(out / f"{stem}.png", _title(stem), lines)
+        plot_lines(out / f"{stem}.png", _title(stem), lines)
     lines = ["# Runs compared", "", *(f"- {name}: {run}" for name, run in zip(names, run_dirs)), ""]
     differences = config_differences(run_dirs)
     lines += ["## Config keys that differ", ""]

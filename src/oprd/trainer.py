@@ -616,7 +616,9 @@ def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], 
     every eval_every steps and at the last, the validation."""
     line = {**metrics, **rollout_metrics(batch, run.world, run.device), **time_metrics(timings, started, run.device)}
     line.update(cost_metrics(run, batch, line["time/step_s"]))
-    run.recorder.add_cost(step, {key.removeprefix("cost/"): line[key] for key in COST_METRICS})
+    run.recorder.add_cost(step, {**{key.removeprefix("cost/"): line[key] for key in COST_METRICS},
+                                 "rollout_seconds": line["time/rollout_s"], "teacher_seconds": line["time/teacher_s"],
+                                 "update_seconds": line["time/update_s"], "peak_memory_gb": line["memory/peak_gb"]})
     if run.validation and (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
         line.update(run.validation(step))
         run.recorder.judge_gates(run.gates, step, line, final=step == run.cfg.max_steps)

@@ -63,6 +63,7 @@ from oprd.experiments.measure import PeakRSS
 from oprd.files import check_output_dir, open_output_dir, prepare_output_dir, write_text_atomically
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams
+from oprd.run_report import plot_lines
 from oprd.trainer import train
 
 ON_POLICY = {  # method -> its output-space objective; OPRD (at the method's oprd_coef) in OPRD_METHODS
@@ -659,37 +660,19 @@ def theorem1_rows(variance: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def plot_curves(curves: dict[str, list[dict]], results: dict, k: int, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(records, key):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        return [p[0] for p in points], [p[1] for p in points]
-
+    """accuracy, representation cosine and response length against step, a line per method (means
+    over seeds), drawn by `run_report.plot_lines`; the accuracy plot marks the teacher, the student
+    and seq-KD."""
     panels = [
         ("accuracy_vs_step.png", f"val/test/avg@{k}", f"test Avg@{k} (mean over seeds)"),
         ("rep_cosine_vs_step.png", "rep/cosine_similarity", "rep cosine similarity (OPRD positions)"),
         ("response_length_vs_step.png", "response_length/mean", "rollout response length (tokens)"),
     ]
     for filename, key, label in panels:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, records in curves.items():
-            xs, ys = series(records, key)
-            if xs:
-                ax.plot(xs, ys, marker="o" if key.startswith("val/") else None, label=method)
-        if key.startswith("val/"):
-            for ref, style in (("teacher", "k--"), ("student", "k:"), ("seq_kd", "m-.")):
-                if ref in results:
-                    ax.axhline(results[ref]["accuracy"], linestyle=style[1:], color=style[0], label=ref)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / filename, dpi=100)
-        plt.close(fig)
+        lines = {method: [(r["step"], r[key]) for r in records if key in r] for method, records in curves.items()}
+        references = ({ref: results[ref]["accuracy"] for ref in ("teacher", "student", "seq_kd") if ref in results}
+                      if key.startswith("val/") else None)
+        plot_lines(out / filename, label, {m: points for m, points in lines.items() if points}, label, references)
 
 
 def software_versions() -> str:
