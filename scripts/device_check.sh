@@ -4,7 +4,8 @@
 #
 #     bash scripts/device_check.sh          # writes runs/device_check (or $OUT) and prints one table
 #
-#   1. each objective's smoke recipe, 3 steps on CUDA in bf16, its losses next to the CPU float32 run
+#   1. each objective's smoke recipe (and the two applications'), 3 steps on CUDA in bf16, its losses next to
+#      the CPU float32 run
 #   2. the bench's CUDA peak-memory counters, on the tiny preset
 #   3. the bench at the paper's Table 3 shape: r1-distill-1.5b with all 28 layers in bf16, OPRD and
 #      top-16 OPD against the floor, 4096 response tokens
@@ -22,7 +23,7 @@ R1_TOKENS=${R1_TOKENS:-4096}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
-for recipe in oprd opd_sampled opd_topk opd_full oprd_plus_opd; do
+for recipe in oprd opd_sampled opd_topk opd_full oprd_plus_opd self_distillation multi_teacher; do
   "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/gpu-$recipe" "device=$DEVICE" optim.precision=bf16 \
     save_every=0 overwrite=true > "$OUT/gpu-$recipe.log" 2>&1
   "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/cpu-$recipe" device=cpu \
@@ -56,7 +57,7 @@ print(f"oprd device check: {device}, torch {torch.__version__}, "
 print()
 print("| check | GPU bf16 | CPU float32 |")
 print("|---|---|---|")
-for recipe in ("oprd", "opd_sampled", "opd_topk", "opd_full", "oprd_plus_opd"):
+for recipe in ("oprd", "opd_sampled", "opd_topk", "opd_full", "oprd_plus_opd", "self_distillation", "multi_teacher"):
     runs = [[json.loads(line) for line in (out / f"{device}-{recipe}" / "metrics.jsonl").read_text().splitlines()]
             for device in ("gpu", "cpu")]
     cells = [" ".join(f"{row['loss']:.4f}" for row in rows) for rows in runs]
