@@ -113,6 +113,17 @@ def test_self_teacher_reading_the_students_own_prompt_gives_zero_oprd_loss_at_st
         assert 0 < memory["bytes"] <= student_bytes  # OPRD alone reads it: the backbone, no LM head of its own
 
 
+@pytest.mark.parametrize("objective", ["sampled", "full"])
+def test_self_distillation_works_with_opd_and_the_sum(objective, tmp_path):
+    """OPD against the self-teacher: zero at step 1 without the privileged prompt (the same
+    distributions), and not with it (the answer changes the teacher's next-token distribution)."""
+    common = [f"opd.objective={objective}", "oprd.coef=1.0", "max_steps=1"]
+    (plain,) = _metrics(train(_self_config(tmp_path / "plain", "teacher.prompt_template=null", *common)))
+    assert abs(plain["opd/loss"]) < 1e-6 and abs(plain["rep/loss"]) < 1e-6
+    (privileged,) = _metrics(train(_self_config(tmp_path / "privileged", *common)))
+    assert privileged["opd/kl_estimate"] != 0 and privileged["rep/loss"] > 0
+
+
 def test_the_privileged_prompt_moves_the_teacher_away_from_the_student(tmp_path):
     run_dir = train(_self_config(tmp_path, "max_steps=1"))
     assert _metrics(run_dir)[0]["rep/loss"] > 1e-4
