@@ -16,7 +16,7 @@ from oprd.data import load_problems, prompt_token_ids
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.teachers import update_ema
 from oprd.testing import tiny_config
-from oprd.trainer import sample, set_up_run, train, update
+from oprd.trainer import cost_metrics, sample, set_up_run, train, update
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 TINY = str(SMOKE / "tiny-qwen3")
@@ -234,6 +234,9 @@ def test_per_teacher_metrics_add_up_to_the_steps(route_by, tmp_path):
         counts = [float(plan.oprd_mask(batch.with_rows_only(r)).sum()) for r in rows]
         tokens = [float(batch.with_rows_only(r).response_mask.sum()) for r in rows]
         weights, opd_weights = [c / sum(counts) for c in counts], [t / sum(tokens) for t in tokens]
+    # the step's cost: every routed sample read by one teacher, every averaged one by both
+    tokens = float(batch.attention_mask.sum())
+    assert cost_metrics(run, batch, 1.0)["cost/teacher_tokens"] == tokens * (1 if route_by else 2)
     for metric, w in (("rep/loss", weights), ("rep/cosine_similarity", weights), ("opd/loss", opd_weights)):
         per_teacher = [record[f"{metric}/teacher_{name}"] for name in names]
         assert record[metric] == pytest.approx(sum(a * b for a, b in zip(w, per_teacher)), rel=1e-5), metric

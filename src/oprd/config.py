@@ -181,10 +181,6 @@ class TrainConfig:
     def uses_oprd(self) -> bool:
         return self.oprd.coef > 0
 
-    @property
-    def self_distillation(self) -> bool:
-        return self.teacher.model == SELF
-
 
 # --------------------------------------------------------------------------- building
 
@@ -527,7 +523,8 @@ def validate_teachers(cfg: TrainConfig) -> None:
                 routes[value] = member.name
             require(not member.routes or cfg.teachers.route_by is not None,
                     f"{field_name}.routes is set but teachers.route_by is not: name the data column to route by")
-    require(teacher.model == SELF or (teacher.self_mode == "frozen" and teacher.ema_decay == 0.99),
+    defaults = TeacherSpec()
+    require(teacher.model == SELF or (teacher.self_mode, teacher.ema_decay) == (defaults.self_mode, defaults.ema_decay),
             "teacher.self_mode and teacher.ema_decay apply to teacher.model=self (self-distillation)")
     _one_of(teacher.self_mode, SELF_MODES, "teacher.self_mode")
     require(0 < teacher.ema_decay < 1, f"teacher.ema_decay must be in (0, 1); got {teacher.ema_decay}")

@@ -8,6 +8,7 @@ without ever deleting what is not ours.
   check_output_dir        may a command use this folder? (checks only, changes nothing)
   prepare_output_dir      check, then empty it (when it is ours and may be replaced) and create it
   refuse_existing_file    the same rule for a single output file
+  JsonFile                a JSON record written atomically, and this process's copy of it
 
 Written files and folders get the permissions the user's umask gives new files (mkstemp,
 mkdtemp and some writers would make them private), and are flushed to disk (fsync), with the folder that holds
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -96,6 +98,28 @@ def write_file_atomically(target: Path, write: Callable[[Path], object]) -> Path
 
 def write_text_atomically(target: Path, text: str) -> Path:
     return write_file_atomically(target, lambda tmp: tmp.write_text(text))
+
+
+class JsonFile:
+    """A JSON object in a file, written atomically (run.json, gates.json). `read` loads it once and
+    then returns this process's copy, which the caller may change in place and `write` back."""
+
+    def __init__(self, path: Path, empty: Callable[[], dict]):
+        self.path, self._empty, self._record = Path(path), empty, None
+
+    def read(self) -> dict:
+        if self._record is None:
+            try:
+                self._record = json.loads(self.path.read_text()) if self.path.is_file() else self._empty()
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self.path} is not valid JSON ({error.msg}, line {error.lineno}): fix or remove "
+                                 "it") from None
+        return self._record
+
+    def write(self, record: dict | None = None) -> None:
+        """Writes `record` (by default this process's copy, as changed) to the file."""
+        self._record = self.read() if record is None else record
+        write_text_atomically(self.path, json.dumps(self._record, indent=2))
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

@@ -13,12 +13,11 @@ A gate is one line, in one of three forms (`>=` or `<=`):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from oprd.files import write_text_atomically
+from oprd.files import JsonFile
 
 GATES_FILE = "gates.json"
 _GATE = re.compile(r"^\s*(?P<metric>\S+)\s*(?P<op>>=|<=)\s*(?:(?P<base>start|teacher)\s*(?P<sign>[+-])\s*)?"
@@ -86,28 +85,23 @@ class GateLog:
     validation ({step, final, results}); a resumed run keeps the judgements of steps before it."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / GATES_FILE
+        self.file = JsonFile(Path(run_dir) / GATES_FILE, lambda: {"gates": [], "baselines": {}, "evaluations": []})
 
     def read(self) -> dict:
-        if not self.path.is_file():
-            return {"gates": [], "baselines": {}, "evaluations": []}
-        try:
-            return json.loads(self.path.read_text())
-        except json.JSONDecodeError as error:
-            raise GateError(f"{self.path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+        return self.file.read()
 
     def start(self, gates: list[Gate], resume_step: int) -> None:
         """Opens the log for a run (segment) starting after `resume_step`: earlier judgements and the
         baselines measured before are kept."""
         log = self.read()
         kept = [e for e in log["evaluations"] if e["step"] <= resume_step]
-        self._write({"gates": [g.text for g in gates], "baselines": log["baselines"], "evaluations": kept})
+        log.update(gates=[g.text for g in gates], evaluations=kept)
+        self.file.write()
 
     def set_baseline(self, name: str, metrics: dict[str, float]) -> None:
         """What relative gates compare with: the student's step-0 validation (start) or the teacher's."""
-        log = self.read()
-        log["baselines"][name] = {key: value for key, value in metrics.items() if key.startswith("val/")}
-        self._write(log)
+        self.read()["baselines"][name] = {key: value for key, value in metrics.items() if key.startswith("val/")}
+        self.file.write()
 
     @property
     def baselines(self) -> dict[str, dict[str, float]]:
@@ -118,10 +112,7 @@ class GateLog:
         log["evaluations"] = [e for e in log["evaluations"] if e["step"] != step]
         log["evaluations"].append({"step": step, "final": final, "passed": all(r.passed for r in results),
                                    "results": [asdict(r) for r in results]})
-        self._write(log)
-
-    def _write(self, log: dict) -> None:
-        write_text_atomically(self.path, json.dumps(log, indent=2))
+        self.file.write()
 
 
 def verdict(run_dir: Path) -> tuple[int, dict | None]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from oprd.config import TrainConfig, config_yaml
-from oprd.files import write_text_atomically
+from oprd.files import JsonFile
 
 RUN_JSON = "run.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -130,18 +130,18 @@ def devices(device: torch.device, world_size: int) -> dict:
 
 
 class RunJson:
-    """run.json of one run folder, written atomically by the main process."""
+    """run.json of one run folder, written atomically by the main process: at the start and end of
+    a segment and whenever a checkpoint or `best/` is written. The cost of each step is added to
+    this process's copy and reaches the file with the next write (metrics.jsonl has it at once)."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / RUN_JSON
+        self.file = JsonFile(Path(run_dir) / RUN_JSON, dict)
 
     def read(self) -> dict:
-        if not self.path.is_file():
-            return {}
-        return json.loads(self.path.read_text())
+        return self.file.read()
 
-    def write(self, record: dict) -> None:
-        write_text_atomically(self.path, json.dumps(record, indent=2))
+    def write(self) -> None:
+        self.file.write()
 
     def start_segment(self, *, seed: int, device: torch.device, world_size: int, first_step: int,
                       models: dict[str, dict], data: dict) -> None:
@@ -154,32 +154,30 @@ class RunJson:
             record = {"oprd_version": versions()["oprd"], "git_commit": commit, "git_dirty": dirty,
                       "command": " ".join(command_line()), "seed": seed, "versions": versions(),
                       "devices": devices(device, world_size), "segments": [], "models": models, "data": data,
-                      "cost": dict.fromkeys(COST_KEYS, 0)}
+                      "cost": dict.fromkeys((*COST_KEYS, *PHASE_KEYS), 0) | {"peak_memory_gb": 0.0}}
         elif models != record["models"] or data != record["data"]:
             segment.update(models=models, data=data)  # what this segment read, where it differs from the start
         record["segments"].append(segment)
-        self.write(record)
+        self.file.write(record)
 
     def add_step(self, step: int, cost: dict[str, float]) -> None:
         """One step's cost (COST_KEYS and PHASE_KEYS, summed; peak_memory_gb, the maximum) added to
-        the run's, and the segment's last step."""
+        the run's, and the segment's last step; written with the next `write`."""
         record = self.read()
         for key in (*COST_KEYS, *PHASE_KEYS):
-            record["cost"][key] = record["cost"].get(key, 0) + cost[key]
-        record["cost"]["peak_memory_gb"] = max(record["cost"].get("peak_memory_gb", 0.0), cost["peak_memory_gb"])
+            record["cost"][key] += cost[key]
+        record["cost"]["peak_memory_gb"] = max(record["cost"]["peak_memory_gb"], cost["peak_memory_gb"])
         record["segments"][-1]["last_step"] = step
-        self.write(record)
 
     def end_segment(self, exit_status: str) -> None:
         record = self.read()
         if record:
             record["segments"][-1].update(end=now(), exit_status=exit_status)
-            self.write(record)
+            self.write()
 
     def set(self, key: str, value) -> None:
-        record = self.read()
-        record[key] = value
-        self.write(record)
+        self.read()[key] = value
+        self.write()
 
 
 def model_card(cfg: TrainConfig, record: dict, teachers: dict[str, str], metrics: list[dict]) -> str:

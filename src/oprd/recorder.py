@@ -53,8 +53,13 @@ class RunRecorder:
             self.run_json.start_segment(models=models(), data=data(), **segment)
 
     def add_cost(self, step: int, cost: dict[str, float]) -> None:
+        """A step's cost, added to run.json's (written with the next checkpoint, `best/` or the end)."""
         if self.main:
             self.run_json.add_step(step, cost)
+
+    def write_provenance(self) -> None:
+        if self.main:
+            self.run_json.write()
 
     def end_provenance(self, exit_status: str) -> None:
         if self.main:

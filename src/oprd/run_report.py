@@ -86,11 +86,11 @@ def plot_lines(path: Path, title: str, lines: dict[str, list[tuple[int, float]]]
     plt.close(figure)
 
 
-def final_and_best(run_dir: Path) -> dict[str, dict[str, float]]:
-    """{val metric: {final, best, best_step}}: its last value and its best (the highest; the
-    lowest for lengths and format errors)."""
+def final_and_best(series: dict[str, dict[str, list[tuple[int, float]]]]) -> dict[str, dict[str, float]]:
+    """{val metric: {final, best, best_step}} of a run's `report_series`: each metric's last value
+    and its best (the highest; the lowest for format errors)."""
     out = {}
-    for name, points in report_series(run_dir).get("validation", {}).items():
+    for name, points in series.get("validation", {}).items():
         lower = "format_error_rate" in name
         best_step, best = (min if lower else max)(points, key=lambda p: p[1])
         out[name] = {"final": points[-1][1], "best": best, "best_step": best_step}
@@ -106,15 +106,15 @@ def write_report(run_dir: Path) -> Path:
     for stem, lines in plots.items():
         plot_lines(folder / f"{stem}.png", _title(stem), lines)
     record = RunJson(run_dir).read()
-    rows = _rows(run_dir)
+    last_step = max((step for lines in plots.values() for points in lines.values() for step, _ in points), default=0)
     lines = [f"# Run {run_dir.name}", ""]
     if record:
         segments = record.get("segments", [])
         lines += [f"oprd {record.get('oprd_version')} (commit {record.get('git_commit')}"
                   f"{', dirty tree' if record.get('git_dirty') else ''}); {len(segments)} segment(s): "
                   + "; ".join(f"steps {s['first_step']}-{s['last_step']} {s['exit_status']}" for s in segments), ""]
-    lines += [f"{max((r['step'] for r in rows), default=0)} steps logged.", ""]
-    validation = final_and_best(run_dir)
+    lines += [f"{last_step} steps logged.", ""]
+    validation = final_and_best(plots)
     if validation:
         lines += ["## Validation", "", *markdown_table(
             ["metric", "final", "best", "best at step"],
@@ -146,7 +146,8 @@ def write_comparison(run_dirs: list[Path], out: Path) -> Path:
     names = [run.name if [r.name for r in run_dirs].count(run.name) == 1 else str(run) for run in run_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overlaid = comparison_series(run_dirs, names)
+    series = [report_series(run) for run in run_dirs]
+    overlaid = _overlay(series, names)
     for stem, lines in overlaid.items():
         plot_lines(out / f"{stem}.png", _title(stem), lines)
     lines = ["# Runs compared", "", *(f"- {name}: {run}" for name, run in zip(names, run_dirs)), ""]
@@ -154,7 +155,7 @@ def write_comparison(run_dirs: list[Path], out: Path) -> Path:
     lines += ["## Config keys that differ", ""]
     lines += [*markdown_table(["key", *names], [[key, *map(str, values)] for key, values in differences.items()]), ""] \
         if differences else ["none", ""]
-    validation = [final_and_best(run) for run in run_dirs]
+    validation = [final_and_best(plots) for plots in series]
     metrics = sorted(set().union(*validation))
     if metrics:
         lines += ["## Validation (final / best)", "", *markdown_table(
@@ -174,9 +175,13 @@ def write_comparison(run_dirs: list[Path], out: Path) -> Path:
 
 def comparison_series(run_dirs: list[Path], names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{plot: {"RUN: series": points}}: every run's series of each plot, labelled by run."""
+    return _overlay([report_series(run) for run in run_dirs], names)
+
+
+def _overlay(series: list[dict], names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     overlaid: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for name, run in zip(names, run_dirs):
-        for stem, lines in report_series(run).items():
+    for name, plots in zip(names, series):
+        for stem, lines in plots.items():
             for series, points in lines.items():
                 overlaid.setdefault(stem, {})[f"{name}: {series}"] = points
     return overlaid

@@ -69,12 +69,6 @@ class Teacher:
     source: TeacherSource
     model: torch.nn.Module
     plan: LossPlan
-    tokens_read: int = 0  # since the last take_tokens_read(): the cost of the teacher's forwards
-
-    def take_tokens_read(self) -> int:
-        """The tokens this teacher read since the last call (its share of a step's cost)."""
-        read, self.tokens_read = self.tokens_read, 0
-        return read
 
     @property
     def name(self) -> str:
@@ -122,16 +116,12 @@ class Teacher:
         if not (world.any(has_rows) if distributed.is_sharded(self.model) else has_rows):
             return None
         rows = rows_B.nonzero()[:, 0] if has_rows else torch.zeros(1, dtype=torch.long, device=rows_B.device)
-        scores = self._read(plan, batch.select(rows), counted=has_rows)
+        scores = self._read(plan, batch.select(rows))
         return scores.placed(rows, batch.response_ids.shape) if has_rows else None
 
-    def _read(self, plan: LossPlan, batch, counted: bool = True) -> TeacherScores:
+    def _read(self, plan: LossPlan, batch) -> TeacherScores:
         with self.reading():
-            scores = score_with_teacher(plan, self.model, batch)
-        if counted:
-            read = batch.teacher_view.batch if batch.teacher_view is not None else batch
-            self.tokens_read += int(read.attention_mask.sum())
-        return scores
+            return score_with_teacher(plan, self.model, batch)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging
 from oprd import checkpoint, distributed, provenance
 from oprd.batch import RolloutBatch
 from oprd.bridge import Bridge, load_bridge
-from oprd.config import ConfigError, TrainConfig, read_run_config, require, trained_differences
+from oprd.config import VALIDATION_METRICS, ConfigError, TrainConfig, read_run_config, require, trained_differences
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
 from oprd.evaluation.harness import evaluate
@@ -424,7 +424,7 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[
     benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit) for name in cfg.eval_benchmarks}
     params = SamplingParams(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                             max_new_tokens=cfg.eval_max_new_tokens, n=cfg.eval_samples)
-    reported = (f"avg@{cfg.eval_samples}", f"best@{cfg.eval_samples}", "dist-4g", "avg_len", "format_error_rate")
+    reported = [metric.format(k=cfg.eval_samples) for metric in VALIDATION_METRICS]
 
     def validation(step: int) -> dict[str, float]:
         record = {}
@@ -635,9 +635,11 @@ def cost_metrics(run: Run, batch: RolloutBatch, step_seconds: float) -> dict[str
     """What the step cost: tokens sampled and tokens the teachers read (every process's), wall
     seconds, device-hours (wall x processes) and the peak memory so far (the GPU's allocator, or
     this process's resident set on a CPU)."""
-    read = sum(teacher.take_tokens_read() for teacher in run.teachers)
-    sampled, teacher_tokens = run.world.sum(torch.tensor([float(batch.response_lengths.sum()), float(read)],
-                                                         device=run.device)).tolist()
+    read_B = (batch.teacher_view.batch if batch.teacher_view is not None else batch).attention_mask.sum(-1)
+    rows = [run.routing.rows(index, batch) for index in range(len(run.teachers))]
+    read = sum(read_B.sum() if scored is None else read_B[scored].sum() for scored in rows)  # what each teacher read
+    sampled, teacher_tokens = run.world.sum(torch.stack([batch.response_lengths.sum(), read]).double()
+                                            .to(run.device)).tolist()
     if run.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(run.device) / 2**30
     else:
@@ -695,6 +697,7 @@ def save(run: Run, step: int) -> None:
     checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
                                run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
                                world=run.world, ema_teacher=run.ema_teacher)
+    run.recorder.write_provenance()  # run.json's cost up to the checkpoint a resume continues from
 
 
 def finish(run: Run) -> Path:

@@ -40,6 +40,7 @@ from oprd.experiments.demo import (
     SHIPPED_TUNING,
     DemoSettings,
     chosen_settings,
+    last_evaluation,
     load_for_measure,
     load_tuning,
     measure_model,
@@ -112,7 +113,7 @@ def build_specialist(world: toy.World, data: Path, half: str, progress: Progress
         save_model_dir(tmp, run.teacher, tokenizer)
         (tmp / "specialist.json").write_text(json.dumps(
             {"half": half, "operations": HALVES[half], "step": run.teacher_step,
-             "sft_curve": [{"step": step, "validation_accuracy": a} for step, a in run.curve]}, indent=2))
+             "sft_curve": toy.curve_records(run.curve)}, indent=2))
 
     with toy.reproducible_build():
         return write_dir_atomically(root, fill)
@@ -137,15 +138,6 @@ def merged_config(specialists: dict[str, Path], data: Path, routed: bool):
                        teachers=TeachersConfig(route_by="data_source" if routed else None, members=members),
                        eval_benchmarks=[str(data / f"test_{half}.parquet") for half in HALVES])
     return adjust
-
-
-def last_numbers(run: dict, k: int, benchmark: str) -> dict:
-    """The toy's protocol numbers of a run's final model on `benchmark`, from the trainer's
-    evaluation at the last step (the test split, the protocol and the run's seed)."""
-    last = [r for r in run["curve"] if f"val/{benchmark}/avg@{k}" in r][-1]
-    if last["step"] != run["steps"]:
-        raise RuntimeError(f"the run's last evaluation is at step {last['step']}, not at its last step {run['steps']}")
-    return toy.protocol_numbers(last, k, prefix=f"val/{benchmark}/")
 
 
 def plain_sft(world: toy.World, s: DemoSettings, lr: float, seed: int, run_dir: Path, progress: Progress) -> dict:
@@ -208,7 +200,7 @@ def run_applications(s: DemoSettings, console: Console | None = None) -> dict:
             console.rule(f"[bold](a) self-distillation, {mode} teacher, seed {seed}")
             run_dir = s.out / "runs" / f"{name}-seed{seed}"
             run = run_on_policy("oprd", oprd, world, s, seed, run_dir, console, adjust=self_distillation_config(mode))
-            add(self_rows, name, last_numbers(run, k, "test")["accuracy"])
+            add(self_rows, name, last_evaluation(run, k)["accuracy"])
             memory = json.loads((run_dir / "teachers.json").read_text())["self"]
             add(self_costs, name, {"train_seconds": run["train_seconds"], "teacher_bytes": memory["bytes"]})
 
@@ -222,7 +214,7 @@ def run_applications(s: DemoSettings, console: Console | None = None) -> dict:
             console.rule(f"[bold](b) {name}, seed {seed}")
             run = run_on_policy("oprd", oprd, world, s, seed, s.out / "runs" / f"{name}-seed{seed}", console,
                                 adjust=merged_config(specialists, data, routed))
-            by_half[name] = {half: last_numbers(run, k, f"test_{half}")["accuracy"] for half in HALVES}
+            by_half[name] = {half: last_evaluation(run, k, f"test_{half}")["accuracy"] for half in HALVES}
         for name, accuracies in by_half.items():
             row = merged_rows.setdefault(name, {})
             for half, accuracy in accuracies.items():

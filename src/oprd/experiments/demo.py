@@ -184,15 +184,15 @@ def measure_model(path: Path, problems_path: Path, world: toy.World, seed: int, 
                        progress=progress, description=f"measure {name}")
 
 
-def last_evaluation(run: dict, k: int) -> dict:
-    """`measure_model`'s numbers for an on-policy run's final model, read from the trainer's evaluation
-    at the last step: the test split, the toy's protocol and the run's seed, as `measure_model` does
-    (the demo's test checks the two agree)."""
-    key = f"val/test/avg@{k}"
+def last_evaluation(run: dict, k: int, benchmark: str = "test") -> dict:
+    """`measure_model`'s numbers for an on-policy run's final model on `benchmark` (a problem file's
+    stem), read from the trainer's evaluation at the last step: the toy's protocol and the run's
+    seed, as `measure_model` does (the demo's test checks the two agree)."""
+    key = f"val/{benchmark}/avg@{k}"
     last = [r for r in run["curve"] if key in r][-1]
     if last["step"] != run["steps"]:
         raise RuntimeError(f"the run's last evaluation is at step {last['step']}, not at its last step {run['steps']}")
-    return toy.protocol_numbers(last, k, prefix="val/test/")
+    return toy.protocol_numbers(last, k, prefix=f"val/{benchmark}/")
 
 
 def train_config(method: str, settings: MethodSettings, world: toy.World, s: DemoSettings, seed: int,

@@ -442,7 +442,7 @@ def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, to
                                f"{name} teacher", progress)
         run.teacher.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"step": run.teacher_step, "sft_curve": _curve_records(run.curve),
+        info = {"step": run.teacher_step, "sft_curve": curve_records(run.curve),
                 **_accuracies(run.teacher, tokenizer, world, progress, f"{name} teacher")}
         (tmp / "teacher.json").write_text(json.dumps(info, indent=2))
 
@@ -472,7 +472,7 @@ def held_out_splits(settings: WorldSettings, train: list[ToyProblem]) -> tuple[l
     return validation, test
 
 
-def _curve_records(curve: list[tuple[int, float]]) -> list[dict]:
+def curve_records(curve: list[tuple[int, float]]) -> list[dict]:
     return [{"step": step, "validation_accuracy": accuracy} for step, accuracy in curve]
 
 
@@ -536,7 +536,7 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
                                   ("student", student.eval(), run.student_step)):
             save_model_dir(tmp / name, model, tokenizer)
             info[name] = {"step": step, **_accuracies(model, tokenizer, in_progress, progress, name)}
-        info["sft_curve"] = _curve_records(run.curve)
+        info["sft_curve"] = curve_records(run.curve)
         info["teacher_entropy_nats"] = mean_entropy(run.teacher, tokenizer, load_problems(str(tmp / "test.parquet")),
                                                     settings)
         info["build_seconds"] = time.perf_counter() - started
