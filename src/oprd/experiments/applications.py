@@ -92,6 +92,12 @@ def halves_data(world: toy.World) -> Path:
     return write_dir_atomically(root, fill)
 
 
+def reference_examples(tokenizer, problems: list) -> list[tuple[list[int], int]]:
+    """SFT examples of toy problems read back from their files: each prompt with its reference
+    solution (`toy.write_problems` keeps it in extra_info.solution)."""
+    return toy.sft_examples(tokenizer, [(p.messages[0]["content"], p.row["extra_info"]["solution"]) for p in problems])
+
+
 def build_specialist(world: toy.World, data: Path, half: str, progress: Progress | None = None) -> Path:
     """The world's student fine-tuned (SFT, the world's settings) only on `half`'s training chains
     until it reaches the world's teacher target on `half`'s validation chains (at most the world
@@ -103,7 +109,7 @@ def build_specialist(world: toy.World, data: Path, half: str, progress: Progress
         return root
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(world.tokenizer))
     train = [p for p in load_problems(str(data / "train.parquet")) if p.source == half]
-    examples = toy.sft_examples(tokenizer, [(p.messages[0]["content"], p.row["extra_info"]["solution"]) for p in train])
+    examples = reference_examples(tokenizer, train)
     student = load_model(ModelSpec(model=str(world.student)), torch.device("cpu"), dtype=torch.float32)
 
     def fill(tmp: Path) -> None:
@@ -144,8 +150,7 @@ def plain_sft(world: toy.World, s: DemoSettings, lr: float, seed: int, run_dir: 
     """The world's student fine-tuned on reference solutions of the training chains: the on-policy
     runs' steps and samples per step, the seq-KD baseline's learning rate and warm-up."""
     model, tokenizer = load_for_measure(world.student)
-    examples = toy.sft_examples(tokenizer, [(p.messages[0]["content"], p.row["extra_info"]["solution"])
-                                            for p in load_problems(str(world.train_path))])
+    examples = reference_examples(tokenizer, load_problems(str(world.train_path)))
     task = progress.add_task("plain SFT on reference solutions", total=s.steps)
     started = time.perf_counter()
     toy.sft(model, examples, steps=s.steps, batch_size=s.prompts_per_step * s.responses_per_prompt, lr=lr,
