@@ -31,9 +31,18 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--seeds", "2"])
     assert result.exit_code == 0, result.output
+    # not a terminal: finished progress lines are not repeated at later stages, and no method name is cut
+    assert result.output.count("toy world:") == 1 and "…" not in result.output
+    assert result.output.count("measure student seed 1:") == 1
+    table = result.output[result.output.index("Test problems (Table 2 style)"):]
+    for method in METHODS:
+        assert f" {method} " in table, method
 
     payload = json.loads((out / "results.json").read_text())
-    assert set(payload) == {"wall_seconds", "seeds", "world", "methods", "tuning", "tuning_source", "theorem1"}
+    assert set(payload) == {"wall_seconds", "phase_seconds", "seeds", "world", "methods", "tuning", "tuning_source",
+                            "theorem1"}
+    assert set(payload["phase_seconds"]) == {"toy world", "teacher and student", *DISTILLED, "theorem 1"}
+    assert sum(payload["phase_seconds"].values()) <= payload["wall_seconds"]
     assert payload["wall_seconds"] > 0 and payload["seeds"] == [0, 1]
     assert set(payload["methods"]) == set(METHODS)
     for name, metrics in payload["methods"].items():
@@ -76,7 +85,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
         assert set(checkpoint["gradients"]) == {"opd_top1", "opd_top16", "opd_full", "oprd"}
         assert all(g["variance"] > 0 and g["snr"] > 0 for g in checkpoint["gradients"].values())
     world = payload["world"]
-    assert world["teacher"]["step"] > world["student"]["step"]
+    assert world["origin"] == "shipped" and world["teacher"]["step"] > world["student"]["step"]
     report = (out / "report.md").read_text()
     assert "Avg@" in report and "Tuning" in report and "Theorem 1" in report
     assert f"torch {torch.__version__}" in report  # what produced the numbers

@@ -362,7 +362,7 @@ def gate(run: Path = typer.Argument(..., help="a run folder (oprd train output_d
 
     Example: oprd gate runs/mine && echo ship it
     """
-    from oprd.display import console_table
+    from oprd.display import print_table
     from oprd.gates import verdict
 
     console = Console(soft_wrap=True)
@@ -376,7 +376,7 @@ def gate(run: Path = typer.Argument(..., help="a run folder (oprd train output_d
     rows = [[r["gate"], "-" if r["value"] is None else f"{r['value']:.4g}", f"{r['threshold']:.4g}",
              "pass" if r["passed"] else "FAIL"] for r in judged["results"]]
     title = f"gates at step {judged['step']}{' (the end of the run)' if judged['final'] else ''}"
-    console.print(console_table(title, ["gate", "value", "threshold", ""], rows))
+    print_table(console, title, ["gate", "value", "threshold", ""], rows)
     raise typer.Exit(code=code)
 
 
@@ -428,8 +428,10 @@ def demo(
                                                         "reading back the runs it already measured"),
     threads: int = typer.Option(2, help="torch CPU threads for training and measuring (the toy world is always "
                                         "built on its own fixed count)"),
-    world_only: bool = typer.Option(False, "--world-only", help="build (or load) the toy world alone and write "
+    world_only: bool = typer.Option(False, "--world-only", help="load (or build) the toy world alone and write "
                                                                 "OUT/world.json"),
+    rebuild_world: bool = typer.Option(False, "--rebuild-world", help="build the toy world on this machine (minutes) "
+                                       "instead of using the one shipped with oprd, and compare the two"),
     methods: str = typer.Option(None, help="comma-separated subset of teacher,student,opd_top1,opd_top16,oprd,"
                                            "opd_top1_plus_oprd,seq_kd"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
@@ -460,7 +462,7 @@ def demo(
                              "--tuned, --resume and --methods")
         given = {"steps": steps, "oprd_k": oprd_k, "methods": _csv(methods) if methods else None, "seed": seed,
                  "seeds": seeds, "tune": tune, "tuned": tuned, "resume": resume, "threads": threads,
-                 "overwrite": overwrite}
+                 "overwrite": overwrite, "rebuild_world": rebuild_world}
         given = {k: v for k, v in given.items() if v is not None}
         settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
         command = (run_world_only if world_only else run_bridge_demo if bridge else run_applications if applications

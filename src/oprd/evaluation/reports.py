@@ -10,7 +10,7 @@ from statistics import mean
 
 from rich.console import Console
 
-from oprd.display import console_table, markdown_table
+from oprd.display import markdown_table, print_table
 from oprd.files import prepare_output_dir
 
 REPORT_FILES = ("summary.json", "samples.jsonl", "results.md")
@@ -98,5 +98,5 @@ def results_markdown(summary: dict) -> str:
 def print_tables(console: Console, summary: dict, out: Path) -> None:
     """The Avg@k and Best@k tables on the console; the rest is in results.md."""
     for title, header, rows in metric_tables(summary)[:2]:
-        console.print(console_table(title, header, rows))
+        print_table(console, title, header, rows)
     console.print(f"full report: {out / 'results.md'}")

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerFast
 from oprd.checkpoint import save_model_dir
 from oprd.config import DataConfig, TeacherMember, TeachersConfig, TeacherSpec, TrainConfig
 from oprd.data import load_problems
-from oprd.display import console_table, markdown_table
+from oprd.display import markdown_table, print_table
 from oprd.experiments import toy
 from oprd.experiments.demo import (
     SHIPPED_TUNING,
@@ -125,6 +125,12 @@ def build_specialist(world: toy.World, data: Path, half: str, progress: Progress
         return write_dir_atomically(root, fill)
 
 
+def build_specialists(world: toy.World, progress: Progress | None = None) -> tuple[Path, dict[str, Path]]:
+    """(the halves' data folder, half -> its specialist's folder), cached beside `world` (or shipped with it)."""
+    data = halves_data(world)
+    return data, {half: build_specialist(world, data, half, progress) for half in HALVES}
+
+
 # --------------------------------------------------------------------------- the runs
 
 
@@ -178,8 +184,7 @@ def run_applications(s: DemoSettings, console: Console | None = None) -> dict:
     start = start_demo(s, console, APPLICATION_FILES)
     console, out, progress, world, started = start.console, start.out, start.progress, start.world, start.started
     with progress:
-        data = halves_data(world)
-        specialists = {half: build_specialist(world, data, half, progress) for half in HALVES}
+        data, specialists = build_specialists(world, progress)
     tuning, tuning_source = load_tuning(s.tuned, SHIPPED_TUNING, "oprd demo --tune", world)
     oprd = chosen_settings(tuning, "oprd", "oprd demo --tune")
     sft_lr = chosen_settings(tuning, "seq_kd", "oprd demo --tune").lr
@@ -251,8 +256,8 @@ def run_applications(s: DemoSettings, console: Console | None = None) -> dict:
     (out / "settings.json").write_text(json.dumps({**asdict(s), "out": str(s.out)}, indent=2, default=str))
     plot(payload, out / "applications.png")
     (out / "applications_report.md").write_text(report(payload))
-    console.print(console_table("(a) self-distillation, test Avg@k", *self_rows_table(payload)))
-    console.print(console_table("(b) two teachers in one student, test Avg@k", *merged_rows_table(payload)))
+    print_table(console, "(a) self-distillation, test Avg@k", *self_rows_table(payload))
+    print_table(console, "(b) two teachers in one student, test Avg@k", *merged_rows_table(payload))
     console.print(f"wall clock {payload['wall_seconds']:.0f} s; results in {out}")
     return payload
 

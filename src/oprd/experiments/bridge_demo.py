@@ -183,6 +183,7 @@ def tune(world: toy.World, teachers: dict[str, Path], bridges: Bridges, s: DemoS
                                    lambda i, method=method: s.out / "tuning" / method.pair / method.name / str(i),
                                    world, s, console, progress)
     return {"made_by": MADE_BY + (" --quick" if s.quick else ""), "world": world.root.name,
+            "world_fingerprint": world.fingerprint,
             "grid": {"lr": list(LEARNING_RATES)}, "software": toy.software(), "methods": tuned}
 
 
@@ -191,8 +192,7 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     start = start_demo(s, console, BRIDGE_DEMO_FILES)
     console, out, progress, world, started = start.console, start.out, start.progress, start.world, start.started
     with progress:
-        teachers = {name: toy.build_teacher(world, name, *_quick_recipe(name, s), progress=progress)
-                    for name in toy.BRIDGE_TEACHERS}
+        teachers = build_teachers(world, s, progress)
     bridges = Bridges(world, teachers, s, out / "bridges")
     (out / "bridges").mkdir()
 
@@ -264,6 +264,12 @@ def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     (out / "bridge_report.md").write_text(bridge_report(payload, s, world))
     console.print(bridge_report(payload, s, world))
     return payload
+
+
+def build_teachers(world: toy.World, s: DemoSettings, progress: Progress | None = None) -> dict[str, Path]:
+    """The bridge demo's teachers of `world` (cached beside it, or shipped with it): name -> folder."""
+    return {name: toy.build_teacher(world, name, *_quick_recipe(name, s), progress=progress)
+            for name in toy.BRIDGE_TEACHERS}
 
 
 def _quick_recipe(name: str, s: DemoSettings):

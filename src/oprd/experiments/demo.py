@@ -34,7 +34,8 @@ import json
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -56,7 +57,7 @@ from oprd.config import (
     validate,
 )
 from oprd.data import load_problems
-from oprd.display import console_table, markdown_table, progress_bar
+from oprd.display import markdown_table, print_table, progress_bar
 from oprd.evaluation.harness import evaluate
 from oprd.experiments import theorem1, toy
 from oprd.experiments.measure import PeakRSS
@@ -128,6 +129,7 @@ class DemoSettings:
     resume: bool = False  # continue an interrupted --tune in `out`: candidates measured before are read back
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     overwrite: bool = False
+    rebuild_world: bool = False  # build the toy world on this machine instead of using the shipped one
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -349,6 +351,7 @@ def tune(world: toy.World, s: DemoSettings, console: Console, progress: Progress
     return {
         "made_by": "oprd demo --tune" + (" --quick" if s.quick else ""),
         "world": world.root.name,
+        "world_fingerprint": world.fingerprint,
         "demo": s.run_shape,
         "grid": {"lr": list(LEARNING_RATES), "knobs": SEARCH},
         "software": toy.software(),
@@ -389,6 +392,9 @@ def load_tuning(tuned: Path | None, shipped: str, made_by: str, world: toy.World
         tuning, source = json.loads(shipped_file.read_text()), f"the shipped oprd/experiments/{shipped}"
     if tuning.get("world") != world.root.name:
         source += f" (tuned on toy world {tuning.get('world')}, not this one, {world.root.name})"
+    elif tuning.get("world_fingerprint") != world.fingerprint:  # the same settings, other weights
+        source += (f" (tuned on another build of toy world {world.root.name}: weights "
+                   f"{tuning.get('world_fingerprint', 'not recorded')}, not this one's {world.fingerprint})")
     return tuning, source
 
 
@@ -408,19 +414,23 @@ def run_world_only(s: DemoSettings, console: Console | None = None) -> dict:
     out = prepare_output_dir(Path(s.out), overwrite=s.overwrite, overwrite_flag="--overwrite", ours=DEMO_FILES)
     torch.set_num_threads(s.threads)
     hf_logging.disable_progress_bar()
-    with progress_bar(console) as progress:
-        world = toy.build_world(s.world_settings, progress)
+    world = load_world(s, console, progress_bar(console))
     info = {**world.info, "cache": str(world.root)}
     (out / "world.json").write_text(json.dumps(info, indent=2))
-    console.print(world_summary(world))
     return info
 
 
-def world_summary(world: toy.World) -> str:
-    info = world.info
-    return "; ".join(f"{name}: SFT step {info[name]['step']}, validation {100 * info[name]['validation_accuracy']:.1f}"
-                     f" / test {100 * info[name]['test_accuracy']:.1f}" for name in ("teacher", "student")) + \
-        f" ({world.root})"
+def load_world(s: DemoSettings, console: Console, progress: Progress) -> toy.World:
+    """The demo's toy world: shipped (installed in the cache on first use) or, with
+    --rebuild-world, built on this machine and set beside the shipped one in a table."""
+    with progress:
+        world = toy.build_world(s.world_settings, progress, rebuild=s.rebuild_world)
+    console.print(f"toy world: {toy.world_summary(world)}")
+    shipped = toy.shipped_world(s.world_settings)
+    if s.rebuild_world and shipped is not None:
+        print_table(console, "the rebuilt toy world against the shipped one", ["model", "", "shipped", "rebuilt"],
+                    toy.compare_worlds(json.loads((shipped / "world.json").read_text()), world.info))
+    return world
 
 
 @dataclass
@@ -432,6 +442,7 @@ class DemoStart:
     progress: Progress
     world: toy.World
     started: float  # time.perf_counter() at the start
+    world_seconds: float  # to load (or build) the toy world
 
 
 def start_demo(s: DemoSettings, console: Console | None, files: tuple[str, ...]) -> DemoStart:
@@ -443,16 +454,14 @@ def start_demo(s: DemoSettings, console: Console | None, files: tuple[str, ...])
     hf_logging.disable_progress_bar()  # ours are the progress bars that matter
     started = time.perf_counter()
     progress = progress_bar(console)
-    with progress:
-        world = toy.build_world(s.world_settings, progress)
-    return DemoStart(console, out, progress, world, started)
+    world = load_world(s, console, progress)
+    return DemoStart(console, out, progress, world, started, time.perf_counter() - started)
 
 
 def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the whole demo; returns results.json's content."""
     start = start_demo(s, console, DEMO_FILES)
     console, out, progress, world, started = start.console, start.out, start.progress, start.world, start.started
-    console.print(f"toy world: {world_summary(world)}")
     if s.tune:
         tuning, tuning_source = tune(world, s, console, progress), "this run's --tune"
         (out / "tuned.json").write_text(json.dumps(tuning, indent=2))
@@ -463,37 +472,42 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
 
     per_seed: dict[int, dict[str, dict]] = {}
     extras: dict[int, dict[str, dict]] = {}
+    phases = {"toy world": start.world_seconds}  # where the wall clock went
     for seed in s.seed_list:
         per_seed[seed], extras[seed] = {}, {}
         for name, path in (("teacher", world.teacher), ("student", world.student)):
-            with progress:
+            with progress, timed(phases, "teacher and student"):
                 per_seed[seed][name] = measure_model(path, world.test_path, world, seed, progress,
                                                      f"{name} seed {seed}")
         for method in s.trained:
             console.rule(f"[bold]{method}, seed {seed}")
             # the first seed's OPRD run keeps checkpoints along the way for Theorem 1
             keep = method == "oprd" and seed == s.seed
-            run = train_method(method, settings[method], world, s, seed, s.out / "runs" / f"{method}-seed{seed}",
-                               console, progress, curve=True, adjust=theorem1_checkpoints(s) if keep else identity)
-            if method in ON_POLICY:  # the trainer's last evaluation measured the final model already
-                per_seed[seed][method] = last_evaluation(run, world.settings.eval_samples)
-            else:
-                with progress:
-                    per_seed[seed][method] = measure_model(run["final"], world.test_path, world, seed, progress,
-                                                           f"{method} seed {seed}")
+            with timed(phases, method):
+                run = train_method(method, settings[method], world, s, seed, s.out / "runs" / f"{method}-seed{seed}",
+                                   console, progress, curve=True, adjust=theorem1_checkpoints(s) if keep else identity)
+                if method in ON_POLICY:  # the trainer's last evaluation measured the final model already
+                    per_seed[seed][method] = last_evaluation(run, world.settings.eval_samples)
+                else:
+                    with progress:
+                        per_seed[seed][method] = measure_model(run["final"], world.test_path, world, seed, progress,
+                                                               f"{method} seed {seed}")
             extras[seed][method] = run
 
     variance = None
     if "oprd" in s.trained:
         console.rule("[bold]Theorem 1: gradient variance along the OPRD run")
-        variance = measure_theorem1(world, s, s.out / "runs" / f"oprd-seed{s.seed}", progress)
+        with timed(phases, "theorem 1"):
+            variance = measure_theorem1(world, s, s.out / "runs" / f"oprd-seed{s.seed}", progress)
 
     methods = aggregate(per_seed, extras, [m for m in METHODS if m in s.methods])
     payload = {
         "wall_seconds": time.perf_counter() - started,
+        "phase_seconds": phases,
         "seeds": s.seed_list,
         "world": {k: world.info[k] for k in ("teacher", "student", "sft_curve", "teacher_entropy_nats",
-                                             "build_threads", "software")} | {"cache": str(world.root)},
+                                             "build_threads", "software")} | {"cache": str(world.root),
+                                                                              "origin": world.origin},
         "methods": methods,
         "tuning": {m: tuning["methods"][m] for m in s.trained},
         "tuning_source": tuning_source,
@@ -508,11 +522,25 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
         theorem1.plot(variance["checkpoints"], out / "theorem1.png")
     (out / "report.md").write_text(report(payload, s, world, tuning_source))
     k = world.settings.eval_samples
-    console.print(console_table(f"Test problems (Table 2 style), Avg@{k}, {len(s.seed_list)} seed(s)",
-                                *accuracy_rows(methods, k)))
-    console.print(console_table("Cost per method (Table 3 style)", *cost_rows(methods)))
-    console.print(f"wall clock {payload['wall_seconds']:.0f} s; results in {out}")
+    print_table(console, f"Test problems (Table 2 style), Avg@{k}, {len(s.seed_list)} seed(s)",
+                *accuracy_rows(methods, k))
+    print_table(console, "Cost per method (Table 3 style)", *cost_rows(methods))
+    console.print(f"wall clock {payload['wall_seconds']:.0f} s ({phase_text(phases)}); results in {out}")
     return payload
+
+
+@contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall-clock seconds of the block to `phases[name]`."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - began
+
+
+def phase_text(phases: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
 
 
 def theorem1_checkpoints(s: DemoSettings) -> Callable[[TrainConfig], TrainConfig]:
@@ -690,7 +718,8 @@ def report(payload: dict, s: DemoSettings, world: toy.World, tuning_source: str)
         "",
         f"Seeds {', '.join(map(str, s.seed_list))}; per method and seed {s.steps} steps x {s.prompts_per_step} prompts "
         f"x {s.responses_per_prompt} responses; OPRD on all layers, last {s.oprd_k} positions"
-        f"{' (--quick)' if s.quick else ''}. Total wall clock {payload['wall_seconds']:.0f} s.",
+        f"{' (--quick)' if s.quick else ''}. Total wall clock {payload['wall_seconds']:.0f} s "
+        f"({phase_text(payload['phase_seconds'])}).",
         "",
         f"Software: {software_versions()}. Training and measuring are deterministic for one install and thread "
         "count; other torch versions or CPUs round differently.",

@@ -1,11 +1,13 @@
-"""The toy reasoning world of `oprd demo`: a task, a tokenizer, a teacher and a student, built
-offline and reproducibly, and cached on disk.
+"""The toy reasoning world of `oprd demo`: a task, a tokenizer, a teacher and a student, shipped
+inside the package (built once, hashed) and installed in a cache on first use; or built offline
+and reproducibly on this machine.
 
   make_problem, make_split         the toy task: chains of modular arithmetic, solved step by step
   sft                              supervised fine-tuning on (prompt, solution) pairs; also the
                                    demo's sequence-level KD baseline
   measure                          the toy's accuracy protocol (Avg@k at a fixed temperature and seed)
-  build_world                      task files + tokenizer + teacher + student, cached on disk
+  build_world                      task files + tokenizer + teacher + student: shipped or built, cached
+  ship_world                       a built world (and what the demos built beside it) as package data
   build_teacher                    the bridge demo's teachers of other shapes and tokenizers
 
 The toy task ("chain"): start from a digit and apply 4-7 operations (+, -, *) with single-digit
@@ -23,11 +25,13 @@ The student is the teacher's own earlier checkpoint (same architecture, same ini
 the paper's teacher was RL-trained from its student; so hidden states are aligned and
 OPRD-Vanilla applies. Both are chosen from one SFT run by accuracy on a validation split, not by
 step numbers: the teacher is the first checkpoint at or above `teacher_target`, the student the
-last one at or below `student_target` before it. The learning curve jumps steeply, so a fixed
-step lands at very different accuracies when rounding differs (thread counts, kernels, torch
-versions); a target does not. Every build also runs on `BUILD_THREADS` CPU threads with torch's
-deterministic kernels (`reproducible_build`), so on one install the world does not depend on the
-thread settings of the process that builds it. `ModelRecipe` names how each model of the world is
+last one at or below `student_target` before it (the nearest ones where a target is missed). The
+learning curve jumps steeply, so a fixed step lands at very different accuracies when rounding
+differs (thread counts, kernels, torch versions); a target does not. Every build also runs on
+`BUILD_THREADS` CPU threads with torch's deterministic kernels (`reproducible_build`), so on one
+install the world does not depend on the thread settings of the process that builds it. Another
+CPU or torch build still trains another pair (other steps, other accuracies), which is why the
+demos' worlds are shipped: `build_world` installs them, `--rebuild-world` builds one here. `ModelRecipe` names how each model of the world is
 made, so other pairs (a deeper or wider teacher, another initialisation, another tokenizer) can be
 added as new recipes without touching the task or the cache.
 """
@@ -41,10 +45,12 @@ import json
 import os
 import platform
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -308,11 +314,20 @@ def reproducible_build() -> Iterator[None]:
 def pick_checkpoints(curve: list[tuple[int, float]], teacher_target: float,
                      student_target: float) -> tuple[int | None, int | None]:
     """(student step, teacher step) from an SFT run's (step, validation accuracy) checkpoints: the
-    teacher is the first at or above `teacher_target`, the student the last at or below
-    `student_target` before it. None where no checkpoint qualifies."""
+    teacher is the first at or above `teacher_target`, else the most accurate (the earliest on ties);
+    the student the last at or below `student_target` before it, else the least accurate before it
+    (the latest on ties). Another CPU's rounding moves a steep learning curve, so a target it misses
+    picks the nearest checkpoint rather than stopping the build (`World.missed_targets` says so).
+    None only where no checkpoint qualifies: no curve, or none before the teacher."""
+    if not curve:
+        return None, None
     teacher = next((step for step, accuracy in curve if accuracy >= teacher_target), None)
-    before = [(step, accuracy) for step, accuracy in curve if teacher is None or step < teacher]
+    if teacher is None:
+        teacher = max(curve, key=lambda point: (point[1], -point[0]))[0]
+    before = [(step, accuracy) for step, accuracy in curve if step < teacher]
     student = next((step for step, accuracy in reversed(before) if accuracy <= student_target), None)
+    if student is None and before:
+        student = min(before, key=lambda point: (point[1], -point[0]))[0]
     return student, teacher
 
 
@@ -331,8 +346,8 @@ def train_to_targets(recipe: ModelRecipe, settings: WorldSettings, tokenizer, ex
                      name: str, progress=None, start: torch.nn.Module | None = None) -> SFTRun:
     """A Qwen3 model of `recipe`'s shape, initialised from `recipe.init_seed` (or a copy of
     `start`), trained by SFT for at most `recipe.max_steps` until a checkpoint reaches the teacher
-    target on `validation`; the student is picked from the same run (`pick_checkpoints`). Raises,
-    naming the settings, when the target is not reached."""
+    target on `validation`; the teacher and the student are picked from that run's checkpoints by
+    `pick_checkpoints`, the nearest ones where a target was missed."""
     if start is not None:
         model = copy.deepcopy(start)
     else:
@@ -345,7 +360,8 @@ def train_to_targets(recipe: ModelRecipe, settings: WorldSettings, tokenizer, ex
             torch.manual_seed(recipe.init_seed)
             model = AutoModelForCausalLM.from_config(config)
     curve: list[tuple[int, float]] = []
-    candidates: dict[int, dict[str, torch.Tensor]] = {}  # the weights of checkpoints at or below the student target
+    # every checkpoint's weights (a few MB each): any may be picked when a target is missed
+    states: dict[int, dict[str, torch.Tensor]] = {}
     task = progress.add_task(f"toy world: SFT {name}", total=recipe.max_steps) if progress else None
 
     def checkpoint(step: int, loss: float) -> bool:
@@ -355,20 +371,17 @@ def train_to_targets(recipe: ModelRecipe, settings: WorldSettings, tokenizer, ex
             return False
         accuracy = measure(model, tokenizer, validation, settings)["accuracy"]
         curve.append((step, accuracy))
-        if accuracy <= settings.student_target:
-            candidates[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return accuracy >= settings.teacher_target
 
     sft(model, examples, steps=recipe.max_steps, batch_size=settings.batch_size, lr=settings.lr,
         pad_id=tokenizer.pad_token_id, seed=settings.seed, warmup=settings.warmup, callback=checkpoint)
     student_step, teacher_step = pick_checkpoints(curve, settings.teacher_target, settings.student_target)
     if teacher_step is None:
-        best = max(curve, key=lambda point: point[1], default=(0, 0.0))
-        raise RuntimeError(
-            f"the toy {name} did not reach teacher_target={settings.teacher_target} validation accuracy in "
-            f"max_steps={recipe.max_steps} SFT steps (best {best[1]:.3f} at step {best[0]}): raise the recipe's "
-            f"max_steps or lower teacher_target")
-    return SFTRun(model.eval(), teacher_step, candidates.get(student_step), student_step, curve)
+        raise RuntimeError(f"the toy {name}'s SFT measured no checkpoint in max_steps={recipe.max_steps} steps: "
+                           f"lower checkpoint_every={settings.checkpoint_every} or raise max_steps")
+    model.load_state_dict(states[teacher_step])  # the last checkpoint, unless the target was missed
+    return SFTRun(model.eval(), teacher_step, states.get(student_step), student_step, curve)
 
 
 @dataclass
@@ -380,6 +393,27 @@ class World:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def origin(self) -> str:
+        """"shipped" (with oprd) or "built" (here; a world.json from before worlds were shipped says neither)."""
+        return self.info.get("origin", "built")
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the teacher's and the student's weights: tells two builds of one world apart."""
+        return hashlib.sha256("".join(_sha256(self.root / name / "model.safetensors")
+                                      for name in ("teacher", "student")).encode()).hexdigest()[:16]
+
+    @property
+    def missed_targets(self) -> list[str]:
+        """The models whose validation accuracy missed their target (`pick_checkpoints` took the
+        nearest checkpoint): empty for a world built as intended."""
+        s, info = self.settings, self.info
+        return ([f"teacher below teacher_target={s.teacher_target}"]
+                * (info["teacher"]["validation_accuracy"] < s.teacher_target)
+                + [f"student above student_target={s.student_target}"]
+                * (info["student"]["validation_accuracy"] > s.student_target))
 
     @property
     def teacher(self) -> Path:
@@ -493,21 +527,56 @@ def software() -> dict:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
-def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> World:
-    """The toy world for `settings`, from the cache or built (reproducibly) and cached.
+def problems_sha256(problems: list[ToyProblem]) -> str:
+    """A hash of a split's problems (not of its parquet file, whose bytes vary with pyarrow)."""
+    text = json.dumps([[p.prompt, p.solution, p.answer] for p in problems])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def splits(settings: WorldSettings) -> dict[str, list[ToyProblem]]:
+    train = train_split(settings)
+    return dict(zip(("train", "validation", "test"), (train, *held_out_splits(settings, train))))
+
+
+def write_splits(settings: WorldSettings, folder: Path) -> dict[str, str]:
+    """train / validation / test.parquet of `settings` in `folder`; returns each split's `problems_sha256`."""
+    made = splits(settings)
+    for split, problems in made.items():
+        write_problems(problems, folder / f"{split}.parquet")
+    return {split: problems_sha256(problems) for split, problems in made.items()}
+
+
+def build_world(settings: WorldSettings = WorldSettings(), progress=None, *, rebuild: bool = False) -> World:
+    """The toy world for `settings`: from the cache; else the one shipped with oprd (`SHIPPED_WORLDS`),
+    installed in the cache; else built (reproducibly) and cached. `rebuild` builds it afresh
+    whether shipped or not, in a cache folder of its own (`toy-KEY-rebuilt`, replaced at every
+    rebuild): to check the shipped world, or to see what this machine's rounding makes of it.
 
     Built in a temporary folder and renamed into place, so an interrupted build never leaves a
     half-written world behind. `progress` (a rich Progress) shows the SFT steps and measurements.
-    world.json records the SFT curve, the chosen teacher and student checkpoints and their
-    validation and test accuracy.
+    world.json records the SFT curve, the chosen teacher and student checkpoints, their validation
+    and test accuracy, and where the world came from (`origin`).
     """
     root = cache_root() / f"toy-{settings.key()}"
+    if rebuild:
+        return _build_world(settings, root.with_name(f"{root.name}-rebuilt"), progress)
+    shipped = shipped_world(settings)
     if (root / "world.json").is_file():
-        return World(root, settings, json.loads((root / "world.json").read_text()))
+        info = json.loads((root / "world.json").read_text())
+        # a world built here before this one was shipped is replaced: every machine gets the same one
+        if shipped is None or info.get("manifest_sha256") == _manifest_sha256(shipped):
+            return World(root, settings, info)
+    if shipped is not None:
+        return install_shipped_world(shipped, root, settings)
+    return _build_world(settings, root, progress)
+
+
+def _build_world(settings: WorldSettings, root: Path, progress) -> World:
     started = time.perf_counter()
     train = train_split(settings)
-    validation, test = held_out_splits(settings, train)
+    test = held_out_splits(settings, train)[1]
     info = {
+        "origin": "built",
         "settings": dataclasses.asdict(settings),
         "version": TOY_VERSION,
         "build_threads": BUILD_THREADS,
@@ -516,8 +585,7 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
     }
 
     def fill(tmp: Path) -> None:
-        for problems, split in ((train, "train"), (validation, "validation"), (test, "test")):
-            write_problems(problems, tmp / f"{split}.parquet")
+        info["problems_sha256"] = write_splits(settings, tmp)
         tokenizer = train_tokenizer(
             (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
         )
@@ -526,9 +594,8 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
                                load_problems(str(tmp / "validation.parquet")), "teacher", progress)
         if run.student_state is None:
             raise RuntimeError(
-                f"no checkpoint before the teacher (step {run.teacher_step}) was at or below student_target="
-                f"{settings.student_target} validation accuracy (curve {run.curve}): raise student_target or "
-                f"lower checkpoint_every")
+                f"the teacher was picked at the first checkpoint (step {run.teacher_step}), so no checkpoint before it "
+                f"can be the student: lower checkpoint_every={settings.checkpoint_every}")
         student = AutoModelForCausalLM.from_config(run.teacher.config)
         student.load_state_dict(run.student_state)
         in_progress = World(tmp, settings, info)
@@ -545,3 +612,97 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None) -> Wor
     with reproducible_build():
         write_dir_atomically(root, fill)  # an interrupted build never leaves a half-written world
     return World(root, settings, info)
+
+
+# --------------------------------------------------------------------------- the world, shipped
+
+# Worlds built once and shipped inside the package, so every machine starts from the same teacher and
+# student (a steep SFT curve lands elsewhere under another CPU's rounding). Each folder is named as
+# its cache folder and holds what a build writes except the problem files, which are made again from
+# their seed and checked against world.json's hashes, plus manifest.json: every file's SHA-256.
+SHIPPED_WORLDS = "worlds"  # beside this module
+MANIFEST = "manifest.json"
+REGENERATED = ("train.parquet", "validation.parquet", "test.parquet")  # made from the settings' seed, not shipped
+
+
+def shipped_world(settings: WorldSettings) -> Path | None:
+    """The shipped folder of the world for `settings`, or None when none is shipped."""
+    folder = Path(str(resources.files("oprd.experiments") / SHIPPED_WORLDS)) / f"toy-{settings.key()}"
+    return folder if (folder / MANIFEST).is_file() else None
+
+
+def _manifest_sha256(shipped: Path) -> str:
+    return hashlib.sha256((shipped / MANIFEST).read_bytes()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def install_shipped_world(shipped: Path, root: Path, settings: WorldSettings) -> World:
+    """Copies the shipped world into the cache at `root` after checking every file against the
+    manifest, and writes its problem files, checked against the hashes in world.json."""
+    files = json.loads((shipped / MANIFEST).read_text())["files"]
+    info = json.loads((shipped / "world.json").read_text())
+
+    def fill(tmp: Path) -> None:
+        for name, digest in files.items():
+            source = shipped / name
+            if not source.is_file() or _sha256(source) != digest:
+                raise RuntimeError(f"the shipped toy world's {source} is {'changed' if source.is_file() else 'missing'}"
+                                   f" (manifest {shipped / MANIFEST}): reinstall oprd, or build the world here "
+                                   "with `oprd demo --rebuild-world`")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
+        made = write_splits(settings, tmp)
+        if made != info["problems_sha256"]:
+            raise RuntimeError(f"this Python generates other toy problems than the shipped world's ({made} against "
+                               f"{info['problems_sha256']}): build the world here with `oprd demo --rebuild-world`")
+        info.update(origin="shipped", manifest_sha256=_manifest_sha256(shipped))
+        (tmp / "world.json").write_text(json.dumps(info, indent=2))
+
+    write_dir_atomically(root, fill)
+    return World(root, settings, info)
+
+
+def ship_world(world: World, folder: Path) -> Path:
+    """Writes `world` (its cache folder: the pair, the tokenizer and whatever the demos built beside
+    it, e.g. bridge teachers and specialists) to `folder` as a shipped world with its manifest;
+    problem files and data made from seeds are left out."""
+    def fill(tmp: Path) -> None:
+        files = {}
+        for path in sorted(world.root.rglob("*")):
+            name = path.relative_to(world.root).as_posix()
+            if not path.is_file() or name in REGENERATED or name.startswith((".", "halves-")):
+                continue  # made from seeds, or a build's temporary folder
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / name)
+            files[name] = _sha256(path)
+        info = json.loads((tmp / "world.json").read_text())
+        for key in ("origin", "manifest_sha256"):
+            info.pop(key, None)
+        info["problems_sha256"] = {split: problems_sha256(problems)
+                                   for split, problems in splits(world.settings).items()}
+        (tmp / "world.json").write_text(json.dumps(info, indent=2))
+        files["world.json"] = _sha256(tmp / "world.json")
+        (tmp / MANIFEST).write_text(json.dumps({"world": folder.name, "files": files}, indent=2))
+
+    return write_dir_atomically(folder, fill)
+
+
+def world_summary(world: World) -> str:
+    info = world.info
+    text = "; ".join(f"{name}: SFT step {info[name]['step']}, validation {100 * info[name]['validation_accuracy']:.1f}"
+                     f" / test {100 * info[name]['test_accuracy']:.1f}" for name in ("teacher", "student"))
+    missed = f"; missed its targets: {', '.join(world.missed_targets)}" if world.missed_targets else ""
+    return f"{text}{missed} ({world.origin}, {world.root})"
+
+
+def compare_worlds(a: dict, b: dict) -> list[list[str]]:
+    """Rows (model, field, a, b) of two worlds' chosen checkpoints: SFT step and accuracies."""
+    rows = []
+    for name in ("teacher", "student"):
+        for key in ("step", "validation_accuracy", "test_accuracy"):
+            show = (lambda v: str(v)) if key == "step" else (lambda v: f"{100 * v:.1f}")
+            rows.append([name, key, show(a[name][key]), show(b[name][key])])
+    return rows
