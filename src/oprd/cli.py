@@ -426,8 +426,10 @@ def demo(
     tuned: Path = typer.Option(None, help="a tuned.json (from --tune) to use instead of the shipped one"),
     resume: bool = typer.Option(False, "--resume", help="with --tune: continue an interrupted search in --out, "
                                                         "reading back the runs it already measured"),
-    threads: int = typer.Option(2, help="torch CPU threads for training and measuring (the toy world is always "
+    threads: int = typer.Option(1, help="torch CPU threads for training and measuring (the toy world is always "
                                         "built on its own fixed count)"),
+    theorem1: bool = typer.Option(False, "--theorem1", help="also measure Theorem 1 (each objective's gradient "
+                                                            "noise) along the first seed's OPRD run: about a minute"),
     world_only: bool = typer.Option(False, "--world-only", help="load (or build) the toy world alone and write "
                                                                 "OUT/world.json"),
     rebuild_world: bool = typer.Option(False, "--rebuild-world", help="build the toy world on this machine (minutes) "
@@ -442,7 +444,7 @@ def demo(
 ) -> None:
     """The paper's same-architecture experiment in miniature on a toy reasoning task (CPU, minutes).
 
-    Example: oprd demo --out runs/demo --seeds 3   (--bridge: Tables 4-6 in miniature, bridge_results.json;
+    Example: oprd demo --out runs/demo --seeds 3 --theorem1   (--bridge: Tables 4-6 in miniature, bridge_results.json;
     --applications: self-distillation and several teachers, applications_results.json)
     """
     from oprd.experiments.applications import run_applications
@@ -462,7 +464,7 @@ def demo(
                              "--tuned, --resume and --methods")
         given = {"steps": steps, "oprd_k": oprd_k, "methods": _csv(methods) if methods else None, "seed": seed,
                  "seeds": seeds, "tune": tune, "tuned": tuned, "resume": resume, "threads": threads,
-                 "overwrite": overwrite, "rebuild_world": rebuild_world}
+                 "overwrite": overwrite, "rebuild_world": rebuild_world, "theorem1": theorem1}
         given = {k: v for k, v in given.items() if v is not None}
         settings = DemoSettings.quick_run(out, **given) if quick else DemoSettings(out, **given)
         command = (run_world_only if world_only else run_bridge_demo if bridge else run_applications if applications

@@ -1,13 +1,14 @@
 """`oprd demo`: the paper's same-architecture experiment (Tables 2 and 3) in miniature, on a CPU.
 
-    oprd demo --out runs/demo               # the shipped settings, one seed
-    oprd demo --out runs/demo --seeds 3     # README's table: mean and spread over three seeds
-    oprd demo --out runs/tune --tune        # the equal-budget search that made tuned.json
-    oprd demo --world-only --out runs/world # the toy world alone: world.json
-    oprd demo --out /tmp/d --quick          # a reduced run (for tests)
+    oprd demo --out runs/demo                          # the shipped world and settings, one seed
+    oprd demo --out runs/demo --seeds 3 --theorem1     # README's tables: three seeds, Theorem 1 measured
+    oprd demo --out runs/tune --tune                   # the equal-budget search that made tuned.json
+    oprd demo --world-only --out runs/world            # the toy world alone: world.json
+    oprd demo --world-only --rebuild-world --out w     # build the world here, compare with the shipped one
+    oprd demo --out /tmp/d --quick                     # a reduced run (for tests)
 
 Top to bottom:
-1. The toy world (`toy.build_world`, cached): modular-arithmetic chains, a teacher and its own
+1. The toy world (`toy.build_world`, shipped): modular-arithmetic chains, a teacher and its own
    earlier checkpoint as the student, both chosen by accuracy on the validation split.
 2. Each method's settings. `--tune` searches them with the same budget for every method: four
    learning rates times two values of the method's own knob (`SEARCH`), each run once, chosen by
@@ -20,7 +21,7 @@ Top to bottom:
 4. Every model measured on the test split with the toy's protocol (`toy.measure`, sampled with
    the seed), and the in-training curves on the same problems, k and seed, so a curve starts at
    its seed's student row and ends at its method's row.
-5. Theorem 1 measured on checkpoints of the first seed's OPRD run (`theorem1`).
+5. With --theorem1, Theorem 1 measured on checkpoints of the first seed's OPRD run (`theorem1`).
 6. results.json, report.md, plots, printed tables.
 
 Peak memory is the process's resident-set high-water mark while a method runs, above the resident
@@ -122,8 +123,12 @@ class DemoSettings:
     responses_per_prompt: int = 2
     oprd_k: int = 64  # last-k response positions (the paper's 2000 of ~7000 tokens; here every response token)
     curve_every: int = 50  # the test-split curve during training every this many steps
+    theorem1: bool = False  # measure Theorem 1 along the first seed's OPRD run (about a minute more)
     theorem1_batches: int = 16  # rollout batches per checkpoint in the gradient-variance measurement
-    threads: int = 2  # torch CPU threads while training and measuring (the world is built on its own)
+    # torch CPU threads while training and measuring (a world is built on its own count). The toy's
+    # models are too small to gain from a second thread: on 2 cores, 1 ran the demo 5% faster, with
+    # the same numbers (README).
+    threads: int = 1
     tune: bool = False
     tuned: Path | None = None  # a tuned.json to use instead of the shipped one
     resume: bool = False  # continue an interrupted --tune in `out`: candidates measured before are read back
@@ -482,7 +487,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
         for method in s.trained:
             console.rule(f"[bold]{method}, seed {seed}")
             # the first seed's OPRD run keeps checkpoints along the way for Theorem 1
-            keep = method == "oprd" and seed == s.seed
+            keep = s.theorem1 and method == "oprd" and seed == s.seed
             with timed(phases, method):
                 run = train_method(method, settings[method], world, s, seed, s.out / "runs" / f"{method}-seed{seed}",
                                    console, progress, curve=True, adjust=theorem1_checkpoints(s) if keep else identity)
@@ -495,7 +500,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
             extras[seed][method] = run
 
     variance = None
-    if "oprd" in s.trained:
+    if s.theorem1 and "oprd" in s.trained:
         console.rule("[bold]Theorem 1: gradient variance along the OPRD run")
         with timed(phases, "theorem 1"):
             variance = measure_theorem1(world, s, s.out / "runs" / f"oprd-seed{s.seed}", progress)

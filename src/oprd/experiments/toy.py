@@ -31,9 +31,10 @@ differs (thread counts, kernels, torch versions); a target does not. Every build
 `BUILD_THREADS` CPU threads with torch's deterministic kernels (`reproducible_build`), so on one
 install the world does not depend on the thread settings of the process that builds it. Another
 CPU or torch build still trains another pair (other steps, other accuracies), which is why the
-demos' worlds are shipped: `build_world` installs them, `--rebuild-world` builds one here. `ModelRecipe` names how each model of the world is
-made, so other pairs (a deeper or wider teacher, another initialisation, another tokenizer) can be
-added as new recipes without touching the task or the cache.
+demos' worlds are shipped: `build_world` installs them, `--rebuild-world` builds one here.
+`ModelRecipe` names how each model of the world is made, so other pairs (a deeper or wider
+teacher, another initialisation, another tokenizer) can be added as new recipes without touching
+the task or the cache.
 """
 
 from __future__ import annotations
