@@ -1,5 +1,14 @@
 """Golden losses: each smoke recipe (one per objective), seeded, on CPU, must reproduce the losses
-and gradient norms pinned here to 1e-5, so no refactor can move the numbers silently.
+and gradient norms pinned here, so no refactor can move the numbers silently, while another CPU,
+thread count or torch build, whose float32 rounding differs, still passes.
+
+The tolerance grows with the step, as rounding compounds (`TOLERANCE`). The values were pinned on
+one machine; on another (an AMD EPYC, 2026-12-07), torch 2.14.1 on 1 or 2 threads and torch
+2.13.0+cpu on 1 thread all differ from them by at most 1.1e-6 at step 1, 7.6e-6 at step 2 and
+5.6e-4 at step 3 (opd_topk, whose top-16 set moves when two of the teacher's log-probabilities
+trade places after two updates); a third machine missed step 2 at 1.5e-5 (issue #26). So step 1 pins every formula (the
+losses, the gradients, the normalisers) to 1e-5, step 2 the optimizer's first update to 1e-4, and
+step 3 only that the run goes on as it did (1e-2).
 
 The numbers were recorded from `oprd train recipes/smoke/<recipe>.yaml` before the package was
 restructured, and were unchanged by it. A deliberate change to the numerics (a new sampling rule, a
@@ -29,6 +38,7 @@ GOLDEN = {  # recipe -> [(loss, grad_norm) at steps 1, 2, 3]
     "oprd_plus_opd": [(0.36285606026649475, 0.8133372664451599), (0.30975742638111115, 0.6912583708763123),
                       (0.30403298139572144, 0.5698821544647217)],
 }
+TOLERANCE = {1: 1e-5, 2: 1e-4, 3: 1e-2}  # step -> relative tolerance (the docstring says why)
 
 
 @pytest.mark.slow
@@ -39,5 +49,5 @@ def test_smoke_recipe_reproduces_its_golden_losses(recipe, tmp_path):
     got = [(row["loss"], row["grad_norm"]) for row in rows]
     assert len(got) == len(GOLDEN[recipe])
     for step, ((loss, norm), (want_loss, want_norm)) in enumerate(zip(got, GOLDEN[recipe]), 1):
-        assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-7), (recipe, step, "loss")
-        assert norm == pytest.approx(want_norm, rel=1e-5, abs=1e-7), (recipe, step, "grad_norm")
+        assert loss == pytest.approx(want_loss, rel=TOLERANCE[step], abs=1e-7), (recipe, step, "loss")
+        assert norm == pytest.approx(want_norm, rel=TOLERANCE[step], abs=1e-7), (recipe, step, "grad_norm")
