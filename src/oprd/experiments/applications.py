@@ -101,7 +101,7 @@ def reference_examples(tokenizer, problems: list) -> list[tuple[list[int], int]]
 def build_specialist(world: toy.World, data: Path, half: str, progress: Progress | None = None) -> Path:
     """The world's student fine-tuned (SFT, the world's settings) only on `half`'s training chains
     until it reaches the world's teacher target on `half`'s validation chains (at most the world
-    recipe's max_steps); cached beside the world."""
+    recipe's max_steps); shipped with the world, or built once and cached beside it."""
     recipe = world.settings.model
     key = hashlib.sha256(json.dumps([APPLICATIONS_VERSION, half, asdict(recipe)]).encode()).hexdigest()[:8]
     root = world.root / f"specialist-{half}-{key}"

@@ -452,8 +452,8 @@ BRIDGE_TEACHERS = {
 def build_teacher(world: World, name: str, recipe: ModelRecipe | None = None, tokenizer_kind: str | None = None,
                   progress=None) -> Path:
     """A bridge-demo teacher of the world (`BRIDGE_TEACHERS[name]` unless given), trained to the
-    world's teacher target, built once and cached beside the world; returns its folder (model,
-    tokenizer and teacher.json: its SFT curve, chosen step and accuracies)."""
+    world's teacher target: shipped with the world, or built once and cached beside it; returns its
+    folder (model, tokenizer and teacher.json: its SFT curve, chosen step and accuracies)."""
     default_recipe, default_kind = BRIDGE_TEACHERS.get(name, (None, "bpe"))
     recipe, tokenizer_kind = recipe or default_recipe, tokenizer_kind or default_kind
     if recipe is None:
