@@ -13,7 +13,6 @@ same commit.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -43,7 +42,6 @@ def main() -> None:
         toy.ship_world(world, target)
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         console.print(f"shipped {target} ({size / 2**20:.1f} MiB): {toy.world_summary(world)}")
-    shutil.rmtree(SHIPPED / "__pycache__", ignore_errors=True)
 
 
 if __name__ == "__main__":

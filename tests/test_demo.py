@@ -42,7 +42,6 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     assert set(payload) == {"wall_seconds", "phase_seconds", "seeds", "world", "methods", "tuning", "tuning_source",
                             "theorem1"}
     assert set(payload["phase_seconds"]) == {"toy world", "teacher and student", *DISTILLED, "theorem 1"}
-    assert sum(payload["phase_seconds"].values()) <= payload["wall_seconds"]
     assert payload["wall_seconds"] > 0 and payload["seeds"] == [0, 1]
     assert set(payload["methods"]) == set(METHODS)
     for name, metrics in payload["methods"].items():

@@ -411,10 +411,12 @@ class World:
         """The models whose validation accuracy missed their target (`pick_checkpoints` took the
         nearest checkpoint): empty for a world built as intended."""
         s, info = self.settings, self.info
-        return ([f"teacher below teacher_target={s.teacher_target}"]
-                * (info["teacher"]["validation_accuracy"] < s.teacher_target)
-                + [f"student above student_target={s.student_target}"]
-                * (info["student"]["validation_accuracy"] > s.student_target))
+        missed = []
+        if info["teacher"]["validation_accuracy"] < s.teacher_target:
+            missed.append(f"teacher below teacher_target={s.teacher_target}")
+        if info["student"]["validation_accuracy"] > s.student_target:
+            missed.append(f"student above student_target={s.student_target}")
+        return missed
 
     @property
     def teacher(self) -> Path:
@@ -539,9 +541,9 @@ def splits(settings: WorldSettings) -> dict[str, list[ToyProblem]]:
     return dict(zip(("train", "validation", "test"), (train, *held_out_splits(settings, train))))
 
 
-def write_splits(settings: WorldSettings, folder: Path) -> dict[str, str]:
-    """train / validation / test.parquet of `settings` in `folder`; returns each split's `problems_sha256`."""
-    made = splits(settings)
+def write_splits(made: dict[str, list[ToyProblem]], folder: Path) -> dict[str, str]:
+    """`splits`' problems as train / validation / test.parquet in `folder`; returns each split's
+    `problems_sha256`."""
     for split, problems in made.items():
         write_problems(problems, folder / f"{split}.parquet")
     return {split: problems_sha256(problems) for split, problems in made.items()}
@@ -574,8 +576,8 @@ def build_world(settings: WorldSettings = WorldSettings(), progress=None, *, reb
 
 def _build_world(settings: WorldSettings, root: Path, progress) -> World:
     started = time.perf_counter()
-    train = train_split(settings)
-    test = held_out_splits(settings, train)[1]
+    made = splits(settings)
+    train, test = made["train"], made["test"]
     info = {
         "origin": "built",
         "settings": dataclasses.asdict(settings),
@@ -586,7 +588,7 @@ def _build_world(settings: WorldSettings, root: Path, progress) -> World:
     }
 
     def fill(tmp: Path) -> None:
-        info["problems_sha256"] = write_splits(settings, tmp)
+        info["problems_sha256"] = write_splits(made, tmp)
         tokenizer = train_tokenizer(
             (p.prompt + "\n" + p.solution for p in train), settings.vocab_size, tmp / "tokenizer", split_digits=True
         )
@@ -655,9 +657,9 @@ def install_shipped_world(shipped: Path, root: Path, settings: WorldSettings) ->
                                    "with `oprd demo --rebuild-world`")
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
-        made = write_splits(settings, tmp)
-        if made != info["problems_sha256"]:
-            raise RuntimeError(f"this Python generates other toy problems than the shipped world's ({made} against "
+        hashes = write_splits(splits(settings), tmp)
+        if hashes != info["problems_sha256"]:
+            raise RuntimeError(f"this Python generates other toy problems than the shipped world's ({hashes} against "
                                f"{info['problems_sha256']}): build the world here with `oprd demo --rebuild-world`")
         info.update(origin="shipped", manifest_sha256=_manifest_sha256(shipped))
         (tmp / "world.json").write_text(json.dumps(info, indent=2))
