@@ -94,12 +94,38 @@ def train(
             distributed.close()
 
 
+# --- make-model ---
+
+
+@app.command("make-model")
+def make_model(
+    shape: str = typer.Argument(..., help="qwen3-0.6b, qwen3-1.7b, qwen3-4b, r1-distill-1.5b, phi-4-mini, tiny"),
+    out: Path = typer.Argument(..., help="the model folder to write (must not exist)"),
+    tokenizer: Path = typer.Option(..., help="a tokenizer folder, copied beside the weights "
+                                             "(e.g. ../shared/data/tokenizers/qwen3)"),
+    seed: int = typer.Option(0, help="the random weights' seed"),
+    layers: int = typer.Option(None, help="fewer blocks than the published depth (nothing else changes)"),
+    dtype: str = typer.Option("bfloat16", help="the weights' dtype on disk (the published checkpoints' is bfloat16)"),
+) -> None:
+    """A random-weight model folder of a published model's shape, with a real tokenizer: it loads
+    as the hub checkpoint's folder would (transformers, vLLM, `oprd train student.model=OUT`).
+
+    Example: oprd make-model qwen3-0.6b runs/models/student --tokenizer ../shared/data/tokenizers/qwen3
+    """
+    from oprd.shapes import write_model_folder
+
+    with user_errors(OSError):
+        folder = write_model_folder(shape, out, tokenizer=tokenizer, seed=seed, num_layers=layers, dtype=dtype)
+    Console().print(f"wrote {folder}")
+
+
 # --- bench ---
 
 
 @app.command()
 def bench(
-    preset: str = typer.Option("r1-distill-1.5b", help="r1-distill-1.5b, qwen3-1.7b, qwen3-4b, phi-4-mini, tiny"),
+    preset: str = typer.Option("r1-distill-1.5b", help="a model shape of `oprd make-model`: r1-distill-1.5b, "
+                                                        "qwen3-0.6b, qwen3-1.7b, qwen3-4b, phi-4-mini, tiny"),
     num_layers: int = typer.Option(None, help="truncate depth so a CPU can run it [default: 4 on CPU, full on GPU]"),
     seq_len: int = typer.Option(1024, help="response tokens per sequence"),
     seq_lens: str = typer.Option(None, help="comma-separated sweep, e.g. 512,1024,2048,4096"),

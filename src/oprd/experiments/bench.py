@@ -49,23 +49,9 @@ from oprd.files import prepare_output_dir
 from oprd.losses import default_chunk_rows, layer_map
 from oprd.models import resolve_device, resolve_dtype
 from oprd.objective import LossPlan, distillation_loss
-from oprd.testing import tiny_config
+from oprd.shapes import SHAPES, shape_config
 
 PROMPT_TOKENS = 64
-
-# Real shapes of the paper's models (config.json of each hub repo).
-PRESETS = {
-    "r1-distill-1.5b": dict(model_type="qwen2", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                            intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False),
-    "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
-                       intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True, head_dim=128),
-    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8,
-                     intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True, head_dim=128),
-    "phi-4-mini": dict(model_type="phi3", hidden_size=3072, num_layers=32, num_heads=24, num_kv_heads=8,
-                       intermediate_size=8192, vocab_size=200064, tie_word_embeddings=True),
-    "tiny": dict(model_type="qwen3", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=False),
-}
 
 # Each method's objective sections; OPRD at the paper's settings (all layers, last 2000 positions, 1/d MSE).
 PAPER_OPRD = OPRDConfig(coef=1.0, normalize=False, layers="all", positions="last_k", k=2000)
@@ -91,12 +77,7 @@ class Shape:
 
 
 def build_config(shape: Shape):
-    spec = {**PRESETS[shape.preset]}
-    head_dim = spec.pop("head_dim", spec["hidden_size"] // spec["num_heads"])
-    full_layers = spec.pop("num_layers")
-    vocab = spec.pop("vocab_size")
-    config = tiny_config(vocab, num_layers=shape.num_layers or full_layers, **spec)
-    config.head_dim = head_dim
+    config = shape_config(shape.preset, shape.num_layers)
     config.max_position_embeddings = max(config.max_position_embeddings, PROMPT_TOKENS + shape.seq_len)
     return config
 
@@ -131,7 +112,7 @@ def teacher_weights(shape: Shape) -> dict[str, int]:
     OPRD-only run loads (the backbone up to the deepest layer OPRD reads; with the paper's `all`
     layers that is every block, so what it leaves out is the LM head, when it is not tied to the
     embeddings)."""
-    full_depth = dataclasses.replace(shape, num_layers=PRESETS[shape.preset]["num_layers"])
+    full_depth = dataclasses.replace(shape, num_layers=SHAPES[shape.preset]["num_hidden_layers"])
     width = torch.finfo(getattr(torch, shape.dtype)).bits // 8
     whole, backbone = parameter_count(full_depth) * width, parameter_count(full_depth, backbone_only=True) * width
     return {"num_layers": full_depth.num_layers, "whole_bytes": whole, "oprd_only_bytes": backbone,
@@ -334,7 +315,7 @@ def project(methods: dict[str, dict], shape: Shape) -> dict[str, dict[str, float
     """Measured costs carried to the preset's full depth. Per-layer: the floor's time, and the floor's
     memory less the embedding's gradient (vocabulary x width, alive at the end of backward whatever the
     depth); each method's excess over the floor is taken as depth-independent (the LM heads, the loss)."""
-    full = PRESETS[shape.preset]["num_layers"]
+    full = SHAPES[shape.preset]["num_hidden_layers"]
     scale = (full - shape.num_layers) / shape.num_layers
     floor = methods["floor"]
     config = build_config(shape)
@@ -405,7 +386,7 @@ def _ratio_table(methods: dict[str, dict], title: str) -> list[str]:
 def write_report(result: dict, out: Path) -> None:
     shape = Shape(result["preset"], result["num_layers"], result["seq_len"], result["batch_size"],
                   result["device"], result["dtype"])
-    full_layers = PRESETS[shape.preset]["num_layers"]
+    full_layers = SHAPES[shape.preset]["num_hidden_layers"]
     flops = flop_model(shape)
     lines = [
         f"# oprd bench: {shape.preset}",
@@ -534,8 +515,8 @@ class BenchSettings:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.preset not in SHAPES:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(SHAPES)}")
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -544,7 +525,7 @@ class BenchSettings:
 
     def shape(self, seq_len: int) -> Shape:
         device = resolve_device(self.device)
-        num_layers = self.num_layers or (PRESETS[self.preset]["num_layers"] if device.type == "cuda" else 4)
+        num_layers = self.num_layers or (SHAPES[self.preset]["num_hidden_layers"] if device.type == "cuda" else 4)
         dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
         return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype)
 
@@ -570,8 +551,8 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     if len(sweep) > 1:
         result["sweep"] = sweep
         result["sweep_fit"] = sweep_fit(sweep)
-    if first.num_layers < PRESETS[s.preset]["num_layers"] and "floor" in result["methods"]:
-        result["projection"] = {"num_layers": PRESETS[s.preset]["num_layers"],
+    if first.num_layers < SHAPES[s.preset]["num_hidden_layers"] and "floor" in result["methods"]:
+        result["projection"] = {"num_layers": SHAPES[s.preset]["num_hidden_layers"],
                                 "methods": project(result["methods"], first)}
     result["flops"] = flop_model(first)
     if "trl" in s.methods:  # the peer's private loss path changes between TRL releases: say which one was measured
