@@ -40,7 +40,7 @@ def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
     rows = _read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/rollout_s", "time/teacher_s",
-              "time/update_s"}
+              "time/weight_sync_s", "time/update_s"}
     cfg = load_config(run_dir / "config.yaml")
     if cfg.uses_opd:
         needed |= {"opd/kl_estimate", "opd/student_entropy", "opd/teacher_entropy"}
@@ -59,6 +59,9 @@ def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
     assert any(not torch.equal(trained[n], initial[n]) for n in initial), "final/ holds untrained weights"
     assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == ["step_000002", "step_000003"]
     assert not list((run_dir / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
+    cost = json.loads((run_dir / "run.json").read_text())["cost"]  # every phase timed, the writing included
+    assert cost["checkpoint_seconds"] > 0 and cost["export_seconds"] > 0
+    assert cost["update_seconds"] == pytest.approx(sum(row["time/update_s"] for row in rows))
 
 
 @pytest.mark.slow

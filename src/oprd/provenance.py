@@ -36,7 +36,9 @@ SCHEMA_KEYS = ("oprd_version", "git_commit", "command", "seed", "versions", "dev
 SEGMENT_KEYS = ("start", "end", "exit_status", "first_step", "last_step")
 MODEL_KEYS = ("source", "revision", "weights_sha256", "tokenizer_sha256", "chat_template_sha256")
 COST_KEYS = ("sampled_tokens", "teacher_tokens", "wall_seconds", "device_hours")
-PHASE_KEYS = ("rollout_seconds", "teacher_seconds", "update_seconds")  # wall seconds by phase, also summed
+# wall seconds by phase, also summed: each step's phases, then the checkpoints' and final/'s writing
+PHASE_KEYS = ("rollout_seconds", "teacher_seconds", "weight_sync_seconds", "update_seconds")
+WRITE_KEYS = ("checkpoint_seconds", "export_seconds")
 
 
 def now() -> str:
@@ -154,7 +156,7 @@ class RunJson:
             record = {"oprd_version": versions()["oprd"], "git_commit": commit, "git_dirty": dirty,
                       "command": " ".join(command_line()), "seed": seed, "versions": versions(),
                       "devices": devices(device, world_size), "segments": [], "models": models, "data": data,
-                      "cost": dict.fromkeys((*COST_KEYS, *PHASE_KEYS), 0) | {"peak_memory_gb": 0.0}}
+                      "cost": dict.fromkeys((*COST_KEYS, *PHASE_KEYS, *WRITE_KEYS), 0) | {"peak_memory_gb": 0.0}}
         elif models != record["models"] or data != record["data"]:
             segment.update(models=models, data=data)  # what this segment read, where it differs from the start
         record["segments"].append(segment)
@@ -165,9 +167,13 @@ class RunJson:
         the run's, and the segment's last step; written with the next `write`."""
         record = self.read()
         for key in (*COST_KEYS, *PHASE_KEYS):
-            record["cost"][key] += cost[key]
+            record["cost"][key] = record["cost"].get(key, 0) + cost[key]  # .get: a run begun before the key existed
         record["cost"]["peak_memory_gb"] = max(record["cost"]["peak_memory_gb"], cost["peak_memory_gb"])
         record["segments"][-1]["last_step"] = step
+
+    def add_seconds(self, key: str, seconds: float) -> None:
+        cost = self.read()["cost"]
+        cost[key] = cost.get(key, 0) + seconds
 
     def end_segment(self, exit_status: str) -> None:
         record = self.read()

@@ -57,6 +57,11 @@ class RunRecorder:
         if self.main:
             self.run_json.add_step(step, cost)
 
+    def add_seconds(self, key: str, seconds: float) -> None:
+        """Seconds spent writing (`checkpoint_seconds`, `export_seconds`), added to run.json's cost."""
+        if self.main:
+            self.run_json.add_seconds(key, seconds)
+
     def write_provenance(self) -> None:
         if self.main:
             self.run_json.write()

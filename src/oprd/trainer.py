@@ -150,7 +150,9 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
              for c, bridge in zip(teacher_configs, bridges)]
     student, teachers = load_models(cfg, device, world, resume_from, sources, plans)
     routing = Routing.of(sources, prompts, cfg.teachers.route_by, device)
-    rollout = make_rollout(cfg.rollout, student, student_tok, world=world, workdir=run_dir, source=cfg.student.model)
+    longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
+    rollout = make_rollout(cfg.rollout, student, student_tok, world=world, workdir=run_dir, source=cfg.student.model,
+                           longest_sequence=longest)
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
     optimizer, scheduler = make_optimizer(cfg, student)
@@ -248,6 +250,7 @@ def first_sync(rollout: Rollout, student: torch.nn.Module, tokenizer, version: i
     rollout.sync_weights(student, version)
     if hasattr(rollout, "check_serves"):
         rollout.check_serves(student, tokenizer)
+        distributed.return_freed_memory()  # the probe gathered the whole student on every process
 
 
 def claim_run_dir(cfg: TrainConfig, world: World) -> tuple[bool, Path | None]:
@@ -571,7 +574,8 @@ def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) 
                                      f"{_newest_checkpoint(run)}")
         if run.ema_teacher is not None:
             update_ema(run.ema_teacher, run.student, cfg.teacher.ema_decay)
-        run.sampler.rollout.sync_weights(run.student, version=step)
+        with timed(timings, "weight_sync", run.device):
+            run.sampler.rollout.sync_weights(run.student, version=step)
     record = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "rollout/weight_version_lag": lag,
               **{name: float(value) for name, value in summed.items()}}
     if len(run.teachers) > 1:
@@ -618,6 +622,7 @@ def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], 
     line.update(cost_metrics(run, batch, line["time/step_s"]))
     run.recorder.add_cost(step, {**{key.removeprefix("cost/"): line[key] for key in COST_METRICS},
                                  "rollout_seconds": line["time/rollout_s"], "teacher_seconds": line["time/teacher_s"],
+                                 "weight_sync_seconds": line["time/weight_sync_s"],
                                  "update_seconds": line["time/update_s"], "peak_memory_gb": line["memory/peak_gb"]})
     if run.validation and (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
         line.update(run.validation(step))
@@ -683,7 +688,8 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
     record = {
         "time/rollout_s": timings["rollout"],
         "time/teacher_s": timings.get("teacher", 0.0),
-        "time/update_s": timings["update"] - timings.get("teacher", 0.0),
+        "time/weight_sync_s": timings.get("weight_sync", 0.0),
+        "time/update_s": timings["update"] - timings.get("teacher", 0.0) - timings.get("weight_sync", 0.0),
         "time/step_s": time.perf_counter() - step_started,
     }
     if device.type == "cuda":
@@ -694,9 +700,11 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
 def save(run: Run, step: int) -> None:
     """A resumable checkpoint: weights, optimizer, scheduler, RNG, the prompt stream's position (and
     the EMA teacher)."""
+    started = time.perf_counter()
     checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
                                run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
                                world=run.world, ema_teacher=run.ema_teacher)
+    run.recorder.add_seconds("checkpoint_seconds", time.perf_counter() - started)
     run.recorder.write_provenance()  # run.json's cost up to the checkpoint a resume continues from
 
 
@@ -704,7 +712,12 @@ def finish(run: Run) -> Path:
     """The last step's full state (so the run can be extended with resume=true) and final/."""
     if run.cfg.save_every:
         save(run, run.cfg.max_steps)
+    # AdamW's moments (8 bytes a parameter over the processes) are in the last checkpoint or no longer
+    # needed: freed before final/ is gathered, so the whole model is never held beside them.
+    run.optimizer.state.clear()
+    started = time.perf_counter()
     write_model(run, run.run_dir / "final", model_card(run))
+    run.recorder.add_seconds("export_seconds", time.perf_counter() - started)
     run.recorder.close()
     run.recorder.say(f"final model: {run.run_dir / 'final'}")
     return run.run_dir
