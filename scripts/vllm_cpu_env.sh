@@ -16,4 +16,8 @@ if [ ! -f "$VENV/.ready" ]; then
   "$VENV/bin/python" -c "import vllm"
   touch "$VENV/.ready"
 fi
+# What oprd needs beyond vLLM's own requirements, so oprd runs there from src/ (PYTHONPATH) for the
+# colocated engine (tests/test_vllm.py, scripts/rehearsal.sh); checked on every call, made once.
+"$VENV/bin/python" -c "import math_verify, pyarrow, matplotlib" 2> /dev/null \
+  || "$VENV/bin/pip" install -q "math-verify>=0.7" "pyarrow>=15" "matplotlib>=3.8"
 echo "$VENV/bin/python"

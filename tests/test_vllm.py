@@ -208,6 +208,59 @@ def test_eval_and_the_rollout_bench_through_vllm(server, tmp_path):
     assert len(measured) == 2 and all(m["tokens_per_second"] > 0 and m["sequences"] == 4 for m in measured.values())
 
 
+@needs_vllm
+def test_the_colocated_engine_on_a_cpu(tmp_path):
+    """vllm_mode=colocate in vLLM's CPU build, oprd read from src/: sleep mode exists on GPUs only,
+    so the engine stays awake; its samples' log-probs are the student's before and after a weight
+    change reaches it, and a run through it trains on-policy to the end."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    python = str(VENV / "bin" / "python")
+    result = subprocess.run([python, str(ROOT / "tests" / "colocated_worker.py"), str(tmp_path / "report.json"),
+                             str(SMOKE / "tiny-qwen3")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sleeps"] is False and report["version"] == 1
+    assert report["before"] < 1e-4 and report["after"] < 1e-4
+    run = subprocess.run([python, "-m", "oprd", "train", str(SMOKE / "oprd_plus_opd.yaml"), "rollout.backend=vllm",
+                          "rollout.vllm_mode=colocate", "max_steps=2", f"output_dir={tmp_path / 'run'}"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [row["rollout/weight_version_lag"] for row in _metrics(tmp_path / "run")] == [0, 0]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_the_disk_sync_writes_one_block_per_file(tmp_path):
+    """The weights a server reloads are written block by block (HF's sharded layout), so no process
+    holds a whole copy of the model beside its shard; read back, they are the student's, and a
+    tied head is written once, as the embedding."""
+    from safetensors.torch import load_file
+
+    from oprd.distributed import ONE_PROCESS
+    from oprd.vllm_backend import write_weights_by_block
+
+    for tied in (False, True):
+        spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True, init_seed=0)
+        model = load_model(spec, torch.device("cpu"))
+        if tied:
+            model.config.tie_word_embeddings = True
+            model.tie_weights()
+        folder = tmp_path / f"tied-{tied}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("an older layout's file")
+        write_weights_by_block(model, folder, ONE_PROCESS)
+        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        files = sorted(set(index.values()))
+        assert len(files) == model.config.num_hidden_layers + 1 and not (folder / "model.safetensors").exists()
+        written = {name: tensor for file in files for name, tensor in load_file(folder / file).items()}
+        blocks = [{name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+                   for name in load_file(folder / file)} for file in files]
+        assert sorted(blocks, key=str) == sorted([{None}, *({str(i)} for i in range(len(files) - 1))], key=str)
+        expected = dict(model.named_parameters())
+        assert set(written) == set(expected) and ("lm_head.weight" in written) == (not tied)
+        for name, parameter in expected.items():
+            assert torch.equal(written[name], parameter.detach())
+
+
 def test_an_unreachable_server_is_one_clear_error(tmp_path):
     with pytest.raises(Exception, match="cannot reach a vLLM server at http://127.0.0.1:9"):
         train(load_config(SMOKE / "oprd.yaml", ["rollout.backend=vllm", "rollout.vllm_url=http://127.0.0.1:9",

@@ -177,10 +177,12 @@ def _mask_after_eos(response_ids: torch.Tensor, eos_token_ids: list[int]) -> tup
 
 
 def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, world: World,
-                 workdir: Path, source: str) -> Rollout:
+                 workdir: Path, source: str, longest_sequence: int) -> Rollout:
     """The sampler `rollout.backend` names, for the student `model` (loaded from `source`): the one
     place a run's rollout is built. A vLLM backend holds its own copy of the weights: the caller
-    syncs them before the first rollout."""
+    syncs them before the first rollout. A colocated engine sizes its KV cache for
+    `longest_sequence` tokens (prompt and response), not the model's whole context (40,960
+    positions of Qwen3 would need 9 GiB of float32 cache for one sequence of a 0.6B model)."""
     if cfg.backend == "hf":
         return HFRollout.for_model(model, tokenizer, cfg.max_batch_sequences)
     from oprd import vllm_backend
@@ -194,7 +196,8 @@ def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrain
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return vllm_backend.ColocatedRollout(model, tokenizer, source=source, dtype=dtype, world=world,
                                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                         max_model_len=getattr(model.config, "max_position_embeddings", 4096))
+                                         max_model_len=min(longest_sequence,
+                                                           getattr(model.config, "max_position_embeddings", 4096)))
 
 
 @dataclass

@@ -26,6 +26,7 @@ What keeps sampling on-policy:
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -198,10 +199,8 @@ class ServerRollout:
         if self.sync == "nccl":
             self._push_nccl(model)
         else:
-            state = _full_weights(model)
+            write_weights_by_block(model, self.weights_dir, self.world)
             if self.world.main:
-                write_file_atomically(self.weights_dir / "model.safetensors",
-                                      lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
                 self.load_folder(self.weights_dir)
             self.world.barrier()
         self.weight_version = version
@@ -247,17 +246,34 @@ class ServerRollout:
 NCCL_PORT = 51217  # where the trainer's NCCL endpoint for vLLM's weight transfer listens
 
 
-def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of the student, on rank 0's CPU, as vLLM's loader reads them (HF names; tied
-    tensors stored once each, as separate copies)."""
-    state = distributed.full_model_state(model) if distributed.is_sharded(model) else model.state_dict()
-    seen, out = set(), {}
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        key = tensor.data_ptr()
-        out[name] = tensor.clone() if key in seen else tensor.contiguous()
-        seen.add(key)
-    return out
+BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")  # the parameters of one transformer block
+
+
+def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -> None:
+    """The student's weights as a sharded safetensors folder (HF's layout: one file per block, one
+    for the rest, and model.safetensors.index.json), gathered and written one block at a time, so
+    no process holds the whole model beside its own shard (at Qwen3-0.6B's shape a whole float32
+    copy is 2.4 GB). Every process calls it (the gathers are collectives); the main one writes.
+    Tied weights are written once, under the name vLLM's loader reads (the embedding)."""
+    groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, parameter in model.named_parameters():
+        match = BLOCK.match(name)
+        groups.setdefault(match.group(1) if match else "rest", []).append((name, parameter))
+    weight_map = {}
+    for index, members in enumerate(groups.values(), 1):
+        file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        state = {name: distributed.full_value(parameter.detach()).cpu().contiguous() for name, parameter in members}
+        if world.main:
+            write_file_atomically(folder / file, lambda tmp, state=state: save_file(state, str(tmp),
+                                                                                   metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(state, file))
+        del state
+    if world.main:
+        for stale in set(folder.glob("*.safetensors")) - {folder / file for file in set(weight_map.values())}:
+            stale.unlink()  # a folder written before by another layout
+        write_file_atomically(folder / "model.safetensors.index.json",
+                              lambda tmp: tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map})))
+    distributed.return_freed_memory()  # each block's gathered copy, and safetensors' serialised bytes of it
 
 
 @torch.no_grad()
@@ -276,27 +292,40 @@ def student_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
 
 class ColocatedRollout:
     """vllm.LLM in this process, on the training GPU: it sleeps (weights and KV cache freed)
-    between rollouts, so the update gets the memory back, and wakes with the new weights."""
+    between rollouts, so the update gets the memory back, and wakes with the new weights. vLLM's
+    sleep mode exists on GPUs only: elsewhere (its CPU build) the engine stays awake, and every
+    other step of the mode is the same."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, source: str,
                  gpu_memory_utilization: float, dtype: str, max_model_len: int, world: World = ONE_PROCESS):
         import os
 
         vllm = require_vllm()
+        from vllm.platforms import current_platform
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # weights are handed over in this process
         self.world, self.tokenizer = world, tokenizer
         self.sampling = Sampling.of(model, tokenizer)
+        self.sleeps = current_platform.is_sleep_mode_available()
         # Random weights at first ("dummy"): the first sync loads the student's before any rollout.
         self.llm = vllm.LLM(model=source, tokenizer=getattr(tokenizer, "name_or_path", None) or source, dtype=dtype,
-                            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
+                            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleeps,
                             max_model_len=max_model_len, generation_config="vllm", seed=0, load_format="dummy")
-        self.llm.sleep(level=1)
+        self._sleep()
         self.weight_version = -1
 
+    def _sleep(self) -> None:
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def _wake_up(self, **tags) -> None:
+        if self.sleeps:
+            self.llm.wake_up(**tags)
+
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        self.llm.wake_up(tags=["weights"])
+        self._wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _gathered_parameters(model)})
-        self.llm.sleep(level=1)
+        self._sleep()
         self.weight_version = version
 
     def generate(self, prompts: list[list[int]], params) -> RolloutBatch:
@@ -310,12 +339,12 @@ class ColocatedRollout:
                 request.pop(key)
             request["logit_bias"] = {int(k): v for k, v in request.pop("logit_bias", {}).items()} or None
             request["logprobs"] = 0
-        self.llm.wake_up()
+        self._wake_up()
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
                                         [VLLMSamplingParams(**request) for request in fields], use_tqdm=False)
         finally:
-            self.llm.sleep(level=1)
+            self._sleep()
         samples = [[(list(o.token_ids), [next(iter(lp.values())).logprob for lp in (o.logprobs or [])],
                      o.finish_reason == "length") for o in output.outputs] for output in outputs]
         return self.sampling.batch(prompts, samples, self.weight_version)
