@@ -9,10 +9,17 @@
 #   2. the bench's CUDA peak-memory counters, on the tiny preset
 #   3. the bench at the paper's Table 3 shape: r1-distill-1.5b with all 28 layers in bf16, OPRD and
 #      top-16 OPD against the floor, 4096 response tokens
+#   4. the rehearsal's training step at Qwen3-0.6B's real shape (28 blocks, 151,936 rows, tied head;
+#      random weights from `oprd make-model`, Qwen3's real tokenizer and chat template): OPRD on all
+#      layers and full-vocabulary OPD, 4 prompts x 2 responses x 256 tokens sampled by transformers,
+#      2 steps in bf16 with a checkpoint after the first
 #
 # oprd runs from src/ with the machine's own torch and transformers (no install step), so the
-# versions it ran with are printed with the table. DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 runs the same
-# plumbing on a CPU in a minute (what the repository checks without a GPU).
+# versions it ran with are printed with the table. The real tokenizer and the prompts come from
+# ../shared/data, or from shared/data in the working tree where ../shared is absent (a lent machine
+# gets only the working tree: `bash scripts/device_check.sh prepare` copies the 25 MB there first).
+# DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 Q_LAYERS=1 Q_TOKENS=16 runs the same plumbing on a CPU in a few
+# minutes (tests/test_device_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
@@ -20,6 +27,17 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 R1_LAYERS=${R1_LAYERS:-28}
 R1_TOKENS=${R1_TOKENS:-4096}
+Q_LAYERS=${Q_LAYERS:-28}
+Q_TOKENS=${Q_TOKENS:-256}
+DATA=../shared/data
+if [ "${1:-}" = prepare ]; then
+  mkdir -p shared/data/tokenizers
+  cp -r "$DATA/tokenizers/qwen3" shared/data/tokenizers/
+  cp "$DATA/dapo_math_17k.parquet" shared/data/
+  echo "copied the Qwen3 tokenizer and DAPO-Math-17K's prompts to shared/data"
+  exit 0
+fi
+[ -d "$DATA/tokenizers/qwen3" ] || DATA=shared/data
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
@@ -34,6 +52,18 @@ done
 "$PY" -m oprd bench --preset r1-distill-1.5b --num-layers "$R1_LAYERS" --seq-len "$R1_TOKENS" --batch-size 1 \
   --repeats 3 --device "$DEVICE" --dtype bfloat16 --methods oprd,opd_top16,floor --out "$OUT/bench-r1" --overwrite \
   > "$OUT/bench-r1.log" 2>&1
+
+rm -rf "$OUT/models"
+for role in student:0 teacher:1; do
+  "$PY" -m oprd make-model qwen3-0.6b "$OUT/models/${role%:*}" --tokenizer "$DATA/tokenizers/qwen3" \
+    --seed "${role#*:}" --layers "$Q_LAYERS" > "$OUT/make-${role%:*}.log" 2>&1
+done
+for objective in oprd opd_full; do
+  "$PY" -m oprd train recipes/rehearsal/qwen3_0.6b.yaml "output_dir=$OUT/qwen3-$objective" "device=$DEVICE" \
+    "student.model=$OUT/models/student" "teacher.model=$OUT/models/teacher" "data.path=$DATA/dapo_math_17k.parquet" \
+    "rollout.max_new_tokens=$Q_TOKENS" "$( [ $objective = oprd ] && echo oprd.coef=1.0 || echo opd.objective=full )" \
+    overwrite=true > "$OUT/qwen3-$objective.log" 2>&1
+done
 
 if "$PY" -c "import vllm" 2> /dev/null; then  # vLLM colocated on the GPU, sleeping between rollouts
   "$PY" -m oprd train recipes/smoke/oprd_plus_opd.yaml "output_dir=$OUT/gpu-vllm-colocate" "device=$DEVICE" \
@@ -68,6 +98,14 @@ if colocated.is_file():
     losses = " ".join(f"{row['loss']:.4f}" for row in rows)
     lag = max(row["rollout/weight_version_lag"] for row in rows)
     print(f"| oprd_plus_opd through colocated vLLM: loss, weight-version lag | {losses}, lag {lag} | |")
+for objective in ("oprd", "opd_full"):
+    rows = [json.loads(line) for line in (out / f"qwen3-{objective}" / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((out / "models" / "student" / "config.json").read_text())
+    cells = (" ".join(f"{row['loss']:.4f}" for row in rows), " ".join(f"{row['time/step_s']:.1f}" for row in rows),
+             " ".join(f"{row['time/rollout_s']:.1f}" for row in rows),
+             max(row.get("memory/peak_allocated_gb", row["memory/peak_gb"]) for row in rows))
+    print(f"| qwen3-0.6b shape ({config['num_hidden_layers']} blocks, real tokenizer), {objective}: loss, "
+          f"s/step, of which sampling, peak GiB | {cells[0]}; {cells[1]} s; {cells[2]} s; {cells[3]:.1f} GiB | |")
 for name in ("bench-tiny", "bench-r1"):
     bench = json.loads((out / name / "bench.json").read_text())
     for method, measured in bench["methods"].items():
