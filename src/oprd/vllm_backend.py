@@ -255,6 +255,10 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -
     no process holds the whole model beside its own shard (at Qwen3-0.6B's shape a whole float32
     copy is 2.4 GB). Every process calls it (the gathers are collectives); the main one writes.
     Tied weights are written once, under the name vLLM's loader reads (the embedding)."""
+    # The update's freed pages go back to the kernel first: a server on the same machine is about
+    # to read the new weights beside its old ones, its largest moment, and glibc would otherwise
+    # keep the update's activations resident in every process until the end of the sync.
+    distributed.return_freed_memory()
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, parameter in model.named_parameters():
         match = BLOCK.match(name)
