@@ -19,7 +19,8 @@
 # ../shared/data, or from shared/data in the working tree where ../shared is absent (a lent machine
 # gets only the working tree: `bash scripts/device_check.sh prepare` copies the 25 MB there first).
 # DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 Q_LAYERS=1 Q_TOKENS=16 runs the same plumbing on a CPU in a few
-# minutes (tests/test_device_check.py).
+# minutes; tests/test_device_check.py also narrows RECIPES (the smoke recipes run), TINY_TOKENS and
+# BENCH_REPEATS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
@@ -28,6 +29,8 @@ DEVICE=${DEVICE:-cuda}
 R1_LAYERS=${R1_LAYERS:-28}
 R1_TOKENS=${R1_TOKENS:-4096}
 Q_LAYERS=${Q_LAYERS:-28}
+RECIPES=${RECIPES:-oprd opd_sampled opd_topk opd_full oprd_plus_opd self_distillation multi_teacher}
+TINY_TOKENS=${TINY_TOKENS:-256}
 Q_TOKENS=${Q_TOKENS:-256}
 DATA=../shared/data
 if [ "${1:-}" = prepare ]; then
@@ -41,16 +44,16 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
-for recipe in oprd opd_sampled opd_topk opd_full oprd_plus_opd self_distillation multi_teacher; do
+for recipe in $RECIPES; do
   "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/gpu-$recipe" "device=$DEVICE" optim.precision=bf16 \
     save_every=0 overwrite=true > "$OUT/gpu-$recipe.log" 2>&1
   "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/cpu-$recipe" device=cpu \
     save_every=0 overwrite=true > "$OUT/cpu-$recipe.log" 2>&1
 done
-"$PY" -m oprd bench --preset tiny --seq-lens 256 --repeats 2 --device "$DEVICE" --methods oprd,opd_top16,floor \
+"$PY" -m oprd bench --preset tiny --seq-lens "$TINY_TOKENS" --repeats "${BENCH_REPEATS:-2}" --device "$DEVICE" --methods oprd,opd_top16,floor \
   --out "$OUT/bench-tiny" --overwrite > "$OUT/bench-tiny.log" 2>&1
 "$PY" -m oprd bench --preset r1-distill-1.5b --num-layers "$R1_LAYERS" --seq-len "$R1_TOKENS" --batch-size 1 \
-  --repeats 3 --device "$DEVICE" --dtype bfloat16 --methods oprd,opd_top16,floor --out "$OUT/bench-r1" --overwrite \
+  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype bfloat16 --methods oprd,opd_top16,floor --out "$OUT/bench-r1" --overwrite \
   > "$OUT/bench-r1.log" 2>&1
 
 rm -rf "$OUT/models"
@@ -73,7 +76,7 @@ else
     | tee "$OUT/vllm-skipped.txt"
 fi
 
-"$PY" - "$OUT" <<'REPORT'
+"$PY" - "$OUT" "$RECIPES" <<'REPORT'
 import json, platform, sys
 from pathlib import Path
 
@@ -87,7 +90,7 @@ print(f"oprd device check: {device}, torch {torch.__version__}, "
 print()
 print("| check | GPU bf16 | CPU float32 |")
 print("|---|---|---|")
-for recipe in ("oprd", "opd_sampled", "opd_topk", "opd_full", "oprd_plus_opd", "self_distillation", "multi_teacher"):
+for recipe in sys.argv[2].split():
     runs = [[json.loads(line) for line in (out / f"{device}-{recipe}" / "metrics.jsonl").read_text().splitlines()]
             for device in ("gpu", "cpu")]
     cells = [" ".join(f"{row['loss']:.4f}" for row in rows) for rows in runs]

@@ -1,16 +1,19 @@
 """Run by tests/test_vllm.py with the python of vLLM's CPU environment (oprd from src/): a colocated
 engine (`ColocatedRollout`) for the smoke student, checked as the server is. Writes a JSON report
-to argv[1]: whether the engine sleeps, and the largest difference between vLLM's log-probs of its
-samples and the student's own, before and after the student's weights change and are synced."""
+to argv[1]: whether the engine sleeps, the context it was sized for, and the largest difference
+between vLLM's log-probs of its samples and the student's own, before and after the student's
+weights change and are synced."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+from oprd.config import RolloutConfig
+from oprd.distributed import ONE_PROCESS
 from oprd.models import ModelSpec, load_model, load_tokenizer
-from oprd.rollout import SamplingParams
-from oprd.vllm_backend import ColocatedRollout
+from oprd.rollout import SamplingParams, make_rollout
 
 TINY = sys.argv[2]
 
@@ -27,10 +30,11 @@ def largest_difference(model, batch) -> float:
 
 spec = ModelSpec(model=TINY, random_init=True, init_seed=0)
 model, tokenizer = load_model(spec, torch.device("cpu")).eval(), load_tokenizer(spec)
-rollout = ColocatedRollout(model, tokenizer, source=TINY, gpu_memory_utilization=0.3, dtype="float32",
-                           max_model_len=256)
+# as the trainer builds it: sized for the run's longest sequence, not the model's 4,096 positions
+rollout = make_rollout(RolloutConfig(backend="vllm", vllm_mode="colocate"), model, tokenizer, world=ONE_PROCESS,
+                       workdir=Path(sys.argv[1]).parent, source=TINY, longest_sequence=256)
 prompts = [tokenizer("What is 2 + 3?").input_ids, tokenizer("Name a prime larger than ten.").input_ids]
-report = {"sleeps": rollout.sleeps}
+report = {"sleeps": rollout.sleeps, "max_model_len": rollout.llm.llm_engine.vllm_config.model_config.max_model_len}
 rollout.sync_weights(model, version=0)
 torch.manual_seed(0)
 report["before"] = largest_difference(model, rollout.generate(prompts, SamplingParams(max_new_tokens=12, n=3)))

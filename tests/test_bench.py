@@ -5,12 +5,23 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from oprd.cli import app
 from oprd.config import OPDConfig, OPRDConfig
-from oprd.experiments.bench import ALL_METHODS, Shape, build_models, make_batch, parameter_count, sweep_fit, update_fn
+from oprd.experiments.bench import (
+    ALL_METHODS,
+    Shape,
+    build_models,
+    layer_flops_per_token,
+    make_batch,
+    parameter_count,
+    sweep_fit,
+    update_fn,
+)
 from oprd.objective import LossPlan, distillation_loss
+from oprd.shapes import SHAPES, shape_config
 
 
 @pytest.mark.slow
@@ -115,6 +126,17 @@ def test_parameter_count_matches_the_built_model():
     shape = Shape("tiny", 2, 16, 1, "cpu", "float32")
     student, _ = build_models(shape)
     assert parameter_count(shape) == sum(p.numel() for p in student.parameters())
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_the_flop_model_counts_each_shapes_own_projections(name):
+    """A block's weights in the FLOP model are the built block's, for every shape of the table
+    (Qwen2's and Phi-3's configs carry no head_dim: it is derived)."""
+    config = shape_config(name, num_layers=1)
+    with torch.device("meta"):
+        block = AutoModelForCausalLM.from_config(config).model.layers[0]
+    weights = sum(p.numel() for n, p in block.named_parameters() if p.dim() == 2)
+    assert layer_flops_per_token(config, context=0) == 2 * weights
 
 
 def test_trl_reference_is_the_same_reverse_kl():

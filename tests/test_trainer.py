@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from oprd import checkpoint
+from oprd import checkpoint, trainer
 from oprd.batch import RolloutBatch, pad_left
 from oprd.bridge import load_bridge
 from oprd.cli import app
@@ -264,6 +264,23 @@ def test_save_every_zero_writes_only_the_final_model(tmp_path):
     run_dir = train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1", "save_every=0"]))
     assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_final_is_gathered_after_the_optimizer_state_is_freed(tmp_path, monkeypatch):
+    """AdamW's two moments (8 bytes a parameter) are in the last checkpoint by then: final/ is
+    written without them held beside it."""
+    held = []
+    write_model = trainer.write_model
+
+    def spy(run, target, card=None):
+        held.append(len(run.optimizer.state))
+        return write_model(run, target, card)
+
+    monkeypatch.setattr(trainer, "write_model", spy)
+    run_dir = train(load_config(SMOKE / "oprd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=1", "save_every=1"]))
+    assert held == [0]
+    saved = torch.load(run_dir / "checkpoints" / "step_000001" / "optimizer.pt", weights_only=True)
+    assert len(saved["state"]) > 0  # what resume=true needs was kept
 
 
 # --------------------------------------------------------------------------- across tokenizers, stages, pre-flight

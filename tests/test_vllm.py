@@ -219,7 +219,7 @@ def test_the_colocated_engine_on_a_cpu(tmp_path):
                              str(SMOKE / "tiny-qwen3")], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["sleeps"] is False and report["version"] == 1
+    assert report["sleeps"] is False and report["version"] == 1 and report["max_model_len"] == 256
     assert report["before"] < 1e-4 and report["after"] < 1e-4
     run = subprocess.run([python, "-m", "oprd", "train", str(SMOKE / "oprd_plus_opd.yaml"), "rollout.backend=vllm",
                           "rollout.vllm_mode=colocate", "max_steps=2", f"output_dir={tmp_path / 'run'}"],

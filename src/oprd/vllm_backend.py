@@ -294,6 +294,11 @@ def student_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
 # --------------------------------------------------------------------------- an engine on the training GPU
 
 
+def _model_class(model: torch.nn.Module) -> str:
+    """The student's transformers class (e.g. Qwen3ForCausalLM), under FSDP2's wrapper class if sharded."""
+    return next(cls.__name__ for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
+
+
 class ColocatedRollout:
     """vllm.LLM in this process, on the training GPU: it sleeps (weights and KV cache freed)
     between rollouts, so the update gets the memory back, and wakes with the new weights. vLLM's
@@ -314,7 +319,11 @@ class ColocatedRollout:
         # Random weights at first ("dummy"): the first sync loads the student's before any rollout.
         self.llm = vllm.LLM(model=source, tokenizer=getattr(tokenizer, "name_or_path", None) or source, dtype=dtype,
                             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleeps,
-                            max_model_len=max_model_len, generation_config="vllm", seed=0, load_format="dummy")
+                            max_model_len=max_model_len, generation_config="vllm", seed=0, load_format="dummy",
+                            # the student's class: a config.json without `architectures` would otherwise be
+                            # guessed a pooler, or served by vLLM's Transformers backend, which patches the
+                            # student's own class in this process
+                            hf_overrides={"architectures": [_model_class(model)]})
         self._sleep()
         self.weight_version = -1
 

@@ -294,7 +294,8 @@ def measure_in_fresh_process(method: str, shape: Shape, repeats: int) -> dict[st
 def layer_flops_per_token(config, context: int) -> float:
     """Forward FLOPs of one block for one token: 2 x weights + attention over `context` tokens."""
     D, H = config.hidden_size, config.intermediate_size
-    heads, kv, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or D // heads  # Qwen2's and Phi-3's configs derive it
     weights = D * heads * head_dim * 2 + D * kv * head_dim * 2 + 3 * D * H
     return 2 * weights + 4 * context * heads * head_dim
 

@@ -359,6 +359,25 @@ def predicted_memory(s: RehearsalSettings) -> dict[str, dict[str, float]]:
     }
 
 
+def beyond_the_count(s: RehearsalSettings) -> list[str]:
+    """Where a process's memory goes beyond `predicted_memory`, sized where the shape sizes it."""
+    config = shape_config(s.shape, s.layers)
+    embedding = 4 * config.vocab_size * config.hidden_size / GIB
+    return [
+        f"- A training rank: FSDP2 keeps the root module's parameters whole from the forward to the backward "
+        f"(`fully_shard` sets reshard_after_forward=False for the root), and the tied embedding / LM head is one "
+        f"of them: {embedding:.2f} GiB whole on every rank, then its whole gradient before the reduce-scatter "
+        f"({embedding:.2f} GiB more); the micro-batch's activations; the Python, torch and tokenizer runtime with "
+        "the rendered prompts; and freed pages that glibc keeps resident until `malloc_trim` (oprd hands them "
+        "back after loading and before each weight sync).",
+        f"- The vLLM server: its CPU build keeps the embedding / LM head twice, the weight beside oneDNN's packed "
+        f"copy (`dispatch_cpu_unquantized_gemm(layer, remove_weight=False)` in "
+        f"vllm/model_executor/layers/vocab_parallel_embedding.py; {embedding:.2f} GiB); each reload reads the "
+        "new weights beside the packed old ones; and its three processes' runtime (API server, engine core, "
+        "worker).",
+    ]
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -407,7 +426,9 @@ def write_report(s: RehearsalSettings, result: dict) -> str:
     lines += ["## Memory: analytic count against measured (GiB)", ""]
     rows = [[who, " + ".join(f"{part} {gib:.2f}" for part, gib in parts.items()), f"{sum(parts.values()):.2f}",
              result["memory_measured"].get(who, "-")] for who, parts in result["memory_predicted"].items()]
-    lines += [markdown_table(["process", "predicted", "sum", "measured peak"], rows), ""]
+    lines += [markdown_table(["process", "predicted", "sum", "measured peak"], rows), "",
+              "What the count leaves out (read from the code of FSDP2, vLLM's CPU build and glibc):", "",
+              *beyond_the_count(s), ""]
     resume = result["resume"]
     lines += ["## Kill -9 and resume", "",
               f"Killed at checkpoints {resume['kill']['checkpoints']} (launcher exit {resume['kill']['returncode']}, "
