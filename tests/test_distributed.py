@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from oprd.testing import kill_job
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smoke" / "oprd_plus_opd.yaml"
 LAUNCH_TIMEOUT_S = 420
@@ -88,8 +90,8 @@ def test_killed_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
         assert launch.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.1)
-    os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers
-    launch.wait(timeout=60)
+    assert len(kill_job(launch.pid)) >= 3  # the launcher and both workers
+    assert launch.wait(timeout=60) == -signal.SIGKILL  # the kill landed: the launcher did not exit on its own
     assert not (run_dir / "final").exists()
 
     _run([*command, "resume=true"])
@@ -159,3 +161,19 @@ print(held, kept, rss())
     mib = 2**20
     assert kept > held - 50 * mib  # the fault is there: freeing alone left the ~190 MiB resident
     assert trimmed < kept - 150 * mib, (held // mib, kept // mib, trimmed // mib)
+
+
+def test_kill_job_reaches_workers_in_sessions_of_their_own():
+    """torchrun starts each worker with start_new_session=True, where a signal to the launcher's
+    process group never reaches it: `kill_job` kills the launcher and every process under it."""
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        "print(worker.pid, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker = int(launcher.stdout.readline())
+    assert os.getpgid(worker) != os.getpgid(launcher.pid)  # out of the launcher's group, as torchrun's are
+    assert sorted(kill_job(launcher.pid)) == sorted([launcher.pid, worker])
+    assert launcher.wait(timeout=30) == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)

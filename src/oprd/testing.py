@@ -1,12 +1,16 @@
 """Offline stand-ins for what a hub would provide: small configs of real architectures and
 tokenizers trained on the spot. The tests, the smoke recipes' assets and the toy world build their
-models from these, so nothing is downloaded and every build is the same on every machine."""
+models from these, so nothing is downloaded and every build is the same on every machine. And the
+one way the fault tests crash a whole job (`kill_job`)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
@@ -83,3 +87,20 @@ def tiny_config(
         bos_token_id=None,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def kill_job(pid: int) -> list[int]:
+    """SIGKILL to the process `pid` and every process under it, as the loss of the machine would:
+    torchrun starts each worker in a session of its own, so a signal to the launcher's process
+    group alone leaves the workers training on. Waits until the processes under `pid` are gone;
+    `pid` itself the caller waits for, as its exit status is the caller's to read. Returns the pids
+    it signalled."""
+    launcher = psutil.Process(pid)
+    job = [launcher, *launcher.children(recursive=True)]
+    for process in job:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker may have exited meanwhile
+            process.send_signal(signal.SIGKILL)
+    _, alive = psutil.wait_procs(job[1:], timeout=60)
+    if alive:
+        raise RuntimeError(f"processes {[p.pid for p in alive]} outlived SIGKILL")
+    return [process.pid for process in job]

@@ -64,6 +64,7 @@ from oprd.display import markdown_table
 from oprd.models import ModelSpec
 from oprd.recorder import read_metrics
 from oprd.shapes import shape_config
+from oprd.testing import kill_job
 
 ROOT = Path(__file__).resolve().parents[3]
 SHARED = ROOT.parent / "shared" / "data"
@@ -290,9 +291,9 @@ def killed_and_resumed(s: RehearsalSettings, config: Path, run_dir: Path, stages
                 if time.monotonic() > deadline:
                     raise RuntimeError("no step-2 checkpoint in time")
                 time.sleep(0.2)
-            os.killpg(launch.pid, signal.SIGKILL)
+            killed = kill_job(launch.pid)  # the launcher and its workers, each in a session of its own
             code = launch.wait(timeout=120)
-    kill = {"returncode": code, "final_written": (run_dir / "final").exists(),
+    kill = {"returncode": code, "processes_killed": len(killed), "final_written": (run_dir / "final").exists(),
             "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").iterdir())}
     if code != -signal.SIGKILL or kill["final_written"]:
         raise RuntimeError(f"the kill did not land as meant: {kill}")
