@@ -73,7 +73,7 @@ GIB = 2**30
 # 4,681 tokens: one sequence of the longest (2,304) or the step's 8 at the prompts' real lengths (~450).
 KV_CACHE_GIB = 1
 # Measured on a 24 GiB machine (README: Real shapes): Qwen3-0.6B's 28 blocks and 20 blocks ran out of
-# memory with the server beside the two training processes; 16 ran through.
+# memory with the server beside the two training processes; 16 ran every training stage through.
 DEPTH_THAT_FITS_24_GIB = 16
 ROOM_FOR_FULL_DEPTH_GIB = 32
 LAUNCH_TIMEOUT_S = 3600
@@ -502,7 +502,11 @@ def rehearse(s: RehearsalSettings, console: Console) -> str:
                          "--out", str(s.out / "eval")], stages, "oprd eval final/ through vLLM", logs / "eval.log")
 
         console.print("5. the colocated engine, one process, in vLLM's environment")
+        # Activations kept, not recomputed: under vLLM's CPU build's transformers (5.19) a checkpointed
+        # block's recompute saves one tensor fewer than its forward with oprd's capture hooks (README:
+        # Real shapes).
         colocated = train_config(s, models, runs / "colocate", "oprd", None)
+        colocated.optim.gradient_checkpointing = False
         run_watched([str(s.vllm_python), "-m", "oprd", "train",
                      str(write_config(colocated, s.out / "configs" / "colocate.yaml"))],
                     stages, "colocate", logs / "colocate.log",
