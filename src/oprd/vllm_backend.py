@@ -255,10 +255,6 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -
     no process holds the whole model beside its own shard (at Qwen3-0.6B's shape a whole float32
     copy is 2.4 GB). Every process calls it (the gathers are collectives); the main one writes.
     Tied weights are written once, under the name vLLM's loader reads (the embedding)."""
-    # The update's freed pages go back to the kernel first: a server on the same machine is about
-    # to read the new weights beside its old ones, its largest moment, and glibc would otherwise
-    # keep the update's activations resident in every process until the end of the sync.
-    distributed.return_freed_memory()
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, parameter in model.named_parameters():
         match = BLOCK.match(name)
@@ -277,7 +273,9 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -
             stale.unlink()  # a folder written before by another layout
         write_file_atomically(folder / "model.safetensors.index.json",
                               lambda tmp: tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map})))
-    distributed.return_freed_memory()  # each block's gathered copy, and safetensors' serialised bytes of it
+    # each block's gathered copy, safetensors' bytes of it and the update's freed pages go back before a
+    # server on the same machine reads the new weights beside its old ones, its largest moment
+    distributed.return_freed_memory()
 
 
 @torch.no_grad()

@@ -374,7 +374,7 @@ def beyond_the_count(s: RehearsalSettings) -> list[str]:
         f"of them: {embedding:.2f} GiB whole on every rank, then its whole gradient before the reduce-scatter "
         f"({embedding:.2f} GiB more); the micro-batch's activations; the Python, torch and tokenizer runtime with "
         "the rendered prompts; and freed pages that glibc keeps resident until `malloc_trim` (oprd hands them "
-        "back after loading and before each weight sync).",
+        "back after loading, and after writing each weight sync, before the server reads it).",
         f"- The vLLM server: its CPU build keeps the embedding / LM head twice, the weight beside oneDNN's packed "
         f"copy (`dispatch_cpu_unquantized_gemm(layer, remove_weight=False)` in "
         f"vllm/model_executor/layers/vocab_parallel_embedding.py; {embedding:.2f} GiB); each reload reads the "
