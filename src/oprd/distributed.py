@@ -281,7 +281,7 @@ def return_freed_memory() -> None:
     """Hands the heap pages that freed tensors leave behind back to the kernel. glibc keeps them
     resident otherwise, and loading a sharded model frees a lot: rank 0 builds the whole model to
     broadcast it and every rank receives each weight whole before keeping its shard (at
-    Qwen3-0.6B's shape rank 0 stayed 3 GB above rank 1 until it did this)."""
+    Qwen3-0.6B's shape rank 0 stayed about 1.5 GiB above rank 1 until it did this)."""
     gc.collect()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; other C libraries return freed pages
     if trim is not None:
