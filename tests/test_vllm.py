@@ -275,3 +275,14 @@ def test_colocate_without_vllm_names_the_extra():
         pytest.skip("vLLM is installed in this environment")
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[vllm\]'"):
         load_config(SMOKE / "oprd.yaml", ["rollout.backend=vllm", "rollout.vllm_mode=colocate"])
+
+
+@needs_vllm
+def test_gradient_checkpointing_with_capture_under_the_oldest_transformers_we_allow():
+    """pyproject's transformers floor is the version vLLM's CPU build pins: the capture hooks and
+    gradient checkpointing are checked under it (its layers checkpoint `__call__`, hooks included)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(VENV / "bin" / "python"), str(ROOT / "tests" / "checkpointing_worker.py")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.startswith("transformers 5.19"), result.stdout

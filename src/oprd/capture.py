@@ -68,9 +68,19 @@ def capture_hidden(
     def kept(h: torch.Tensor) -> torch.Tensor:
         return h[keep_B_S] if keep_B_S is not None else h
 
+    # With gradients on, a block's states are selected after the forward, not in its hook: under
+    # gradient checkpointing, transformers 5.19 (vLLM's CPU build pins it) runs a block's hooks
+    # inside the checkpointed region, so an op in the hook saves a tensor in the forward that the
+    # backward's recompute (hooks removed by then) does not, and torch refuses the mismatch (5.25
+    # checkpoints `forward` and keeps hooks outside). Holding the full states costs little: the
+    # next block saves its input for its own backward anyway; only the deepest lives on alone,
+    # until the selection after the forward.
+    select_in_hook = not torch.is_grad_enabled()
+
     def block_hook(layer: int):
         def hook(module, args, output):
-            captured[layer] = kept(output[0] if isinstance(output, tuple) else output)
+            h = output[0] if isinstance(output, tuple) else output
+            captured[layer] = kept(h) if select_in_hook else h
 
         return hook
 
@@ -92,6 +102,8 @@ def capture_hidden(
     finally:
         for handle in handles:
             handle.remove()
+    if not select_in_hook:
+        captured.update({layer: kept(h) for layer, h in captured.items() if layer != FINAL and layer < depth})
     return captured
 
 

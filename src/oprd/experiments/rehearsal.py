@@ -502,11 +502,7 @@ def rehearse(s: RehearsalSettings, console: Console) -> str:
                          "--out", str(s.out / "eval")], stages, "oprd eval final/ through vLLM", logs / "eval.log")
 
         console.print("5. the colocated engine, one process, in vLLM's environment")
-        # Activations kept, not recomputed: under vLLM's CPU build's transformers (5.19) a checkpointed
-        # block's recompute saves one tensor fewer than its forward with oprd's capture hooks (README:
-        # Real shapes).
         colocated = train_config(s, models, runs / "colocate", "oprd", None)
-        colocated.optim.gradient_checkpointing = False
         run_watched([str(s.vllm_python), "-m", "oprd", "train",
                      str(write_config(colocated, s.out / "configs" / "colocate.yaml"))],
                     stages, "colocate", logs / "colocate.log",
