@@ -32,7 +32,8 @@ spec = ModelSpec(model=TINY, random_init=True, init_seed=0)
 model, tokenizer = load_model(spec, torch.device("cpu")).eval(), load_tokenizer(spec)
 # as the trainer builds it: sized for the run's longest sequence, not the model's 4,096 positions
 rollout = make_rollout(RolloutConfig(backend="vllm", vllm_mode="colocate"), model, tokenizer, world=ONE_PROCESS,
-                       workdir=Path(sys.argv[1]).parent, source=TINY, longest_sequence=256)
+                       workdir=Path(sys.argv[1]).parent, source=TINY, longest_sequence=256,
+                       compute_dtype=torch.float32)
 prompts = [tokenizer("What is 2 + 3?").input_ids, tokenizer("Name a prime larger than ten.").input_ids]
 report = {"sleeps": rollout.sleeps, "max_model_len": rollout.llm.llm_engine.vllm_config.model_config.max_model_len}
 rollout.sync_weights(model, version=0)

@@ -111,6 +111,19 @@ def test_fast_path_matches_public_losses(pair_and_batch, overrides):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_micro_batch_drops_the_prompt_padding_its_rows_share(pair_and_batch):
+    """Left padding of the whole step stays out of a micro-batch: each one-row micro-batch is its
+    own prompt and nothing else (the fast path's equality above holds with it)."""
+    _, _, batch, _ = pair_and_batch
+    lengths = batch.prompt_mask.sum(1)
+    assert lengths.min() < lengths.max() == batch.prompt_ids.shape[1]  # the step's prompts differ in length
+    for row, length in enumerate(lengths.tolist()):
+        micro = batch.select(slice(row, row + 1))
+        assert micro.prompt_ids.shape[1] == length and bool(micro.prompt_mask.all())
+        assert torch.equal(micro.prompt_ids, batch.prompt_ids[row : row + 1, -length:])
+    assert batch.select(slice(0, 4)).prompt_ids.shape == batch.prompt_ids.shape  # the longest prompt keeps them all
+
+
 def test_oprd_only_never_computes_logits_beyond_one_position(pair_and_batch):
     student, teacher, batch, vocab = pair_and_batch
     student.zero_grad(set_to_none=True)

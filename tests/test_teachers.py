@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from oprd import checkpoint
+from oprd import checkpoint, distributed, models
 from oprd.alignment import paired_states, positions_with_partner, with_teacher_prompts
 from oprd.batch import RolloutBatch, pad_left
 from oprd.config import ConfigError, TeacherMember, TeachersConfig, TeacherSpec, load_config, validate
 from oprd.data import load_problems, prompt_token_ids
-from oprd.models import ModelSpec, load_model, load_tokenizer
+from oprd.models import DTYPES, ModelSpec, load_model, load_tokenizer
 from oprd.teachers import update_ema
 from oprd.testing import tiny_config
 from oprd.trainer import cost_metrics, sample, set_up_run, train, update
@@ -111,6 +111,25 @@ def test_self_teacher_reading_the_students_own_prompt_gives_zero_oprd_loss_at_st
         assert memory["bytes"] == student_bytes  # the student's whole structure, in float32
     else:
         assert 0 < memory["bytes"] <= student_bytes  # OPRD alone reads it: the backbone, no LM head of its own
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_frozen_self_teacher_is_held_and_computed_as_the_student_is(precision, tmp_path, monkeypatch):
+    """On a GPU `dtype=auto` loads a model in bfloat16, while the student keeps float32 master
+    weights (bf16 comes from autocast): a frozen self-teacher loaded by that rule differs from the
+    student at step 1. It is the student's copy, so it is held as the student is, in either
+    precision. The GPU's rule is put in place here, on the CPU."""
+    def gpu_rule(name, device):
+        return torch.bfloat16 if name == "auto" else DTYPES[name]
+
+    monkeypatch.setattr(models, "resolve_dtype", gpu_rule)
+    monkeypatch.setattr(distributed, "resolve_dtype", gpu_rule)
+    run_dir = train(_self_config(tmp_path, "teacher.prompt_template=null", "teacher.self_mode=frozen",
+                                 "max_steps=1", f"optim.precision={precision}"))
+    (first,) = _metrics(run_dir)
+    assert first["rep/loss"] == 0 and first["rep/cosine_similarity"] == pytest.approx(1.0, abs=1e-6)
+    memory = json.loads((run_dir / "teachers.json").read_text())["self"]
+    assert memory["bytes"] == 4 * memory["parameters"] > 0  # float32, as the student's master weights
 
 
 @pytest.mark.parametrize("objective", ["sampled", "full"])

@@ -283,6 +283,38 @@ def test_final_is_gathered_after_the_optimizer_state_is_freed(tmp_path, monkeypa
     assert len(saved["state"]) > 0  # what resume=true needs was kept
 
 
+@pytest.fixture(scope="module")
+def bf16_student(tmp_path_factory):
+    """The smoke student's weights saved as a published checkpoint is: bfloat16."""
+    folder = tmp_path_factory.mktemp("bf16-student")
+    model = load_model(ModelSpec(model=TINY, random_init=True), torch.device("cpu"))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    load_tokenizer(ModelSpec(model=TINY)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides,dtype", [([], torch.bfloat16), (["export_dtype=float32"], torch.float32)])
+def test_final_is_written_in_the_published_dtype_unless_asked(bf16_student, overrides, dtype, tmp_path):
+    """final/ of a bf16 checkpoint is bf16 (not the float32 master weights, twice its size), and
+    holds the trained weights rounded to it; export_dtype=float32 keeps them whole."""
+    run_dir = train(load_config(SMOKE / "oprd.yaml", [f"student.model={bf16_student}", "student.random_init=false",
+                                                      f"output_dir={tmp_path / 'r'}", "max_steps=1", "save_every=0",
+                                                      *overrides]))
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert final.dtype == dtype and final.config.dtype == dtype
+    assert f"- weights: {str(dtype).removeprefix('torch.')} " in (run_dir / "final" / "README.md").read_text()
+    start = load_model(ModelSpec(model=str(bf16_student)), torch.device("cpu")).state_dict()
+    trained = final.state_dict()
+    assert any(not torch.equal(trained[name].float(), start[name].float()) for name in start)
+
+
+def test_a_bf16_student_exports_bf16(tmp_path):
+    run_dir = train(load_config(SMOKE / "oprd.yaml", ["student.dtype=bfloat16", f"output_dir={tmp_path / 'r'}",
+                                                      "max_steps=1", "save_every=0"]))
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert final.dtype == torch.bfloat16
+
+
 # --------------------------------------------------------------------------- across tokenizers, stages, pre-flight
 
 

@@ -52,11 +52,15 @@ class RolloutBatch:
         return [row[: int(n)].tolist() for row, n in zip(self.response_ids, self.response_lengths)]
 
     def select(self, rows: slice | torch.Tensor) -> RolloutBatch:
-        """Rows of the batch (a micro-batch), with the response block trimmed to its longest row."""
+        """Rows of the batch (a micro-batch), as narrow as its own rows: the prompt block without
+        the left-padding columns every selected row has (so one row carries no padding at all, and
+        attention needs no explicit mask), the response block trimmed to its longest row."""
         width = max(int(self.response_lengths[rows].max()), 1)
+        prompt_mask = self.prompt_mask[rows]
+        lead = prompt_mask.shape[1] - max(int(prompt_mask.sum(1).max()), 1)  # prompts are right-aligned
         return RolloutBatch(
-            prompt_ids=self.prompt_ids[rows],
-            prompt_mask=self.prompt_mask[rows],
+            prompt_ids=self.prompt_ids[rows, lead:],
+            prompt_mask=prompt_mask[:, lead:],
             response_ids=self.response_ids[rows, :width],
             response_mask=self.response_mask[rows, :width],
             prompt_index=self.prompt_index[rows],

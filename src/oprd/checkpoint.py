@@ -99,14 +99,15 @@ def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, card: str | 
     return write_dir_atomically(target, fill)
 
 
-def save_gathered_model_dir(target: Path, model: torch.nn.Module, tokenizer, spec: ModelSpec, world: World,
-                            card: str | None = None) -> None:
-    """`save_model_dir` for a model sharded across processes: every weight is gathered to rank 0,
-    which writes the plain HF model folder (a sharded model cannot `save_pretrained` itself)."""
-    state = distributed.full_model_state(model)
+def export_model_dir(target: Path, model: torch.nn.Module, tokenizer, spec: ModelSpec, world: World,
+                     dtype: torch.dtype, card: str | None = None) -> None:
+    """`save_model_dir` of the student in `dtype` (final/, best/): a copy of its weights in that
+    dtype (the live ones where they already are), gathered to rank 0 first when the student is
+    sharded across processes (a sharded model cannot `save_pretrained` itself). Every process calls it."""
+    state = distributed.full_model_state(model) if world.distributed else model.state_dict()
     if world.main:
-        whole = empty_model(spec, next(iter(state.values())).dtype)
-        whole.load_state_dict(state, assign=True)
+        whole = empty_model(spec, dtype)
+        whole.load_state_dict({name: tensor.detach().to(dtype) for name, tensor in state.items()}, assign=True)
         whole.tie_weights()
         whole.generation_config = model.generation_config
         save_model_dir(target, whole, tokenizer, card)

@@ -163,6 +163,8 @@ class TrainConfig:
     gates: list[str] = field(default_factory=list)  # "val/B/M >= N", ">= start + N", ">= teacher - N" (oprd.gates)
     keep_best: str | None = None  # a validation metric: best/ keeps the checkpoint with its best value
     keep_best_mode: str = "max"  # max | min
+    # final/ and best/: auto = student.dtype where set, else the student checkpoint's own (config.json), else float32
+    export_dtype: str = "auto"
     student: ModelSpec = field(default_factory=ModelSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
@@ -256,7 +258,7 @@ FREE_ON_RESUME = frozenset({
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
     "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
     "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
-    "rollout.vllm_timeout_s", "eval_top_p", "gates", "keep_best", "keep_best_mode",
+    "rollout.vllm_timeout_s", "eval_top_p", "gates", "keep_best", "keep_best_mode", "export_dtype",
 })
 
 
@@ -456,6 +458,7 @@ def validate(cfg: TrainConfig) -> None:
     for side, spec in (("student", cfg.student), ("teacher", cfg.teacher),
                        *((f"teachers.members[{i}]", m) for i, m in enumerate(cfg.teachers.members))):
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
+    _one_of(cfg.export_dtype, ("auto", *DTYPES), "export_dtype")
     require(cfg.student.shard, "student.shard=false is not supported: the student is always sharded under torchrun "
                                "(teacher.shard=false keeps a full teacher in every process)")
     require(cfg.bridge.path is None or cfg.uses_oprd,

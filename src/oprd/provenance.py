@@ -186,10 +186,12 @@ class RunJson:
         self.write()
 
 
-def model_card(cfg: TrainConfig, record: dict, teachers: dict[str, str], metrics: list[dict]) -> str:
+def model_card(cfg: TrainConfig, record: dict, teachers: dict[str, str], metrics: list[dict],
+               weights_dtype: str) -> str:
     """A short model card (the README.md of an HF model folder): the student it started from, its
     teachers, data and objective, the last value of every loss and validation metric, the cost and
-    the recipe. `record`: the run's run.json; `metrics`: metrics.jsonl's rows."""
+    the recipe. `record`: the run's run.json; `metrics`: metrics.jsonl's rows; `weights_dtype`: the
+    folder's weights' dtype."""
     last = {key: value for row in metrics for key, value in row.items()
             if key.startswith("val/") or key in ("loss", "rep/cosine_similarity", "opd/kl_estimate")}
     cost = record.get("cost") or {}
@@ -202,6 +204,8 @@ def model_card(cfg: TrainConfig, record: dict, teachers: dict[str, str], metrics
         *(f"- teacher {name}: `{source}`" for name, source in teachers.items()),
         f"- data: `{cfg.data.path}`, {data.get('rows', '?')} prompts (sha256 {data.get('sha256') or 'n/a'})",
         f"- objective: opd.objective={cfg.opd.objective}, oprd.coef={cfg.oprd.coef}; {cfg.max_steps} steps",
+        f"- weights: {weights_dtype} (export_dtype={cfg.export_dtype}; training kept float32 master weights "
+        "unless student.dtype said otherwise)",
         f"- cost: {cost.get('sampled_tokens', 0):,.0f} tokens sampled, {cost.get('teacher_tokens', 0):,.0f} read "
         f"by the teachers, {cost.get('wall_seconds', 0):,.0f} s, {cost.get('device_hours', 0):.3f} device-hours",
         "", "## Last metrics", "", *(f"- `{key}`: {value:.4g}" for key, value in sorted(last.items())), "",

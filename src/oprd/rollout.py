@@ -9,7 +9,7 @@ the teacher reads another tokenizer.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -76,8 +76,10 @@ class HFRollout:
     """Batched sampling with `transformers.generate` (KV cache, left padding).
 
     Sampling is pure: no top-k cut (HF's default top_k=50 would bias the on-policy estimate), no
-    repetition penalty, whatever the model's own generation_config says. Randomness comes from
-    torch's global generator, which the caller seeds and checkpoints.
+    repetition penalty, whatever the model's own generation_config says. It runs in the training
+    forward's precision (`compute_dtype`: bf16 autocast over float32 master weights, so the KV cache
+    is bf16 too), not in the master weights' float32. Randomness comes from torch's global
+    generator, which the caller seeds and checkpoints.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class HFRollout:
         vocab_size: int,
         max_batch_sequences: int = 64,
         synced: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.pad_token_id = pad_token_id
@@ -96,21 +99,29 @@ class HFRollout:
         self.vocab_size = vocab_size
         self.max_batch_sequences = max_batch_sequences
         self.synced = synced  # several processes sample together: each runs as many forwards as the longest
+        self.compute_dtype = compute_dtype  # None: the weights' own
         self.weight_version = 0
 
     @classmethod
     def for_model(
-        cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_sequences: int = 64
+        cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_sequences: int = 64,
+        compute_dtype: torch.dtype | None = None,
     ) -> HFRollout:
         """Samples `model` with its tokenizer's padding, every EOS id it uses, and its vocabulary; in
         step with the other processes when the model is sharded across them."""
         return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
                    vocab_size=len(tokenizer), max_batch_sequences=max_batch_sequences,
-                   synced=distributed.is_sharded(model))
+                   synced=distributed.is_sharded(model), compute_dtype=compute_dtype)
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         self.model = model  # generates from the live training weights
         self.weight_version = version
+
+    def _precision(self, device: torch.device):
+        weights = next(self.model.parameters()).dtype
+        if self.compute_dtype is None or self.compute_dtype == weights:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
@@ -144,7 +155,7 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         try:
-            with distributed.gathered(self.model):
+            with distributed.gathered(self.model), _settings_of_our_own(self.model), self._precision(device):
                 out = self.model.generate(
                     input_ids=prompt_ids.to(device),
                     attention_mask=prompt_mask.to(device),
@@ -169,6 +180,21 @@ class HFRollout:
         )
 
 
+@contextmanager
+def _settings_of_our_own(model: torch.nn.Module) -> Iterator[None]:
+    """transformers fills every field a call's GenerationConfig leaves unset from the checkpoint's
+    generation_config.json (repetition_penalty, min_p, no_repeat_ngram_size, typical_p, ...), so a
+    student whose folder sets a repetition penalty would sample from a penalised distribution: off
+    policy, and unlike the vLLM backend. For the call the model's own is an empty one, so only the
+    settings `_generate_chunk` names apply."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 def _mask_after_eos(response_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) mask that keeps tokens up to and including the first EOS; (B,) rows with no EOS."""
     is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, dtype=response_ids.dtype))
@@ -177,14 +203,15 @@ def _mask_after_eos(response_ids: torch.Tensor, eos_token_ids: list[int]) -> tup
 
 
 def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, world: World,
-                 workdir: Path, source: str, longest_sequence: int) -> Rollout:
+                 workdir: Path, source: str, longest_sequence: int, compute_dtype: torch.dtype) -> Rollout:
     """The sampler `rollout.backend` names, for the student `model` (loaded from `source`): the one
-    place a run's rollout is built. A vLLM backend holds its own copy of the weights: the caller
-    syncs them before the first rollout. A colocated engine sizes its KV cache for
+    place a run's rollout is built. Both sample in the training forward's `compute_dtype`. A vLLM
+    backend holds its own copy of the weights: the caller syncs them before the first rollout. A
+    colocated engine sizes its KV cache for
     `longest_sequence` tokens (prompt and response), not the model's whole context (40,960
     positions of Qwen3 would need 9 GiB of float32 cache for one sequence of a 0.6B model)."""
     if cfg.backend == "hf":
-        return HFRollout.for_model(model, tokenizer, cfg.max_batch_sequences)
+        return HFRollout.for_model(model, tokenizer, cfg.max_batch_sequences, compute_dtype=compute_dtype)
     from oprd import vllm_backend
 
     device = next(model.parameters()).device
@@ -193,7 +220,7 @@ def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrain
         return vllm_backend.ServerRollout(cfg.vllm_url, vllm_backend.Sampling.of(model, tokenizer),
                                           weights_dir=workdir / ".vllm-weights", sync=sync, world=world,
                                           timeout_s=cfg.vllm_timeout_s)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(compute_dtype).removeprefix("torch.")
     return vllm_backend.ColocatedRollout(model, tokenizer, source=source, dtype=dtype, world=world,
                                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                                          max_model_len=min(longest_sequence,

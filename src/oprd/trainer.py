@@ -47,7 +47,7 @@ from oprd.distributed import World
 from oprd.evaluation.harness import evaluate
 from oprd.files import check_output_dir, open_output_dir, remove_leftovers
 from oprd.gates import Gate, parse_gate
-from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
+from oprd.models import DTYPES, check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
 from oprd.objective import LossPlan, Term, combined_loss
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
 from oprd.provenance import data_record, model_record, sha256_of_files
@@ -152,7 +152,7 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     routing = Routing.of(sources, prompts, cfg.teachers.route_by, device)
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
     rollout = make_rollout(cfg.rollout, student, student_tok, world=world, workdir=run_dir, source=cfg.student.model,
-                           longest_sequence=longest)
+                           longest_sequence=longest, compute_dtype=compute_dtype(cfg, student, device))
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
     optimizer, scheduler = make_optimizer(cfg, student)
@@ -338,10 +338,11 @@ def load_models(cfg: TrainConfig, device: torch.device, world: World, resume_fro
         if source.self_mode == "live":
             teachers.append(Teacher(source, student, plan))
             continue
-        if source.self_mode == "ema":  # the student's whole structure, parameter for parameter
-            model = distributed.load_model(cfg.student, device, world, dtype=student_dtype,
-                                           mp_policy=_mixed_precision(cfg, device))
-        else:
+        if source.self_mode is not None:  # a copy of the student, held and computed as the student is
+            up_to_layer = None if plan.uses_opd or source.self_mode == "ema" else max(plan.teacher_layers)
+            model = distributed.load_model(cfg.student, device, world, dtype=student_dtype, up_to_layer=up_to_layer,
+                                           shard_it=source.shard, mp_policy=_mixed_precision(cfg, device))
+        else:  # held in teacher.dtype (auto: bfloat16 on a GPU, float32 on a CPU), computed under the run's autocast
             up_to_layer = None if plan.uses_opd else max(plan.teacher_layers)
             model = distributed.load_model(source.spec, device, world, up_to_layer=up_to_layer, shard_it=source.shard)
         model.eval().requires_grad_(False)
@@ -724,11 +725,23 @@ def finish(run: Run) -> Path:
 
 
 def write_model(run: Run, target: Path, card: str | None = None) -> None:
-    """The student as a plain HF model folder at `target` (gathered from every process when sharded)."""
-    if run.world.distributed:
-        checkpoint.save_gathered_model_dir(target, run.student, run.tokenizer, run.cfg.student, run.world, card)
-    else:
-        checkpoint.save_model_dir(target, run.student, run.tokenizer, card)
+    """The student as a plain HF model folder at `target`, in `export_dtype` (gathered from every
+    process when sharded)."""
+    checkpoint.export_model_dir(target, run.student, run.tokenizer, run.cfg.student, run.world,
+                                export_dtype(run.cfg), card)
+
+
+def export_dtype(cfg: TrainConfig) -> torch.dtype:
+    """What final/ and best/ hold: `export_dtype`; auto: `student.dtype` where set, else the dtype
+    the student checkpoint was published in (its config.json; the master weights are float32 only
+    for training's sake), float32 where it names none."""
+    if cfg.export_dtype != "auto":
+        return DTYPES[cfg.export_dtype]
+    if cfg.student.dtype != "auto":
+        return DTYPES[cfg.student.dtype]
+    published = getattr(load_model_config(cfg.student), "dtype", None)
+    published = DTYPES.get(published) if isinstance(published, str) else published
+    return published if published in DTYPES.values() else torch.float32
 
 
 def model_card(run: Run) -> str:
@@ -736,7 +749,8 @@ def model_card(run: Run) -> str:
     rows = read_metrics(run.recorder.metrics_path) if run.recorder.metrics_path.is_file() else []
     teachers = {t.name: f"the student itself ({t.source.self_mode})" if t.source.self_mode else t.source.spec.model
                 for t in run.teachers}
-    return provenance.model_card(run.cfg, run.recorder.run_json.read(), teachers, rows)
+    return provenance.model_card(run.cfg, run.recorder.run_json.read(), teachers, rows,
+                                 str(export_dtype(run.cfg)).removeprefix("torch."))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -763,6 +777,11 @@ def _newest_checkpoint(run: Run) -> str:
 
 def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and device.type == "cuda")
+
+
+def compute_dtype(cfg: TrainConfig, student: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype the student's forward computes in: bf16 under the run's autocast, else its weights'."""
+    return torch.bfloat16 if _uses_bf16(cfg, device) else next(student.parameters()).dtype
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):

@@ -1,0 +1,93 @@
+"""HF sampling draws from the settings oprd names and nothing else, in the training forward's
+precision. A checkpoint whose generation_config.json asks for a repetition penalty (Qwen2.5's
+instruct models do), a min-p cut or an n-gram ban samples, and trains, exactly as the same
+weights without it."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from oprd.config import load_config
+from oprd.distributed import ONE_PROCESS
+from oprd.models import ModelSpec, load_model, load_tokenizer
+from oprd.rollout import HFRollout, SamplingParams, make_rollout, seeded
+from oprd.trainer import compute_dtype, train
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
+
+# What a published generation_config.json may carry that would move a sample away from the
+# student's own distribution.
+PENALISING = dict(repetition_penalty=5.0, no_repeat_ngram_size=2, min_p=0.2, top_k=3, temperature=0.3)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """The smoke student's weights in two folders, one with a penalising generation config."""
+    model = load_model(ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True, init_seed=0), torch.device("cpu"))
+    plain, penalised = tmp_path / "plain", tmp_path / "penalised"
+    for folder in (plain, penalised):
+        model.save_pretrained(folder)
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(SMOKE / "tiny-qwen3" / file, folder / file)
+    GenerationConfig(**PENALISING, do_sample=True).save_pretrained(penalised)
+    assert AutoModelForCausalLM.from_pretrained(penalised).generation_config.repetition_penalty == 5.0
+    return plain, penalised
+
+
+def _sample(folder, params: SamplingParams) -> torch.Tensor:
+    spec = ModelSpec(model=str(folder))
+    model, tokenizer = load_model(spec, torch.device("cpu")), load_tokenizer(spec)
+    prompts = [tokenizer("2 + 2 =").input_ids, tokenizer("Name a prime.").input_ids]
+    with seeded(0):
+        return HFRollout.for_model(model, tokenizer).generate(prompts, params).response_ids
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_the_folders_generation_config_never_reaches_the_sampler(folders, temperature):
+    plain, penalised = folders
+    n = 4 if temperature > 0 else 1  # transformers' greedy search returns one sequence a prompt
+    params = SamplingParams(n=n, max_new_tokens=24, temperature=temperature)
+    assert torch.equal(_sample(plain, params), _sample(penalised, params))
+
+    # the check can fail: transformers' own generate, left to fill its settings from the folder, samples otherwise
+    def hf_default(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        with seeded(0):
+            return model.generate(torch.tensor([[5, 6, 7, 8]]), do_sample=temperature > 0, max_new_tokens=24,
+                                  num_return_sequences=n, pad_token_id=0)
+    assert not torch.equal(hf_default(plain), hf_default(penalised))
+
+
+def test_a_penalising_generation_config_trains_as_the_same_weights_without_it(folders, tmp_path):
+    plain, penalised = folders
+    lines = {}
+    for folder in folders:
+        run = train(load_config(SMOKE / "opd_sampled.yaml", [f"student.model={folder}", "student.random_init=false",
+                                                             "max_steps=2", "save_every=0",
+                                                             f"output_dir={tmp_path / ('run-' + folder.name)}"]))
+        lines[folder.name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(lines["penalised"], lines["plain"], strict=True):
+        for key in ("loss", "grad_norm", "response_length/mean", "opd/loss"):
+            assert got[key] == want[key], key
+
+
+def test_sampling_computes_in_the_training_forwards_precision(folders, tmp_path):
+    """Under bf16 the sampler's forwards run in bf16 over the float32 master weights (so its KV
+    cache is bf16), as the training forward does; in float32 they stay float32."""
+    plain, _ = folders
+    spec = ModelSpec(model=str(plain))
+    model, tokenizer = load_model(spec, torch.device("cpu")), load_tokenizer(spec)
+    assert next(model.parameters()).dtype == torch.float32
+    seen = []
+    model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for precision, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = load_config(SMOKE / "opd_sampled.yaml", [f"optim.precision={precision}"])
+        rollout = make_rollout(cfg.rollout, model, tokenizer, world=ONE_PROCESS, workdir=tmp_path, source=str(plain),
+                               longest_sequence=64, compute_dtype=compute_dtype(cfg, model, torch.device("cpu")))
+        seen.clear()
+        rollout.generate([tokenizer("2 + 2 =").input_ids], SamplingParams(n=2, max_new_tokens=4))
+        assert len(seen) >= 4 and set(seen) == {want}, precision
