@@ -7,8 +7,9 @@
 #   1. each objective's smoke recipe (and the two applications'), 3 steps on CUDA in bf16, its losses next to
 #      the CPU float32 run
 #   2. the bench's CUDA peak-memory counters, on the tiny preset
-#   3. the bench at the paper's Table 3 shape: r1-distill-1.5b with all 28 layers in bf16, OPRD and
-#      top-16 OPD against the floor, 4096 response tokens
+#   3. the bench at the paper's Table 3 shape: r1-distill-1.5b with all 28 layers, float32 weights
+#      under bf16 autocast as training runs, OPRD, top-16 OPD and OPD + OPRD against the floor,
+#      4096 response tokens
 #   4. the rehearsal's training step at Qwen3-0.6B's real shape (28 blocks, 151,936 rows, tied head;
 #      random weights from `oprd make-model`, Qwen3's real tokenizer and chat template): OPRD on all
 #      layers and full-vocabulary OPD, 4 prompts x 2 responses x 256 tokens sampled by transformers,
@@ -19,8 +20,8 @@
 # ../shared/data, or from shared/data in the working tree where ../shared is absent (a lent machine
 # gets only the working tree: `bash scripts/device_check.sh prepare` copies the 25 MB there first).
 # DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 Q_LAYERS=1 Q_TOKENS=16 runs the same plumbing on a CPU in a few
-# minutes; tests/test_device_check.py also narrows RECIPES (the smoke recipes run), TINY_TOKENS and
-# BENCH_REPEATS.
+# minutes; tests/test_device_check.py also narrows RECIPES (the smoke recipes run), TINY_TOKENS,
+# BENCH_REPEATS and the benches' methods (TINY_METHODS, R1_METHODS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
@@ -50,11 +51,13 @@ for recipe in $RECIPES; do
   "$PY" -m oprd train "recipes/smoke/$recipe.yaml" "output_dir=$OUT/cpu-$recipe" device=cpu \
     save_every=0 overwrite=true > "$OUT/cpu-$recipe.log" 2>&1
 done
-"$PY" -m oprd bench --preset tiny --seq-lens "$TINY_TOKENS" --repeats "${BENCH_REPEATS:-2}" --device "$DEVICE" --methods oprd,opd_top16,floor \
-  --out "$OUT/bench-tiny" --overwrite > "$OUT/bench-tiny.log" 2>&1
+"$PY" -m oprd bench --preset tiny --seq-lens "$TINY_TOKENS" --repeats "${BENCH_REPEATS:-2}" --device "$DEVICE" \
+  --methods "${TINY_METHODS:-oprd,opd_top16,floor}" --out "$OUT/bench-tiny" --overwrite > "$OUT/bench-tiny.log" 2>&1
+# as training runs on a GPU: float32 master weights under bf16 autocast (the chunked LM head's matmuls in
+# bf16 on one copy of the head; OPD + OPRD keeping the blocks' states only in OPRD's 2,000-position window)
 "$PY" -m oprd bench --preset r1-distill-1.5b --num-layers "$R1_LAYERS" --seq-len "$R1_TOKENS" --batch-size 1 \
-  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype bfloat16 --methods oprd,opd_top16,floor --out "$OUT/bench-r1" --overwrite \
-  > "$OUT/bench-r1.log" 2>&1
+  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype float32 --autocast \
+  --methods "${R1_METHODS:-oprd,opd_top16,oprd_plus_opd,floor}" --out "$OUT/bench-r1" --overwrite > "$OUT/bench-r1.log" 2>&1
 
 rm -rf "$OUT/models"
 for role in student:0 teacher:1; do

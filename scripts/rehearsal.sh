@@ -4,7 +4,7 @@
 # server, OPRD / OPD top-16 / full-vocabulary OPD, kill -9 and resume, final/ in transformers and
 # in the server, the colocated engine; report.md and report.json under $OUT. On a machine with
 # less than 32 GiB the shape is cut to 16 of its 28 blocks, the deepest measured to fit beside the
-# server in 24 GiB (README: Real shapes): about 75 minutes on 2 cores. `--layers N` sets the depth
+# server in 24 GiB (README: Real shapes): about 65 minutes on 2 cores. `--layers N` sets the depth
 # (`--layers 1` runs the same plumbing in minutes). Run from anywhere:
 #
 #     bash scripts/rehearsal.sh                          # OUT=runs/rehearsal

@@ -17,6 +17,7 @@ from oprd import distributed
 from oprd.config import load_config
 from oprd.data import PromptSet, PromptStream, load_problems
 from oprd.distributed import ONE_PROCESS
+from oprd.evaluation.harness import evaluate
 from oprd.models import decoder_layers, load_tokenizer
 from oprd.objective import LossPlan
 from oprd.recorder import RunRecorder
@@ -35,6 +36,9 @@ OBJECTIVES = {  # name -> (recipe, overrides)
     # so each sharded teacher runs in step on a process that has no sample for it
     "two_teachers_routed": ("multi_teacher.yaml", []),
     "self_ema": ("self_distillation.yaml", ["teacher.self_mode=ema", "teacher.ema_decay=0.5"]),
+    # the LM head is the embedding (Qwen3-0.6B/1.7B/4B): both uses reach one sharded parameter's gradient
+    "opd_full_tied": ("opd_full.yaml", [f"{role}.model={SMOKE / 'tiny-qwen3-tied'}"
+                                        for role in ("student", "teacher")]),
 }
 
 
@@ -121,13 +125,31 @@ def check_generation(world, tokenizer, prompts):
             "synced": HFRollout.for_model(sharded, tokenizer).synced}
 
 
+def check_validation(world, tokenizer):
+    """Evaluation of the sharded student, each process sampling its share of 5 problems greedily:
+    every process gets the whole result, the one process's, problem by problem."""
+    cfg = load_config(SMOKE / "oprd.yaml")
+    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
+    sharded, _ = models(cfg, plan, world)
+    single, _ = models(cfg, plan, ONE_PROCESS)
+    problems = load_problems("aime24", limit=5)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    rollout, sampled = HFRollout.for_model(sharded, tokenizer), []
+    generate = rollout.generate
+    rollout.generate = lambda prompts, params: sampled.append(len(prompts)) or generate(prompts, params)
+    split = evaluate(rollout, tokenizer, problems, greedy, batch_size=1, world=world)  # no padding: exact
+    whole = evaluate(HFRollout.for_model(single, tokenizer), tokenizer, problems, greedy, batch_size=1)
+    return {"split": split.samples, "whole": whole.samples, "prompts_sampled": sum(sampled)}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     world, _ = distributed.init("cpu")
     tokenizer = load_tokenizer(load_config(SMOKE / "oprd.yaml").student)
     problems = load_problems(str(SMOKE / "prompts.parquet"), limit=2)
     prompts = PromptSet.render(problems, tokenizer).student
-    report = {"world_size": world.size, "generation": check_generation(world, tokenizer, prompts)}
+    report = {"world_size": world.size, "generation": check_generation(world, tokenizer, prompts),
+              "validation": check_validation(world, tokenizer)}
     for name in OBJECTIVES:
         report[name] = check_objective(name, world, tokenizer, prompts, out)
     (out / f"rank{world.rank}.json").write_text(json.dumps(report))

@@ -27,23 +27,49 @@ from oprd.shapes import SHAPES, shape_config
 @pytest.mark.slow
 def test_tiny_bench_writes_every_method(tmp_path):
     out = tmp_path / "bench"
+    methods = ["floor", "oprd", "trl"]  # each in fresh processes per length; every method's update: the next test
     result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--seq-lens", "16,32", "--repeats", "1",
-                                      "--num-layers", "2", "--out", str(out)])
+                                      "--num-layers", "2", "--methods", ",".join(methods), "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     assert {"device", "preset", "num_layers", "seq_len", "batch_size", "methods"} <= report.keys()
     assert (report["device"], report["preset"], report["num_layers"], report["seq_len"]) == ("cpu", "tiny", 2, 16)
-    assert set(report["methods"]) == set(ALL_METHODS)
+    assert set(report["methods"]) == set(methods)
     for row in report["sweep"]:
         for name, measured in row["methods"].items():
             assert measured["step_seconds"] > 0, name
             assert measured["peak_memory_delta_bytes"] >= 0, name
     assert [r["seq_len"] for r in report["sweep"]] == [16, 32]
-    assert set(report["sweep_fit"]) == set(ALL_METHODS)
+    assert set(report["sweep_fit"]) == set(methods)
     assert "projection" in report  # 2 of the preset's 4 layers
     assert (out / "bench.png").stat().st_size > 0
     assert "| oprd |" in (out / "bench.md").read_text()
     assert report["trl_version"] == importlib.metadata.version("trl")  # the peer's loss path changes between releases
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_runs_one_update_with_gradients(method):
+    shape = Shape("tiny", 2, 16, 1, "cpu", "float32")
+    student, teacher = build_models(shape)
+    update_fn(method, student, teacher, make_batch(shape, student.config.vocab_size), student.config.vocab_size)()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_an_autocast_shape_runs_the_update_in_bf16_over_float32_weights():
+    """--dtype float32 --autocast measures what training with optim.precision=bf16 runs: the
+    student's matmuls (its LM head's included, chunk by chunk) in bf16, its gradients in float32."""
+    shape = Shape("tiny", 2, 16, 1, "cpu", "float32", autocast=True)
+    student, teacher = build_models(shape)
+    batch = make_batch(shape, student.config.vocab_size)
+    dtypes = []
+    student.lm_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    student.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with shape.precision():
+        update_fn("opd_full", student, teacher, batch, student.config.vocab_size)()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert {p.grad.dtype for p in student.parameters() if p.grad is not None} == {torch.float32}
+    assert not Shape("tiny", 2, 16, 1, "cpu", "float32").autocast
 
 
 @pytest.mark.slow

@@ -306,6 +306,21 @@ def _bridge(D_S=64, D_T=96, L_S=4, L_T=6, rank=3, seed=0) -> Bridge:
     )
 
 
+
+def test_projections_run_in_float32_under_the_trainers_autocast():
+    """The bridge is fitted and pre-flighted in float32; under the trainer's bf16 autocast its
+    projections stay there (they ran as bf16 matmuls before)."""
+    bridge = _bridge()
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(5, 64, generator=g) for _ in bridge.pairs]
+    teacher = [torch.randn(5, 96, generator=g) for _ in bridge.pairs]
+    expected = bridge.project(bridge.pairs, student, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = bridge.project(bridge.pairs, student, teacher)
+    for side_expected, side in zip(expected, under_autocast):
+        for a, b in zip(side_expected, side):
+            assert b.dtype == torch.float32 and torch.equal(a, b)
+
 def test_save_load_round_trip(tmp_path):
     bridge = _bridge()
     path = tmp_path / "sub" / "bridge.safetensors"

@@ -21,6 +21,8 @@ from oprd.testing import kill_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smoke" / "oprd_plus_opd.yaml"
+# The run that is killed, resumed and exported ties its LM head to the embeddings, as Qwen3-0.6B/1.7B/4B do.
+TIED = [f"{role}.model={ROOT / 'recipes' / 'smoke' / 'tiny-qwen3-tied'}" for role in ("student", "teacher")]
 LAUNCH_TIMEOUT_S = 420
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPRD_COLLECTIVE_TIMEOUT_S": "120"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -45,7 +47,7 @@ def sharded_report(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["oprd_early_stop", "opd_topk", "opd_sampled", "both_checkpointed_full_teacher",
-                                       "two_teachers_routed", "self_ema"])
+                                       "two_teachers_routed", "self_ema", "opd_full_tied"])
 def test_two_processes_train_exactly_as_one(sharded_report, objective):
     report = sharded_report[0][objective]
     for key in ("loss", "grad_norm", "lr"):
@@ -71,10 +73,21 @@ def test_sharded_sampling_with_unequal_lengths(sharded_report):
     assert lengths == [3, 11]
 
 
+@pytest.mark.slow
+def test_validation_splits_the_problems_across_processes(sharded_report):
+    """Each process samples 3 of the 5 problems (its share, one repeated to stay in step) and
+    every process reports all 5, each the one process's."""
+    reports = [rank["validation"] for rank in sharded_report]
+    assert [report["prompts_sampled"] for report in reports] == [3, 3]
+    assert len({sample["response"] for sample in reports[0]["whole"]}) > 1  # the problems' samples differ
+    for report in reports:
+        assert report["split"] == report["whole"] == reports[0]["whole"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("two") / "run"
-    _run([sys.executable, "-m", "oprd", "train", str(RECIPE), "max_steps=4", "save_every=2",
+    _run([sys.executable, "-m", "oprd", "train", str(RECIPE), "max_steps=4", "save_every=2", *TIED,
           f"output_dir={run_dir}", "--nproc", "2"])
     return run_dir
 
@@ -82,7 +95,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_killed_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    command = [*TORCHRUN, "-m", "oprd", "train", str(RECIPE), "max_steps=4", "save_every=2", f"output_dir={run_dir}"]
+    command = [*TORCHRUN, "-m", "oprd", "train", str(RECIPE), "max_steps=4", "save_every=2", *TIED,
+               f"output_dir={run_dir}"]
     launch = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -109,6 +123,7 @@ def test_final_is_a_plain_model_equal_to_the_sharded_weights(uninterrupted, tmp_
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     model = AutoModelForCausalLM.from_pretrained(uninterrupted / "final")
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     dcp_to_torch_save(uninterrupted / "checkpoints" / "step_000004" / "dcp", tmp_path / "last.pt")
     sharded = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     final = model.state_dict()
@@ -128,7 +143,7 @@ def test_a_sharded_checkpoint_refuses_one_process(uninterrupted, tmp_path):
 
     run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
     with pytest.raises(CheckpointError, match="written by several processes .* resume it with the number of processes"):
-        train(load_config(RECIPE, ["max_steps=6", "save_every=2", f"output_dir={run_dir}", "resume=true",
+        train(load_config(RECIPE, ["max_steps=6", "save_every=2", *TIED, f"output_dir={run_dir}", "resume=true",
                                    "resume_changes=[max_steps]"]))
 
 

@@ -359,3 +359,15 @@ def test_a_grading_timeout_is_reported_as_such():
     answer, correct, timed_out = grade(r"\boxed{10^{10^{10}}!}", r"10^{10^{10}}+1", timeout_s=1.0)
     assert (answer, correct, timed_out) == (None, False, True)
     assert grade(r"\boxed{0.75}", r"\frac34") == ("0.75", True, False)  # the grader works afterwards
+
+
+def test_each_process_samples_its_share_and_as_many_rounds_as_the_others():
+    from oprd.distributed import World
+    from oprd.evaluation.harness import share
+
+    assert share(5, World(0, 1)) == ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+    assert share(5, World(0, 2)) == ([0, 2, 4], [0, 2, 4])
+    assert share(5, World(1, 2)) == ([1, 3], [1, 3, 1])  # a repeat keeps it in step; its result is dropped
+    assert share(1, World(1, 2)) == ([], [0])
+    mine = [share(30, World(r, 4))[0] for r in range(4)]
+    assert sorted(sum(mine, [])) == list(range(30))

@@ -13,6 +13,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from oprd.losses import (
     chunked_head_loss,
@@ -810,6 +811,82 @@ def test_chunked_head_loss_no_rows_is_zero():
     assert torch.isfinite(loss) and loss.item() == 0.0
     loss.backward()
     assert head.weight.grad is None or head.weight.grad.abs().max() == 0
+
+
+
+class _MatmulLog(TorchDispatchMode):
+    """Records each matmul's input dtypes and every copy of a tensor shaped like `watched`."""
+
+    def __init__(self, watched: torch.Size):
+        super().__init__()
+        self.watched, self.matmul_dtypes, self.weight_copies = watched, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.matmul_dtypes.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+        if func == torch.ops.aten._to_copy.default and args[0].shape == self.watched:
+            self.weight_copies += 1
+        return func(*args, **kwargs)
+
+
+def _bf16_head_setup():
+    N, D, V = 24, 16, 40
+    head = torch.nn.Linear(D, V, bias=False)
+    torch.nn.init.normal_(head.weight, generator=gen(60))
+    hidden = torch.randn(N, D, generator=gen(61)).requires_grad_()
+    teacher_logits = torch.randn(N, V, generator=gen(62))
+    targets = torch.randint(0, V, (N,), generator=gen(63))
+    w = torch.full((N,), 1.0 / N)
+    return head, hidden, make_chunk_loss(teacher_logits, targets, w, "full", {})
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_chunked_head_under_bf16_autocast_keeps_its_matmuls_in_bf16_and_copies_the_weight_once(chunk):
+    """The GPU's fast path: float32 master weights under bf16 autocast. The three matmuls run in
+    bf16 on one bf16 copy of the head made before the loop, whatever the number of chunks (a copy
+    per chunk is 0.9-1.2 GB at real shapes); the value and gradients are the plain path's under the
+    same autocast, to bf16's rounding."""
+    head, hidden, chunk_loss = _bf16_head_setup()
+    log = _MatmulLog(head.weight.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16), log:
+        chunked = chunked_head_loss(hidden, head.weight, None, chunk_loss, chunk_size=chunk)
+    assert log.matmul_dtypes and all(dtypes == {torch.bfloat16} for dtypes in log.matmul_dtypes), log.matmul_dtypes
+    assert log.weight_copies == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = chunk_loss(head(hidden), slice(None))
+    torch.testing.assert_close(chunked, plain.float(), rtol=2e-2, atol=1e-3)
+    for a, b in zip(grads_of(chunked, [hidden, head.weight]), grads_of(plain, [hidden, head.weight])):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)
+
+
+def test_a_teachers_head_inside_the_chunk_computes_as_the_students():
+    """Under bf16 autocast a head applied inside `chunk_loss` (the teacher's, in the trainer) runs
+    in bf16 like the student's: a model against itself has a KL of exactly zero (it was not while
+    the student's logits came from a bf16 matmul and the teacher's from a float32 one)."""
+    head, hidden, _ = _bf16_head_setup()
+
+    def against_itself(float32_teacher: bool):
+        def chunk_loss(logits, rows):
+            with torch.no_grad(), torch.autocast("cpu", enabled=not float32_teacher):
+                teacher_logits = head(hidden[rows].detach())
+            targets = torch.zeros(logits.shape[0], dtype=torch.long)
+            return output_space_terms("full", logits, teacher_logits, targets)[0].sum()
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return chunked_head_loss(hidden, head.weight, None, chunk_loss, chunk_size=4).item()
+
+    assert abs(against_itself(float32_teacher=False)) <= 1e-6
+    assert against_itself(float32_teacher=True) > 1e-4  # the asymmetry the test would see
+
+
+def test_default_chunk_rows_by_device():
+    from oprd.losses import default_chunk_rows
+
+    assert default_chunk_rows(151_936, "cpu") == 27
+    assert default_chunk_rows(151_936, "cuda") == 441
+    assert default_chunk_rows(10**9, "cuda") == 1
 
 
 @pytest.mark.parametrize("objective,kw", OBJECTIVES)

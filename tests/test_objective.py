@@ -82,6 +82,7 @@ def _reference_loss(plan: LossPlan, student, teacher, batch):
          "oprd.normalize=false"],
         ["oprd.coef=1", "oprd.layers=[2]", "oprd.positions=last"],
         ["opd.objective=sampled", "oprd.coef=10", "oprd.layers=odd", "oprd.positions=all"],
+        ["opd.objective=full", "oprd.coef=10", "oprd.layers=all", "oprd.positions=last_k", "oprd.k=3"],
     ],
     ids=lambda o: " ".join(o),
 )
@@ -122,6 +123,26 @@ def test_a_micro_batch_drops_the_prompt_padding_its_rows_share(pair_and_batch):
         assert micro.prompt_ids.shape[1] == length and bool(micro.prompt_mask.all())
         assert torch.equal(micro.prompt_ids, batch.prompt_ids[row : row + 1, -length:])
     assert batch.select(slice(0, 4)).prompt_ids.shape == batch.prompt_ids.shape  # the longest prompt keeps them all
+
+
+def test_opd_plus_oprd_keeps_the_layers_states_only_in_oprds_window(pair_and_batch, monkeypatch):
+    """OPD reads the LM head's input at every response position, OPRD the blocks' states only at
+    its own (the last 3 here; 2,000 of 16K in the paper): neither model keeps more than that."""
+    from oprd import objective
+    from oprd.capture import FINAL, capture_hidden
+
+    student, teacher, batch, vocab = pair_and_batch
+    cfg = load_config(SMOKE / "oprd_plus_opd.yaml", ["oprd.positions=last_k", "oprd.k=3"])
+    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, vocab)
+    captured = []
+    monkeypatch.setattr(objective, "capture_hidden", lambda *a, **kw: captured.append(capture_hidden(*a, **kw))
+                        or captured[-1])
+    distillation_loss(plan, student, teacher, batch, plan.normalizers(batch))
+    window, responses = int(plan.oprd_mask(batch).sum()), int(batch.response_mask.sum())
+    assert window < responses
+    for model, layers in zip(("teacher", "student"), (plan.teacher_layers, plan.student_layers)):
+        rows = {key: h.shape[0] for key, h in captured.pop(0).items()}
+        assert rows == {FINAL: responses, **dict.fromkeys(layers, window)}, model
 
 
 def test_oprd_only_never_computes_logits_beyond_one_position(pair_and_batch):

@@ -437,3 +437,26 @@ def test_killed_at_real_width_and_resumed_equals_uninterrupted(folders, sharded_
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     initial = load_file(folders.student / "model.safetensors")
     assert any(not torch.equal(a[k].float(), initial[k].float()) for k in a), "final/ holds untrained weights"
+
+
+def test_the_rehearsals_report_renders_and_its_measurements_come_first(tmp_path):
+    """report.md from a result of the rehearsal's shape (a rendering error once lost a whole
+    rehearsal's measurements: report.json is now written before report.md is rendered)."""
+    from oprd.experiments.rehearsal import RehearsalSettings, predicted_memory, write_report
+
+    s = RehearsalSettings(out=tmp_path, layers=2)
+    phases = {"sampling": 47.0, "step": 177.9}
+    stage = {"seconds": 706.0, "peak_rss": {"oprd: rank 0": 2**30}, "peak_total_rss": 2**30}
+    result = {"date": "2026-12-07", "machine": "2 CPU cores", "versions": {"trainer": "a", "vllm": "b"},
+              "command": "bash scripts/rehearsal.sh", "parameters": 4e8,
+              "phases": {"oprd": phases, "colocate": phases}, "stages": {"oprd": stage},
+              "memory_predicted": predicted_memory(s), "memory_measured": {"training rank": "7.55"},
+              "checkpoint_gib": {"oprd": 4.5},
+              "resume": {"kill": {"checkpoints": ["step_000002"], "returncode": -9},
+                         "comparison": {"equal": True, "max_relative_difference": {"loss": 0.0},
+                                        "max_weight_difference": 0.0}},
+              "final": {"class": "Qwen3ForCausalLM"}, "eval": {"results": {}}}
+    text = write_report(s, result)
+    assert (tmp_path / "report.md").read_text() == text
+    assert "| phase | oprd | colocate |" in text and "| sampling | 47.0 | 47.0 |" in text
+    assert "| oprd | 706 | oprd: rank 0 1.0 | 1.0 |" in text and "oprd 4.50 GiB" in text

@@ -91,3 +91,59 @@ def test_sampling_computes_in_the_training_forwards_precision(folders, tmp_path)
         seen.clear()
         rollout.generate([tokenizer("2 + 2 =").input_ids], SamplingParams(n=2, max_new_tokens=4))
         assert len(seen) >= 4 and set(seen) == {want}, precision
+
+
+# --------------------------------------------------------------------------- generate calls sized by KV cache
+
+
+def test_kv_cache_bytes_per_token_counts_keys_and_values_of_each_kv_head():
+    from oprd.rollout import kv_cache_bytes_per_token
+    from oprd.shapes import shape_config
+
+    config = shape_config("qwen3-1.7b")  # 28 layers, 8 KV heads of 128
+    assert kv_cache_bytes_per_token(config, torch.bfloat16) == 2 * 28 * 8 * 128 * 2 == 114_688
+    assert kv_cache_bytes_per_token(config, torch.float32) == 2 * 114_688
+
+
+def test_the_papers_evaluation_plans_its_generate_calls_within_the_budget():
+    """Qwen3-1.7B, prompts of up to 512 tokens and 16,384 new ones (the paper's settings): 64
+    sequences a call would hold about 115 GiB of bf16 cache. An 80 GB card's default budget
+    (a quarter) holds 10 of them a call; every call stays within it."""
+    from oprd.rollout import KV_CACHE_SHARE, kv_cache_bytes_per_token, sequences_per_call
+    from oprd.shapes import shape_config
+
+    per_token = kv_cache_bytes_per_token(shape_config("qwen3-1.7b"), torch.bfloat16)
+    positions = 512 + 16_384
+    assert 64 * per_token * positions / 2**30 > 100
+    budget = int(KV_CACHE_SHARE * 80 * 10**9)
+    sequences = sequences_per_call(per_token, positions, budget, most=64)
+    assert sequences == 10 and sequences * per_token * positions <= budget < (sequences + 1) * per_token * positions
+    assert sequences_per_call(per_token, positions, 1, most=64) == 1  # never zero
+    assert sequences_per_call(per_token, 10, budget, most=64) == 64  # short sequences: the sequence cap
+    # README's figure: R1-Distill-1.5B with the authors' 31,744 new tokens
+    r1 = kv_cache_bytes_per_token(shape_config("r1-distill-1.5b"), torch.bfloat16)
+    assert sequences_per_call(r1, 512 + 31_744, budget, most=64) == 21
+
+
+def test_generate_calls_hold_what_the_kv_budget_allows(monkeypatch):
+    """A budget for 3 sequences of (longest prompt + new tokens) splits 4 prompts x 2 samples into
+    calls of one prompt (2 sequences), and samples exactly as a cap of 2 sequences a call does."""
+    from oprd.rollout import kv_cache_bytes_per_token
+
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True)
+    model, tokenizer = load_model(spec, torch.device("cpu")), load_tokenizer(spec)
+    prompts = [tokenizer(text).input_ids for text in ("2 + 2 =", "Name a prime.", "Is 9 odd?", "Say hi")]
+    params = SamplingParams(n=2, max_new_tokens=8)
+    positions = max(map(len, prompts)) + params.max_new_tokens
+    budget = 3 * kv_cache_bytes_per_token(model.config, torch.float32) * positions
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw))
+    with seeded(0):
+        by_budget = HFRollout.for_model(model, tokenizer, kv_cache_bytes=budget).generate(prompts, params)
+    assert calls == [1, 1, 1, 1]
+    with seeded(0):
+        by_count = HFRollout.for_model(model, tokenizer, max_batch_sequences=2,
+                                       kv_cache_bytes=100 * budget).generate(prompts, params)
+    assert calls[4:] == [1, 1, 1, 1]
+    assert torch.equal(by_budget.response_ids, by_count.response_ids)

@@ -16,6 +16,7 @@ from oprd.bridge import load_bridge
 from oprd.cli import app
 from oprd.config import load_config
 from oprd.data import load_problems, prompt_token_ids
+from oprd.distributed import ONE_PROCESS
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import Sampler, SamplingParams
 from oprd.trainer import lr_lambda, make_validation, train, training_prompts
@@ -210,7 +211,7 @@ def test_training_and_validation_prompts_are_rendered_alike_and_validation_sampl
     assert not warnings
 
     rollout = RecordingRollout(tokenizer)
-    make_validation(cfg, rollout, tokenizer)(0)
+    make_validation(cfg, rollout, tokenizer, ONE_PROCESS)(0)
     [(prompts, params)] = rollout.calls
     benchmark = load_problems("aime24", limit=2)
     assert prompts == [prompt_token_ids(tokenizer, p.messages, enable_thinking=False) for p in benchmark]

@@ -286,3 +286,98 @@ def test_gradient_checkpointing_with_capture_under_the_oldest_transformers_we_al
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.startswith("transformers 5.19"), result.stdout
+
+
+def test_a_colocated_engine_wakes_once_a_step_and_loads_the_weights_then(monkeypatch):
+    """Sleeping, the engine gets each sync's weights when it next wakes to sample: a step wakes it
+    once (waking the old weights only to overwrite them, then sleeping and waking again, moved them
+    three times). A stand-in engine records what it is asked; tests/colocated_worker.py checks with
+    the real one that the samples are the synced student's."""
+    import sys
+    import types
+
+    from oprd.vllm_backend import ColocatedRollout, Sampling
+
+    class Engine:
+        calls: list[str] = []
+
+        def sleep(self, level):
+            self.calls.append("sleep")
+
+        def wake_up(self, tags=None):
+            self.calls.append(f"wake {tags or 'all'}")
+
+        def collective_rpc(self, method, kwargs):
+            self.loaded = dict(kwargs["weights_iterator"])
+            self.calls.append(method)
+
+        def generate(self, prompts, params, use_tqdm):
+            self.calls.append("generate")
+            done = types.SimpleNamespace(token_ids=[eos], logprobs=[{eos: types.SimpleNamespace(logprob=-0.5)}],
+                                         finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[done] * params[0].n) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **fields: types.SimpleNamespace(**fields)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True)
+    model, tokenizer = load_model(spec, torch.device("cpu")), load_tokenizer(spec)
+    eos = tokenizer.eos_token_id
+    rollout = ColocatedRollout.__new__(ColocatedRollout)  # the engine itself needs vLLM
+    rollout.llm, rollout.sleeps, rollout.sampling = Engine(), True, Sampling.of(model, tokenizer)
+    rollout.weight_version, rollout._pending = -1, None
+    for version in (0, 1):
+        rollout.sync_weights(model, version)
+        batch = rollout.generate([tokenizer("2 + 2 =").input_ids], SamplingParams(n=2, max_new_tokens=4))
+        assert batch.weight_version == version
+    assert Engine.calls == ["wake all", "reload_weights", "generate", "sleep"] * 2
+    assert rollout.llm.loaded.keys() == dict(model.named_parameters()).keys()
+
+
+def test_the_disk_sync_writes_the_engines_dtype(tmp_path):
+    """Under bf16 autocast the server computes in bf16: the sync writes bf16, half the bytes of the
+    float32 master weights, rounded as the server would round them."""
+    from safetensors.torch import load_file
+
+    from oprd.distributed import ONE_PROCESS
+    from oprd.vllm_backend import write_weights_by_block
+
+    model = load_model(ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True), torch.device("cpu"))
+    folder = tmp_path
+    write_weights_by_block(model, folder, ONE_PROCESS, torch.bfloat16)
+    written = {name: t for file in folder.glob("*.safetensors") for name, t in load_file(file).items()}
+    assert written.keys() == dict(model.named_parameters()).keys()
+    for name, parameter in model.named_parameters():
+        assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], parameter.detach().bfloat16())
+
+
+def test_the_probe_allows_a_bf16_server_its_rounding_and_no_more():
+    """A run computing in bf16 checks the server against the student's float32 log-probs within
+    PROBE_ROUNDING_MARGIN x what the student's own bf16 forward differs by (measured on the probe,
+    per model); a float32 run within 1e-3. A stand-in server answers with chosen log-probs."""
+    from oprd.distributed import ONE_PROCESS
+    from oprd.vllm_backend import PROBE_TEXT, ServerRollout, VLLMError, student_logprobs
+
+    model = load_model(ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True), torch.device("cpu"))
+    tokenizer = load_tokenizer(ModelSpec(model=str(SMOKE / "tiny-qwen3")))
+    probe = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
+    ours, bf16 = student_logprobs(model, probe), student_logprobs(model, probe, torch.bfloat16)
+    rounding = max(abs(a - b) for a, b in zip(ours, bf16))
+    assert rounding > 1e-3  # bf16 moves this model's log-probs beyond float32's tolerance
+
+    def server(sync_dtype, answers):
+        stand_in = ServerRollout.__new__(ServerRollout)
+        stand_in.sync_dtype, stand_in.world, stand_in.served, stand_in.url = sync_dtype, ONE_PROCESS, "s", "u"
+        stand_in._request = lambda path, payload=None: {"tokens": probe}
+        stand_in.prompt_logprobs = lambda ids: answers
+        return stand_in
+
+    server(torch.bfloat16, bf16).check_serves(model, tokenizer)  # a bf16 server of the right weights
+    with pytest.raises(VLLMError, match="allowed a server computing in bfloat16"):
+        server(torch.bfloat16, [value - 1.0 for value in ours]).check_serves(model, tokenizer)
+    with pytest.raises(VLLMError, match=r"computing in float32.*--dtype float32"):
+        server(None, bf16).check_serves(model, tokenizer)

@@ -3,10 +3,12 @@
     python recipes/smoke/make_assets.py
 
 tiny-qwen3/: a byte-level BPE tokenizer trained on DAPO-Math prompts and a 4-layer, 64-wide Qwen3
-config with 2 heads of 32 (no weights: the recipes initialise them from a seed). prompts.parquet:
+config with 2 heads of 32 (no weights: the recipes initialise them from a seed). tiny-qwen3-tied/:
+the same with the LM head tied to the embeddings, as Qwen3-0.6B, 1.7B and 4B are. prompts.parquet:
 64 DAPO-Math rows in the verl layout, with a `topic` column to route teachers by.
 """
 
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,4 +38,7 @@ config = tiny_config(  # head_dim 32: vLLM's CPU attention refuses 16, and every
     pad_token_id=tokenizer.pad_token_id,
 )
 config.save_pretrained(here / "tiny-qwen3")
+shutil.copytree(here / "tiny-qwen3", here / "tiny-qwen3-tied", dirs_exist_ok=True)
+config.tie_word_embeddings = True
+config.save_pretrained(here / "tiny-qwen3-tied")
 pq.write_table(with_topic(table.slice(0, 64)), here / "prompts.parquet")

@@ -45,12 +45,15 @@ def capture_hidden(
     layers: list[int],
     keep_B_S: torch.Tensor | None = None,
     final: bool = False,
+    layers_keep_B_S: torch.Tensor | None = None,
 ) -> dict[int | str, torch.Tensor]:
     """Hidden states after the given 1-based blocks, as in HF `hidden_states[l]`.
 
     Layer L (the last of the full model) is the post-norm state, as HF reports it; `final=True`
     also returns it under `FINAL`. With `keep_B_S` (B, S) bool, each tensor is `h[keep_B_S]` (N, D)
-    in row-major order; otherwise (B, S, D).
+    in row-major order; otherwise (B, S, D). `layers_keep_B_S` (default `keep_B_S`) selects the
+    blocks' states apart from FINAL's: an OPD + OPRD loss reads the LM head's input at every
+    response position but the blocks' only in OPRD's window (2,000 of 16K positions in the paper).
 
     The forward pass goes through the model's own forward, so it works under FSDP, whose hooks live
     on the root module. It runs only the blocks the deepest requested layer needs (the decoder
@@ -65,8 +68,10 @@ def capture_hidden(
     needs_last = final or depth in layers
     captured: dict[int | str, torch.Tensor] = {}
 
-    def kept(h: torch.Tensor) -> torch.Tensor:
-        return h[keep_B_S] if keep_B_S is not None else h
+    layers_keep_B_S = keep_B_S if layers_keep_B_S is None else layers_keep_B_S
+
+    def kept(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return h[mask] if mask is not None else h
 
     # With gradients on, a block's states are selected after the forward, not in its hook: under
     # gradient checkpointing, transformers 5.19 (vLLM's CPU build pins it) runs a block's hooks
@@ -80,16 +85,17 @@ def capture_hidden(
     def block_hook(layer: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            captured[layer] = kept(h) if select_in_hook else h
+            captured[layer] = kept(h, layers_keep_B_S) if select_in_hook else h
 
         return hook
 
-    def last_hook(module, args, output):
-        last = kept(output.last_hidden_state)
-        if depth in layers:
-            captured[depth] = last
+    def last_hook(module, args, output):  # on the decoder, outside any checkpointed block
+        last = output.last_hidden_state
         if final:
-            captured[FINAL] = last
+            captured[FINAL] = kept(last, keep_B_S)
+        if depth in layers:
+            same = final and layers_keep_B_S is keep_B_S
+            captured[depth] = captured[FINAL] if same else kept(last, layers_keep_B_S)
 
     decoder = base_model(model)
     handles = [blocks[layer - 1].register_forward_hook(block_hook(layer)) for layer in layers if layer < depth]
@@ -103,7 +109,8 @@ def capture_hidden(
         for handle in handles:
             handle.remove()
     if not select_in_hook:
-        captured.update({layer: kept(h) for layer, h in captured.items() if layer != FINAL and layer < depth})
+        captured.update({layer: kept(h, layers_keep_B_S) for layer, h in captured.items()
+                         if layer != FINAL and layer < depth})
     return captured
 
 

@@ -134,6 +134,8 @@ def bench(
     repeats: int = typer.Option(3, help="timed updates per method after one warm-up"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"),
+    autocast: bool = typer.Option(False, "--autocast", help="bf16 autocast over the weights: with --dtype float32, "
+                                                             "how training runs with optim.precision=bf16"),
     out: Path = typer.Option(Path("runs/bench")),
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
     rollout: bool = typer.Option(False, "--rollout", help="measure sampling instead: tokens/s of transformers' "
@@ -169,7 +171,7 @@ def bench(
         settings = BenchSettings(
             out=out, preset=preset, seq_lens=lengths,
             num_layers=num_layers, batch_size=batch_size, methods=_csv(methods), repeats=repeats, device=device,
-            dtype=dtype, overwrite=overwrite,
+            dtype=dtype, autocast=autocast, overwrite=overwrite,
         )
         with console.status("measuring") as status:
             result = run_bench(settings, progress=lambda text: status.update(f"measuring {text}"))
@@ -212,7 +214,8 @@ def eval_run(
     max_new_tokens: int = typer.Option(4096),
     out: Path = typer.Option(None, help="output dir [default: evals/<timestamp>]"),
     seed: int = typer.Option(0),
-    batch_size: int = typer.Option(64, help="sequences per generate call"),
+    batch_size: int = typer.Option(64, help="sequences per generate call at most"),
+    kv_cache_gib: float = typer.Option(0.0, help="KV cache a generate call may hold (0: a quarter of the device's)"),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code"),
@@ -238,7 +241,8 @@ def eval_run(
         settings = EvalSettings(
             models=models, benchmarks=_csv(benchmarks), out=out or _default_eval_dir(),
             sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples),
-            seed=seed, batch_size=batch_size, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+            seed=seed, batch_size=batch_size, kv_cache_gib=kv_cache_gib, dtype=dtype, device=device,
+            trust_remote_code=trust_remote_code,
             use_chat_template=chat_template, enable_thinking=enable_thinking, prompt_key=prompt_key,
             answer_key=answer_key, limit=limit,
             overwrite=overwrite, vllm_url=_vllm_url(backend, vllm_url),

@@ -60,7 +60,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     backend: str = "hf"  # hf (transformers' generate) | vllm
-    max_batch_sequences: int = 64  # sequences per generate() call (hf)
+    max_batch_sequences: int = 64  # sequences per generate() call at most (hf)
+    kv_cache_gib: float = 0.0  # KV cache one generate() call may hold (hf); 0 = a quarter of the device's memory
     vllm_mode: str = "server"  # server: a separately started `vllm serve` | colocate: vllm.LLM on the training GPU
     vllm_url: str = "http://127.0.0.1:8000"  # the server (vllm_mode=server)
     vllm_sync: str = "auto"  # how weights reach a server: nccl | disk (reload_weights) | auto (nccl on a GPU)
@@ -73,7 +74,7 @@ class OPDConfig:
     objective: str = "none"  # none | sampled | topk | full
     k: int = 16  # top-k support size
     support: str = "student"  # student | teacher | intersection | union
-    chunk_size: int = 0  # positions per LM-head chunk; 0 = auto, about 2^22 logits (16 MiB fp32) per chunk
+    chunk_size: int = 0  # positions per LM-head chunk; 0 = auto: about 2^22 logits a chunk on a CPU, 2^26 on a GPU
     start_step: int = 0  # OPD applies from step start_step + 1 on (two-stage recipes: bridge, then OPD)
 
 
@@ -255,6 +256,7 @@ FREE_ON_RESUME = frozenset({
     "output_dir", "resume", "resume_from", "resume_changes", "overwrite", "device", "report_to", "save_every",
     "keep_checkpoints", "eval_every", "eval_benchmarks", "eval_samples", "eval_temperature", "eval_max_new_tokens",
     "eval_limit", "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences",
+    "rollout.kv_cache_gib",
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
     "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
     "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
@@ -411,6 +413,8 @@ def validate(cfg: TrainConfig) -> None:
     require(0 < cfg.rollout.vllm_gpu_memory_utilization < 1,
             f"rollout.vllm_gpu_memory_utilization must be in (0, 1); got {cfg.rollout.vllm_gpu_memory_utilization}")
     require(cfg.rollout.vllm_timeout_s > 0, "rollout.vllm_timeout_s must be > 0")
+    require(cfg.rollout.kv_cache_gib >= 0,
+            f"rollout.kv_cache_gib must be >= 0 (0 = a quarter of the device's memory); got {cfg.rollout.kv_cache_gib}")
     require(cfg.rollout.backend != "vllm" or cfg.rollout.vllm_mode != "colocate"
             or importlib.util.find_spec("vllm") is not None,
             "rollout.backend=vllm with vllm_mode=colocate needs vLLM in this environment: pip install -e '.[vllm]' "

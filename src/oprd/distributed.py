@@ -63,22 +63,30 @@ class World:
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum of `value` over every process (a copy; `value` itself is left alone)."""
-        if not self.distributed:
-            return value
-        total = value.detach().clone()
-        dist.all_reduce(total)
-        return total
+        return self._all_reduce(value, dist.ReduceOp.SUM) if self.distributed else value
 
     def max(self, value: torch.Tensor) -> torch.Tensor:
-        if not self.distributed:
-            return value
-        peak = value.detach().clone()
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return peak
+        return self._all_reduce(value, dist.ReduceOp.MAX) if self.distributed else value
+
+    @staticmethod
+    def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
+        reduced = value.detach().clone()
+        if reduced.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            reduced = reduced.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(reduced, op=op)
+        return reduced.to(value.device)
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` holds on any process."""
         return bool(self.max(torch.tensor(int(flag))))
+
+    def gather(self, value) -> list:
+        """Every process's `value` (picklable), in rank order, on every process."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
 
     def broadcast(self, value):
         """Rank 0's `value`, on every process."""

@@ -335,15 +335,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     autograd-traceable loss of the logits: the trainer's fast path runs the very same term functions
     as the readable reference. Per chunk it costs what the plain path costs (one forward and two
     backward matmuls); the head's gradient is accumulated in place, never re-allocated per chunk.
+
+    Precision is the plain path's under the caller's autocast: the three matmuls run in the compute
+    dtype (bf16 under autocast, else the weight's), on one copy of the weight made before the loop,
+    and `chunk_loss` runs under the same autocast (so a teacher's head applied there computes as the
+    student's does; the losses take their softmax in float32). The head's gradient adds up over
+    chunks in float32.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk_loss, chunk_size):
         device_type = hidden.device.type
-        matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        autocast = torch.is_autocast_enabled(device_type)
+        matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights: fp32 gradients
         with torch.autocast(device_type, enabled=False):
             w = weight.to(matmul_dtype)
+            b = bias.to(matmul_dtype) if bias is not None else None
             grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
             grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype) if weight.requires_grad else None
             grad_bias = (
@@ -354,22 +362,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 h = hidden[rows].to(matmul_dtype)
                 logits = h @ w.T
-                if bias is not None:
-                    logits = logits + bias.to(matmul_dtype)
+                if b is not None:
+                    logits = logits + b
                 logits = logits.detach().requires_grad_()
-                with torch.enable_grad():
+                with torch.enable_grad(), torch.autocast(device_type, dtype=matmul_dtype, enabled=autocast):
                     loss = chunk_loss(logits, rows)
                 total += loss.detach().float()
                 if not loss.requires_grad:
                     continue
                 (grad_logits,) = torch.autograd.grad(loss, [logits])
-                grad_logits = grad_logits.to(accumulate_dtype)
+                grad_logits = grad_logits.to(matmul_dtype)
                 if grad_hidden is not None:
-                    grad_hidden[rows] = (grad_logits @ weight.to(accumulate_dtype)).to(hidden.dtype)
+                    grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.T, h.to(accumulate_dtype))
+                    _add_product(grad_weight, grad_logits.T, h)
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+                    grad_bias += grad_logits.sum(0, dtype=accumulate_dtype)
         # Kept on ctx, not save_for_backward: backward can then drop its own reference, so autograd
         # adopts each gradient as `.grad` instead of copying a vocabulary-sized tensor.
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
@@ -386,12 +394,25 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    """Positions per LM-head chunk: about 2^22 logits (16 MiB in float32) per (rows, V) buffer, so
-    a few such buffers, not the sequence length, bound the output-space losses' memory. Measured at
-    the r1-distill-1.5b shape on CPU: halving the chunk from 55 to 27 rows saves about 140 MiB and
-    costs about 10% more time."""
-    return max(1, 2**22 // vocab_size)
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b: fused when all three share a dtype; else the product in the inputs' dtype
+    (bf16 on the GPU's fast path) is added to the float32 `out`."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
+
+
+LOGITS_PER_CHUNK = {"cpu": 2**22, "cuda": 2**26}  # per (rows, V) buffer: 16 MiB / 256 MiB in float32
+
+
+def default_chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
+    """Positions per LM-head chunk: a few (rows, V) buffers, not the sequence length, bound the
+    output-space losses' memory. On a CPU about 2^22 logits a buffer (measured at the
+    r1-distill-1.5b shape: halving the chunk from 55 to 27 rows saves about 140 MiB and costs about
+    10% more time); on a GPU 2^26 (441 rows at 151,936), so each chunk is a matmul wide enough to
+    keep the tensor cores busy, not hundreds of skinny launches a sequence."""
+    return max(1, LOGITS_PER_CHUNK.get(device_type, LOGITS_PER_CHUNK["cuda"]) // vocab_size)
 
 
 def chunked_head_loss(

@@ -37,7 +37,7 @@ class LossPlan:
     opd: str  # the opd.objective key: none | sampled | topk | full
     topk: int
     topk_support: str
-    chunk_size: int
+    chunk_size: int  # positions per LM-head chunk; 0: chosen for the device (losses.default_chunk_rows)
     oprd_coef: float  # mu; 0 = off
     normalize: bool
     student_layers: tuple[int, ...]
@@ -72,7 +72,7 @@ class LossPlan:
             opd=opd.objective,
             topk=opd.k,
             topk_support=opd.support,
-            chunk_size=opd.chunk_size or losses.default_chunk_rows(vocab_size),
+            chunk_size=opd.chunk_size,
             oprd_coef=oprd.coef,
             normalize=oprd.normalize,
             student_layers=tuple(layers),
@@ -119,18 +119,23 @@ class LossPlan:
 
 @dataclass(frozen=True)
 class TeacherScores:
-    """The teacher's reading of a batch: hidden states at the scored positions, and its LM head."""
+    """The teacher's reading of a batch: hidden states at the positions each use reads (the LM
+    head's input at OPD's, the blocks' at OPRD's), and its LM head."""
 
-    hidden: dict[int | str, torch.Tensor]  # teacher layer (or FINAL) -> (N, D_T), N = keep_B_T.sum()
+    hidden: dict[int | str, torch.Tensor]  # FINAL: (N, D_T), N = keep_B_T.sum(); a layer: (M, D_T), M = oprd_B_T.sum()
     keep_B_T: torch.Tensor  # (B, T) bool: the student positions they pair with, in row-major order
+    oprd_B_T: torch.Tensor  # (B, T) bool, within keep_B_T: the positions of the layers' rows
     head: torch.nn.Module  # applied chunk by chunk, only when OPD needs the teacher's logits
 
     def placed(self, rows: torch.Tensor, shape: torch.Size) -> TeacherScores:
         """Scores of the sub-batch `batch.select(rows)` ((R,) increasing row indices), placed in
         the (B, T) batch it was selected from: the same states, in the same row-major order."""
-        keep_B_T = torch.zeros(shape, dtype=torch.bool, device=self.keep_B_T.device)
-        keep_B_T[rows, : self.keep_B_T.shape[1]] = self.keep_B_T
-        return dataclasses.replace(self, keep_B_T=keep_B_T)
+        def place(mask_R_T: torch.Tensor) -> torch.Tensor:
+            mask_B_T = torch.zeros(shape, dtype=torch.bool, device=mask_R_T.device)
+            mask_B_T[rows, : mask_R_T.shape[1]] = mask_R_T
+            return mask_B_T
+
+        return dataclasses.replace(self, keep_B_T=place(self.keep_B_T), oprd_B_T=place(self.oprd_B_T))
 
 
 @dataclass(frozen=True)
@@ -148,10 +153,12 @@ class Term:
 def score_with_teacher(plan: LossPlan, teacher: torch.nn.Module, batch: RolloutBatch) -> TeacherScores:
     """The frozen teacher's hidden states at the positions `plan` reads (across tokenizers, the
     teacher reads its own tokens and its states are taken at the partner positions)."""
-    keep_B_T = plan.scored_positions(batch)
+    keep_B_T, oprd_B_T = plan.scored_positions(batch), plan.oprd_mask(batch).bool()
     inputs, teacher_keep_B_S = teacher_inputs(batch, keep_B_T)
-    hidden = capture_hidden(teacher, inputs, list(plan.teacher_layers), teacher_keep_B_S, final=plan.uses_opd)
-    return TeacherScores(hidden, keep_B_T, teacher.get_output_embeddings())
+    teacher_oprd_B_S = teacher_keep_B_S if torch.equal(oprd_B_T, keep_B_T) else teacher_inputs(batch, oprd_B_T)[1]
+    hidden = capture_hidden(teacher, inputs, list(plan.teacher_layers), teacher_keep_B_S, final=plan.uses_opd,
+                            layers_keep_B_S=teacher_oprd_B_S)
+    return TeacherScores(hidden, keep_B_T, oprd_B_T, teacher.get_output_embeddings())
 
 
 def student_loss(
@@ -174,20 +181,26 @@ def combined_loss(student: torch.nn.Module, batch: RolloutBatch,
     """The sum of every term's loss from one student forward pass over the micro-batch (the layers
     and positions any term reads); each term's metrics apart, as weighted sums over its rows."""
     keep_B_T = torch.stack([term.scores.keep_B_T for term in terms]).any(0)
+    oprd_B_T = torch.stack([term.scores.oprd_B_T for term in terms]).any(0)
     layers = sorted({layer for term in terms for layer in term.plan.student_layers})
-    student_h = capture_hidden(student, model_inputs(batch), layers,
-                               response_positions(keep_B_T, batch.prompt_ids.shape[1]),
-                               final=any(term.plan.uses_opd for term in terms))
+    prompt_width = batch.prompt_ids.shape[1]
+    student_h = capture_hidden(student, model_inputs(batch), layers, response_positions(keep_B_T, prompt_width),
+                               final=any(term.plan.uses_opd for term in terms),
+                               layers_keep_B_S=response_positions(oprd_B_T, prompt_width))
     loss = torch.zeros((), device=batch.response_ids.device)
     all_metrics = []
     for term in terms:
-        rows_N = term.scores.keep_B_T[keep_B_T]
-        term_h = student_h if bool(rows_N.all()) else {key: h[rows_N] for key, h in student_h.items()}
+        final_rows_N, layer_rows_N = term.scores.keep_B_T[keep_B_T], term.scores.oprd_B_T[oprd_B_T]
+        term_h = {key: _rows(h, final_rows_N if key == FINAL else layer_rows_N) for key, h in student_h.items()}
         term_batch = batch if term.rows_B is None else batch.with_rows_only(term.rows_B)
         term_loss, metrics = _term_loss(term.plan, student, term_batch, term_h, term.scores, term.normalizers)
         loss = loss + term_loss
         all_metrics.append(metrics)
     return loss, all_metrics
+
+
+def _rows(h_N_D: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    return h_N_D if bool(rows_N.all()) else h_N_D[rows_N]
 
 
 def _term_loss(plan: LossPlan, student: torch.nn.Module, batch: RolloutBatch, student_h: dict,
@@ -237,17 +250,17 @@ def _output_space_loss(plan: LossPlan, student: torch.nn.Module, batch: RolloutB
         return (terms * weights_N[chunk]).sum()
 
     head = student.get_output_embeddings()
-    return losses.chunked_head_loss(student_final_N_D, head.weight, head.bias, chunk_loss, plan.chunk_size)
+    chunk_size = plan.chunk_size or losses.default_chunk_rows(V, student_final_N_D.device.type)
+    return losses.chunked_head_loss(student_final_N_D, head.weight, head.bias, chunk_loss, chunk_size)
 
 
 def _representation_loss(plan: LossPlan, batch: RolloutBatch, student_h: dict, scores: TeacherScores,
                          total: torch.Tensor, metrics: dict) -> torch.Tensor:
-    """OPRD at its positions: of the scored positions, those its position mask selects."""
+    """OPRD at its positions, where both models' layer states were captured (`scores.oprd_B_T`)."""
     oprd_B_T = plan.oprd_mask(batch)
-    selected_N = oprd_B_T.bool()[scores.keep_B_T]
     weights_N = losses.row_weights(oprd_B_T, plan.aggregation, total)[oprd_B_T.bool()]
-    student_h_N_D = [student_h[layer][selected_N] for layer in plan.student_layers]
-    teacher_h_N_D = [scores.hidden[layer][selected_N] for layer in plan.teacher_layers]
+    student_h_N_D = [student_h[layer] for layer in plan.student_layers]
+    teacher_h_N_D = [scores.hidden[layer] for layer in plan.teacher_layers]
     if plan.bridge is not None:  # OPRD-Bridge: the same loss on the projected states
         pairs = list(zip(plan.student_layers, plan.teacher_layers))
         student_h_N_D, teacher_h_N_D = plan.bridge.project(pairs, student_h_N_D, teacher_h_N_D)

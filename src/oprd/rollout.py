@@ -80,6 +80,10 @@ class HFRollout:
     forward's precision (`compute_dtype`: bf16 autocast over float32 master weights, so the KV cache
     is bf16 too), not in the master weights' float32. Randomness comes from torch's global
     generator, which the caller seeds and checkpoints.
+
+    Each generate call holds at most `max_batch_sequences` sequences and at most what fits a KV
+    cache of `kv_cache_bytes` (HF keeps every row's cache until the longest row ends, so a call of
+    n sequences holds n x (longest prompt + max_new_tokens) positions): `sequences_per_call`.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class HFRollout:
         max_batch_sequences: int = 64,
         synced: bool = False,
         compute_dtype: torch.dtype | None = None,
+        kv_cache_bytes: int | None = None,
     ):
         self.model = model
         self.pad_token_id = pad_token_id
@@ -100,18 +105,22 @@ class HFRollout:
         self.max_batch_sequences = max_batch_sequences
         self.synced = synced  # several processes sample together: each runs as many forwards as the longest
         self.compute_dtype = compute_dtype  # None: the weights' own
+        if kv_cache_bytes is None:
+            kv_cache_bytes = kv_cache_budget(next(model.parameters()).device)
+        self.kv_cache_bytes = kv_cache_bytes  # one generate call's KV cache at most
         self.weight_version = 0
 
     @classmethod
     def for_model(
         cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_sequences: int = 64,
-        compute_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None, kv_cache_bytes: int | None = None,
     ) -> HFRollout:
         """Samples `model` with its tokenizer's padding, every EOS id it uses, and its vocabulary; in
-        step with the other processes when the model is sharded across them."""
+        step with the other processes when the model is sharded across them. `kv_cache_bytes`
+        None: `kv_cache_budget` of the model's device."""
         return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
                    vocab_size=len(tokenizer), max_batch_sequences=max_batch_sequences,
-                   synced=distributed.is_sharded(model), compute_dtype=compute_dtype)
+                   synced=distributed.is_sharded(model), compute_dtype=compute_dtype, kv_cache_bytes=kv_cache_bytes)
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         self.model = model  # generates from the live training weights
@@ -127,7 +136,13 @@ class HFRollout:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
-        prompts_per_call = max(1, self.max_batch_sequences // params.n)
+        longest = max(len(prompt) for prompt in prompts)
+        if self.synced:  # every process must make as many calls as the others
+            longest = int(distributed.current().max(torch.tensor(longest)))
+        cache_dtype = self.compute_dtype or next(self.model.parameters()).dtype
+        sequences = sequences_per_call(kv_cache_bytes_per_token(self.model.config, cache_dtype),
+                                       longest + params.max_new_tokens, self.kv_cache_bytes, self.max_batch_sequences)
+        prompts_per_call = max(1, sequences // params.n)
         parts = [
             self._generate_chunk(prompts[i : i + prompts_per_call], params, first_index=i)
             for i in range(0, len(prompts), prompts_per_call)
@@ -180,6 +195,39 @@ class HFRollout:
         )
 
 
+KV_CACHE_SHARE = 0.25  # of the device's memory, for one generate call's KV cache when no budget is given
+
+
+def kv_cache_budget(device: torch.device, gib: float = 0.0) -> int:
+    """Bytes one generate call's KV cache may hold: `gib` where given, else KV_CACHE_SHARE of the
+    device's total memory. Total, not free: the budget decides how prompts are split into calls,
+    which decides how the random stream is drawn, so it must not move with what happens to be
+    allocated (a resumed run, which holds AdamW's state before its first step, samples as the
+    uninterrupted one did)."""
+    if gib > 0:
+        return int(gib * 2**30)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    return int(KV_CACHE_SHARE * total)
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes HF's KV cache holds for one position: a key and a value for each KV head of each layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+
+
+def sequences_per_call(bytes_per_token: int, positions: int, budget_bytes: int, most: int) -> int:
+    """Sequences one generate call may hold: as many of `positions` (prompt + new tokens) as the
+    budget has room for, at most `most`, at least 1."""
+    return max(1, min(most, budget_bytes // (bytes_per_token * positions)))
+
+
 @contextmanager
 def _settings_of_our_own(model: torch.nn.Module) -> Iterator[None]:
     """transformers fills every field a call's GenerationConfig leaves unset from the checkpoint's
@@ -211,7 +259,8 @@ def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrain
     `longest_sequence` tokens (prompt and response), not the model's whole context (40,960
     positions of Qwen3 would need 9 GiB of float32 cache for one sequence of a 0.6B model)."""
     if cfg.backend == "hf":
-        return HFRollout.for_model(model, tokenizer, cfg.max_batch_sequences, compute_dtype=compute_dtype)
+        return HFRollout.for_model(model, tokenizer, cfg.max_batch_sequences, compute_dtype=compute_dtype,
+                                   kv_cache_bytes=kv_cache_budget(next(model.parameters()).device, cfg.kv_cache_gib))
     from oprd import vllm_backend
 
     device = next(model.parameters()).device
@@ -219,7 +268,7 @@ def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrain
         sync = cfg.vllm_sync if cfg.vllm_sync != "auto" else ("nccl" if device.type == "cuda" else "disk")
         return vllm_backend.ServerRollout(cfg.vllm_url, vllm_backend.Sampling.of(model, tokenizer),
                                           weights_dir=workdir / ".vllm-weights", sync=sync, world=world,
-                                          timeout_s=cfg.vllm_timeout_s)
+                                          timeout_s=cfg.vllm_timeout_s, sync_dtype=compute_dtype)
     dtype = str(compute_dtype).removeprefix("torch.")
     return vllm_backend.ColocatedRollout(model, tokenizer, source=source, dtype=dtype, world=world,
                                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,

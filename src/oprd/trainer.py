@@ -165,13 +165,16 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         start_step = state["step"]
         stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"],
                               shuffle=cfg.data.shuffle)
-    validation = make_validation(cfg, rollout, student_tok)  # reads the benchmarks: a bad name fails here
+    validation = make_validation(cfg, rollout, student_tok, world)  # reads the benchmarks: a bad name fails here
 
-    # Every check has passed: only now does the run folder change.
-    open_output_dir(run_dir, replace=replace_folder)
-    for folder in (run_dir, run_dir / "checkpoints"):
-        for leftover in remove_leftovers(folder):
-            recorder.say(f"removed {leftover}, left behind by an interrupted write")
+    # Every check has passed: only now does the run folder change, by the main process alone (another
+    # one clearing "leftovers" would delete the temporary file of a write the main one has under way).
+    if world.main:
+        open_output_dir(run_dir, replace=replace_folder)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            for leftover in remove_leftovers(folder):
+                recorder.say(f"removed {leftover}, left behind by an interrupted write")
+    world.barrier()
     recorder.start_segment(cfg, start_step, resume_from)
     recorder.start_provenance(seed=cfg.seed, device=device, world_size=world.size, first_step=start_step,
                               models=lambda: provenance_models(cfg, sources, student_tok, teacher_toks),
@@ -415,8 +418,10 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[int], dict[str, float]] | None:
-    """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None.
+def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer,
+                    world: World) -> Callable[[int], dict[str, float]] | None:
+    """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None. Each
+    process samples its share of the problems and every process gets the whole result.
 
     Evaluation seeds its own generator (`rollout.seeded`), so it never shifts the training stream,
     and with the same seed at every step: the problems and the sampling noise stay fixed, so the
@@ -433,7 +438,7 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer) -> Callable[[
     def validation(step: int) -> dict[str, float]:
         record = {}
         for name, problems in benchmarks.items():
-            result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed,
+            result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed, world=world,
                               use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking)
             record.update({f"val/{name}/{key}": float(result.metrics[key]) for key in reported})
         return record
@@ -482,7 +487,7 @@ def teacher_validation(run: Run) -> dict[str, float]:
     teacher = distributed.load_model(source.spec, run.device, run.world, shard_it=source.shard).eval()
     tokenizer = load_tokenizer(source.spec)
     run.recorder.say(f"measuring the teacher ({source.spec.model}) on the validation benchmarks, for the gates")
-    measured = make_validation(run.cfg, HFRollout.for_model(teacher, tokenizer), tokenizer)(0)
+    measured = make_validation(run.cfg, HFRollout.for_model(teacher, tokenizer), tokenizer, run.world)(0)
     del teacher
     return measured
 

@@ -9,7 +9,8 @@ What keeps sampling on-policy:
   engine (`rollout.vllm_sync=nccl`, the server started with `--weight-transfer-config
   '{"backend": "nccl"}'`); otherwise they are written once to disk as safetensors and the server
   reloads them in place (`reload_weights`, which needs `VLLM_SERVER_DEV_MODE=1` on the server and
-  the folder readable by it). A colocated engine loads them in place, parameter by parameter.
+  the folder readable by it), written in the run's compute dtype. A colocated engine loads them in
+  place, parameter by parameter, when it next wakes to sample.
 - Every batch carries the weight version that sampled it, and the trainer refuses one sampled by
   stale weights.
 - Sampling parameters are all explicit: temperature, top_p, top_k=-1, min_p=0, no penalties, max
@@ -32,6 +33,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,6 +48,10 @@ from oprd.models import eos_token_ids
 
 PROBE_TEXT = "Compute 12 + 30, then check: the answer is \\boxed{42}."
 PROBE_TOLERANCE = 1e-3  # |log p| between the server and the student after a sync (float32 on CPU agrees to 1e-6)
+# A server computing in bf16 (or fp16) differs from the float32 student by that dtype's rounding, which
+# depends on the model: the probe measures it on the student itself (its own forward in that dtype) and
+# allows this many times it, for vLLM's kernels rounding otherwise than transformers'.
+PROBE_ROUNDING_MARGIN = 4.0
 
 
 class VLLMError(RuntimeError):
@@ -131,9 +137,11 @@ class ServerRollout:
     """Samples through a separately started vLLM server (its OpenAI-compatible HTTP API)."""
 
     def __init__(self, url: str, sampling: Sampling, *, weights_dir: Path | None = None, sync: str = "disk",
-                 world: World = ONE_PROCESS, timeout_s: float = 600.0, parallel_requests: int = 16):
+                 world: World = ONE_PROCESS, timeout_s: float = 600.0, parallel_requests: int = 16,
+                 sync_dtype: torch.dtype | None = None):
         self.url, self.sampling, self.world = url.rstrip("/"), sampling, world
         self.weights_dir, self.sync, self.timeout_s = weights_dir, sync, timeout_s
+        self.sync_dtype = sync_dtype  # what the disk sync writes (the run's compute dtype); None: the weights'
         self.parallel_requests = parallel_requests
         self.weight_version = -1  # nothing of the run's student on the server yet
         self.served = self._get("/v1/models")["data"][0]["id"]
@@ -199,7 +207,7 @@ class ServerRollout:
         if self.sync == "nccl":
             self._push_nccl(model)
         else:
-            write_weights_by_block(model, self.weights_dir, self.world)
+            write_weights_by_block(model, self.weights_dir, self.world, self.sync_dtype)
             if self.world.main:
                 self.load_folder(self.weights_dir)
             self.world.barrier()
@@ -224,22 +232,31 @@ class ServerRollout:
         probe sequence are the student's. Every process calls it; all raise together."""
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
         ours = student_logprobs(model, probe)  # every process: a sharded student runs its forward together
-        problem = self._mismatch(probe, ours) if self.world.main else None
+        tolerance, measured = PROBE_TOLERANCE, ""
+        if self.sync_dtype not in (None, torch.float32):
+            rounded = student_logprobs(model, probe, self.sync_dtype)
+            rounding = max(abs(a - b) for a, b in zip(ours, rounded))
+            tolerance = max(tolerance, PROBE_ROUNDING_MARGIN * rounding)
+            measured = (f" ({PROBE_ROUNDING_MARGIN:g} x the {rounding:.3g} the student's own "
+                        f"{str(self.sync_dtype).removeprefix('torch.')} forward differs by)")
+        problem = self._mismatch(probe, ours, tolerance, measured) if self.world.main else None
         problem = self.world.broadcast(problem)
         if problem:
             raise VLLMError(problem)
 
-    def _mismatch(self, probe: list[int], ours: list[float]) -> str | None:
+    def _mismatch(self, probe: list[int], ours: list[float], tolerance: float, measured: str) -> str | None:
         served = self._request("/tokenize", {"model": self.served, "prompt": PROBE_TEXT,
                                              "add_special_tokens": False})["tokens"]
         if served != probe:
             return (f"the vLLM server at {self.url} serves {self.served!r}, whose tokenizer is not the student's: "
                     "start it from the student (or any checkpoint of its architecture and tokenizer)")
         gap = max(abs(a - b) for a, b in zip(ours, self.prompt_logprobs(probe)))
-        if gap > PROBE_TOLERANCE:
-            return (f"after the weight sync, the vLLM server's log-probs differ from the student's by up to {gap:.3g}: "
-                    f"the server's model {self.served!r} is not of the student's architecture, or its dtype loses "
-                    "precision (start it with --dtype matching student.dtype)")
+        if gap > tolerance:
+            dtype = str(self.sync_dtype or torch.float32).removeprefix("torch.")
+            return (f"after the weight sync, the vLLM server's log-probs differ from the student's by up to {gap:.3g}, "
+                    f"more than the {tolerance:.3g} allowed a server computing in {dtype}, the run's compute dtype"
+                    f"{measured}: the server's model {self.served!r} is not of the student's architecture, or it "
+                    f"computes in a coarser dtype (start it with --dtype {dtype})")
         return None
 
 
@@ -249,11 +266,13 @@ NCCL_PORT = 51217  # where the trainer's NCCL endpoint for vLLM's weight transfe
 BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")  # the parameters of one transformer block
 
 
-def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -> None:
+def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World,
+                           dtype: torch.dtype | None = None) -> None:
     """The student's weights as a sharded safetensors folder (HF's layout: one file per block, one
     for the rest, and model.safetensors.index.json), gathered and written one block at a time, so
     no process holds the whole model beside its own shard (at Qwen3-0.6B's shape a whole float32
-    copy is 2.4 GB). Every process calls it (the gathers are collectives); the main one writes.
+    copy is 2.4 GB). In `dtype` where given: a bf16 server reads half the bytes of the float32
+    master weights. Every process calls it (the gathers are collectives); the main one writes.
     Tied weights are written once, under the name vLLM's loader reads (the embedding)."""
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, parameter in model.named_parameters():
@@ -262,7 +281,8 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -
     weight_map = {}
     for index, members in enumerate(groups.values(), 1):
         file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
-        state = {name: distributed.full_value(parameter.detach()).cpu().contiguous() for name, parameter in members}
+        state = {name: distributed.full_value(parameter.detach()).to(dtype=dtype or parameter.dtype).cpu().contiguous()
+                 for name, parameter in members}
         if world.main:
             write_file_atomically(folder / file, lambda tmp, state=state: save_file(state, str(tmp),
                                                                                    metadata={"format": "pt"}))
@@ -279,11 +299,12 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World) -
 
 
 @torch.no_grad()
-def student_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
-    """log p(ids[t] | ids[:t]) for t >= 1, from the student itself."""
+def student_logprobs(model: torch.nn.Module, ids: list[int], dtype: torch.dtype | None = None) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1, from the student itself (under `dtype` autocast where given)."""
     device = next(model.parameters()).device
     tokens = torch.tensor([ids], device=device)
-    with distributed.gathered(model):
+    precision = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with distributed.gathered(model), precision:
         logits = model(input_ids=tokens).logits.float()
     logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
     return logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
@@ -324,6 +345,7 @@ class ColocatedRollout:
                             hf_overrides={"architectures": [_model_class(model)]})
         self._sleep()
         self.weight_version = -1
+        self._pending: torch.nn.Module | None = None  # a student whose weights the engine has yet to load
 
     def _sleep(self) -> None:
         if self.sleeps:
@@ -334,10 +356,18 @@ class ColocatedRollout:
             self.llm.wake_up(**tags)
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        self._wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _gathered_parameters(model)})
-        self._sleep()
+        """Loaded into the engine when it next wakes to sample, not now: waking the old weights
+        only to overwrite them, sleeping, and waking again would move them three times a step.
+        The live student's weights are version `version` until the next update, which follows the
+        next rollout. A collective under several processes (each parameter is gathered whole), so
+        every process samples as often as the others."""
+        self._pending = model
         self.weight_version = version
+
+    def _load_pending(self) -> None:
+        if self._pending is not None:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _gathered_parameters(self._pending)})
+            self._pending = None
 
     def generate(self, prompts: list[list[int]], params) -> RolloutBatch:
         from vllm import SamplingParams as VLLMSamplingParams
@@ -352,6 +382,7 @@ class ColocatedRollout:
             request["logprobs"] = 0
         self._wake_up()
         try:
+            self._load_pending()
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
                                         [VLLMSamplingParams(**request) for request in fields], use_tqdm=False)
         finally:

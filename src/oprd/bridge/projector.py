@@ -245,14 +245,17 @@ class Bridge:
 
     def project(self, pairs: Sequence[Pair], student_h_N_D: Sequence[torch.Tensor],
                 teacher_h_N_D: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Both models' states of each pair projected to (N, r): the student's differentiably, the
-        teacher's as constants. What Stage 2 feeds to the representation loss."""
+        """Both models' states of each pair projected to (N, r) in float32, as fitted and as the
+        pre-flight measures them, whatever autocast the caller runs under: the student's
+        differentiably, the teacher's as constants. What Stage 2 feeds to the representation loss."""
         unknown = [tuple(p) for p in pairs if tuple(p) not in self.student_projectors]
         if unknown:
             raise ValueError(f"layer pairs {unknown} are not in the bridge (it has {self.pairs})")
-        student = [self.project_student(p, h) for p, h in zip(pairs, student_h_N_D)]
-        with torch.no_grad():
-            teacher = [self.project_teacher(p, h) for p, h in zip(pairs, teacher_h_N_D)]
+        device_type = student_h_N_D[0].device.type if student_h_N_D else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            student = [self.project_student(p, h) for p, h in zip(pairs, student_h_N_D)]
+            with torch.no_grad():
+                teacher = [self.project_teacher(p, h) for p, h in zip(pairs, teacher_h_N_D)]
         return student, teacher
 
     def check_fits(self, student_config, teacher_config) -> None:

