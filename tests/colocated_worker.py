@@ -15,7 +15,7 @@ from oprd.distributed import ONE_PROCESS
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import SamplingParams, make_rollout
 
-TINY = sys.argv[2]
+TINY = sys.argv[2]  # the test passes a tied model: the engine holds its head apart and loads it by name
 
 
 def largest_difference(model, batch) -> float:

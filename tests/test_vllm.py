@@ -4,6 +4,7 @@ student reproduces, weight syncs that really reach the server, training end to e
 batch on-policy and an exact resume, evaluation and the rollout bench through it, and the refusals.
 Without that environment every test here skips and says why."""
 
+import copy
 import json
 import os
 import socket
@@ -37,10 +38,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`vllm serve` on a smoke model that is NOT the runs' student (another seed): only the weight
-    syncs make it sample from the student."""
+    """`vllm serve` on a smoke model that is NOT the runs' student (another seed, and its head tied
+    to its embedding): only the weight syncs make it sample from the student. Started as README
+    says, holding its head apart (`tie_word_embeddings` false), so tied and untied students load."""
     folder = tmp_path_factory.mktemp("served") / "model"
-    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3"), random_init=True, init_seed=5)
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3-tied"), random_init=True, init_seed=5)
     load_model(spec, torch.device("cpu")).save_pretrained(folder)
     load_tokenizer(spec).save_pretrained(folder)
     port = _free_port()
@@ -48,7 +50,7 @@ def server(tmp_path_factory):
     process = subprocess.Popen(
         [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
          "--dtype", "float32", "--enforce-eager", "--port", str(port), "--generation-config", "vllm",
-         "--max-model-len", "2048"],
+         "--max-model-len", "2048", "--hf-overrides", json.dumps({"tie_word_embeddings": False})],
         env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log,
         stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -119,12 +121,11 @@ def test_server_samples_are_valid_and_the_student_agrees_on_their_log_probs(serv
 
 
 @needs_vllm
-def test_a_weight_sync_reaches_the_server(server, student, tmp_path):
-    import copy
-
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-tied"])
+def test_a_weight_sync_reaches_the_server(server, name, tmp_path):
     url, _ = server
-    model, tokenizer = student
-    model = copy.deepcopy(model)
+    spec = ModelSpec(model=str(SMOKE / name), random_init=True, init_seed=0)
+    model, tokenizer = load_model(spec, torch.device("cpu")), load_tokenizer(spec)
     rollout = _rollout(url, model, tokenizer, tmp_path)
     probe = tokenizer("1 + 1 = 2, and 2 + 2 = 4.").input_ids
     rollout.sync_weights(model, version=0)
@@ -140,6 +141,27 @@ def test_a_weight_sync_reaches_the_server(server, student, tmp_path):
     assert max(abs(a - b) for a, b in zip(after, updated)) < 1e-4  # the server now holds the updated student
     assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # and the update did change its answers
     assert rollout.weight_version == 1
+
+
+@needs_vllm
+def test_a_tied_model_folder_loads_into_the_server_with_its_head(server, student, tmp_path):
+    """eval and the rollout bench load a checkpoint folder into the server: a tied model's file
+    holds no head, so its embedding is linked in again under the head's name (the folder itself
+    untouched), and the server's log-probs are that model's."""
+    from oprd.vllm_backend import student_logprobs
+
+    url, folder = server
+    model, tokenizer = student
+    rollout = _rollout(url, model, tokenizer, tmp_path)
+    rollout.sync_weights(model, version=0)  # the server now holds another model, head and all
+    files = sorted(path.name for path in folder.iterdir())
+    rollout.load_folder(folder)
+    tied = load_model(ModelSpec(model=str(folder)), torch.device("cpu"))
+    assert tied.config.tie_word_embeddings
+    probe = tokenizer("1 + 1 = 2, and 2 + 2 = 4.").input_ids
+    assert max(abs(a - b) for a, b in zip(rollout.prompt_logprobs(probe), student_logprobs(tied, probe))) < 1e-4
+    assert sorted(path.name for path in folder.iterdir()) == files
+    assert (tmp_path / "weights" / "tied-head" / "tied-head.safetensors").is_file()
 
 
 @needs_vllm
@@ -211,12 +233,13 @@ def test_eval_and_the_rollout_bench_through_vllm(server, tmp_path):
 @needs_vllm
 def test_the_colocated_engine_on_a_cpu(tmp_path):
     """vllm_mode=colocate in vLLM's CPU build, oprd read from src/: sleep mode exists on GPUs only,
-    so the engine stays awake; its samples' log-probs are the student's before and after a weight
-    change reaches it, and a run through it trains on-policy to the end."""
+    so the engine stays awake; its samples' log-probs are a tied student's before and after a weight
+    change reaches it (vLLM kept a tied head's first weights), and a run through it trains on-policy
+    to the end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     python = str(VENV / "bin" / "python")
     result = subprocess.run([python, str(ROOT / "tests" / "colocated_worker.py"), str(tmp_path / "report.json"),
-                             str(SMOKE / "tiny-qwen3")], env=env, capture_output=True, text=True, timeout=600)
+                             str(SMOKE / "tiny-qwen3-tied")], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["sleeps"] is False and report["version"] == 1 and report["max_model_len"] == 256
@@ -232,7 +255,7 @@ def test_the_colocated_engine_on_a_cpu(tmp_path):
 def test_the_disk_sync_writes_one_block_per_file(tmp_path):
     """The weights a server reloads are written block by block (HF's sharded layout), so no process
     holds a whole copy of the model beside its shard; read back, they are the student's, and a
-    tied head is written once, as the embedding."""
+    tied head is written under its own name too (vLLM's engines hold it apart)."""
     from safetensors.torch import load_file
 
     from oprd.distributed import ONE_PROCESS
@@ -255,8 +278,9 @@ def test_the_disk_sync_writes_one_block_per_file(tmp_path):
         blocks = [{name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
                    for name in load_file(folder / file)} for file in files]
         assert sorted(blocks, key=str) == sorted([{None}, *({str(i)} for i in range(len(files) - 1))], key=str)
-        expected = dict(model.named_parameters())
-        assert set(written) == set(expected) and ("lm_head.weight" in written) == (not tied)
+        expected = dict(model.named_parameters(remove_duplicate=False))
+        assert set(written) == set(expected) and "lm_head.weight" in written
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
         for name, parameter in expected.items():
             assert torch.equal(written[name], parameter.detach())
 
@@ -381,3 +405,30 @@ def test_the_probe_allows_a_bf16_server_its_rounding_and_no_more():
         server(torch.bfloat16, [value - 1.0 for value in ours]).check_serves(model, tokenizer)
     with pytest.raises(VLLMError, match=r"computing in float32.*--dtype float32"):
         server(None, bf16).check_serves(model, tokenizer)
+
+
+def test_a_student_held_in_bf16_is_probed_against_its_weights_in_float32():
+    """A student whose weights are bf16 computes in bf16 under any autocast, so the probe's
+    reference is its weights upcast exactly to float32 on the host (`float32_logprobs`): equal to a
+    float32 copy's forward, and a bf16 server of the right weights passes within the bf16 student's
+    measured rounding (with the student's own forward as the reference that rounding would be 0)."""
+    from oprd.distributed import ONE_PROCESS
+    from oprd.vllm_backend import PROBE_TEXT, ServerRollout, float32_logprobs, student_logprobs
+
+    spec = ModelSpec(model=str(SMOKE / "tiny-qwen3-tied"), random_init=True)
+    held = load_model(spec, torch.device("cpu"), dtype=torch.bfloat16)
+    assert next(held.parameters()).dtype == torch.bfloat16 and held.config.tie_word_embeddings
+    tokenizer = load_tokenizer(spec)
+    probe = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
+    upcast = copy.deepcopy(held).float()
+    reference = float32_logprobs(held, probe)
+    assert reference == pytest.approx(student_logprobs(upcast, probe), abs=1e-5)
+    assert next(held.parameters()).dtype == torch.bfloat16  # the student itself untouched
+    bf16 = student_logprobs(held, probe)
+    assert max(abs(a - b) for a, b in zip(reference, bf16)) > 1e-3  # its own forward: bf16's rounding
+
+    stand_in = ServerRollout.__new__(ServerRollout)
+    stand_in.sync_dtype, stand_in.world, stand_in.served, stand_in.url = torch.bfloat16, ONE_PROCESS, "s", "u"
+    stand_in._request = lambda path, payload=None: {"tokens": probe}
+    stand_in.prompt_logprobs = lambda ids: [value + 3e-3 for value in bf16]  # a bf16 engine rounding otherwise
+    stand_in.check_serves(held, tokenizer)

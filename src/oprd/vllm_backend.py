@@ -196,10 +196,19 @@ class ServerRollout:
     # -- weights
 
     def load_folder(self, folder: Path, version: int = 0) -> None:
-        """Has the server reload the weights of a saved model folder (one of its architecture)."""
+        """Has the server reload the weights of a saved model folder (one of its architecture). A
+        tied model's head is named apart first, in links beside its weights (`head_named_apart`)."""
+        folder = Path(folder).resolve()
+        if _ties_head(folder):
+            if self.weights_dir is None:
+                raise ValueError("loading a model whose head is tied to its embedding needs a weights_dir")
+            folder = head_named_apart(folder, self.weights_dir / "tied-head")
+        self._reload(folder)
+        self.weight_version = version
+
+    def _reload(self, folder: Path) -> None:
         self._request("/collective_rpc", {"method": "reload_weights",
                                           "kwargs": {"weights_path": str(Path(folder).resolve())}})
-        self.weight_version = version
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         """Gives the server the student's current weights (a collective under several processes:
@@ -209,7 +218,7 @@ class ServerRollout:
         else:
             write_weights_by_block(model, self.weights_dir, self.world, self.sync_dtype)
             if self.world.main:
-                self.load_folder(self.weights_dir)
+                self._reload(self.weights_dir)
             self.world.barrier()
         self.weight_version = version
 
@@ -231,11 +240,13 @@ class ServerRollout:
         """After the first sync: the server tokenizes as the student does, and its log-probs of a
         probe sequence are the student's. Every process calls it; all raise together."""
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
-        ours = student_logprobs(model, probe)  # every process: a sharded student runs its forward together
+        held_in_float32 = next(model.parameters()).dtype == torch.float32
+        # every process: a sharded student runs its forward (and gathers its weights) together
+        ours = student_logprobs(model, probe) if held_in_float32 else float32_logprobs(model, probe, self.world)
         tolerance, measured = PROBE_TOLERANCE, ""
         if self.sync_dtype not in (None, torch.float32):
             rounded = student_logprobs(model, probe, self.sync_dtype)
-            rounding = max(abs(a - b) for a, b in zip(ours, rounded))
+            rounding = max(abs(a - b) for a, b in zip(ours, rounded)) if self.world.main else 0.0
             tolerance = max(tolerance, PROBE_ROUNDING_MARGIN * rounding)
             measured = (f" ({PROBE_ROUNDING_MARGIN:g} x the {rounding:.3g} the student's own "
                         f"{str(self.sync_dtype).removeprefix('torch.')} forward differs by)")
@@ -273,15 +284,16 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World,
     no process holds the whole model beside its own shard (at Qwen3-0.6B's shape a whole float32
     copy is 2.4 GB). In `dtype` where given: a bf16 server reads half the bytes of the float32
     master weights. Every process calls it (the gathers are collectives); the main one writes.
-    Tied weights are written once, under the name vLLM's loader reads (the embedding)."""
+    A tied head is written under its own name too (see `_named_weights`)."""
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-    for name, parameter in model.named_parameters():
+    for name, parameter in _named_weights(model):
         match = BLOCK.match(name)
         groups.setdefault(match.group(1) if match else "rest", []).append((name, parameter))
     weight_map = {}
     for index, members in enumerate(groups.values(), 1):
         file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
-        state = {name: distributed.full_value(parameter.detach()).to(dtype=dtype or parameter.dtype).cpu().contiguous()
+        # .clone(): a tied head and its embedding are one tensor, which safetensors stores once per name
+        state = {name: distributed.full_value(parameter.detach()).to("cpu", dtype or parameter.dtype).clone()
                  for name, parameter in members}
         if world.main:
             write_file_atomically(folder / file, lambda tmp, state=state: save_file(state, str(tmp),
@@ -298,6 +310,37 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World,
     distributed.return_freed_memory()
 
 
+def _ties_head(folder: Path) -> bool:
+    return bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings"))
+
+
+def head_named_apart(folder: Path, into: Path) -> Path:
+    """`into`: links to a tied model's weight files in `folder`, and one more file holding its
+    embedding under the head's name, as `_named_weights` names it (the model's own folder is never
+    written to). The names come from the architecture built empty from `folder`'s config."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    owners = dict(empty.named_parameters())
+    head, embedding = next((name, owner) for name, parameter in empty.named_parameters(remove_duplicate=False)
+                           for owner, held in owners.items() if held is parameter and name != owner)
+    into.mkdir(parents=True, exist_ok=True)
+    for stale in into.iterdir():
+        stale.unlink()
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        (into / file.name).symlink_to(file)
+        with safe_open(file, "pt") as weights:
+            if embedding in weights.keys():  # noqa: SIM118  (safe_open has no __contains__)
+                found[head] = weights.get_tensor(embedding)
+    if not found:
+        raise ValueError(f"{folder} ties its head to {embedding}, which none of its safetensors files holds")
+    save_file(found, str(into / "tied-head.safetensors"), metadata={"format": "pt"})
+    return into
+
+
 @torch.no_grad()
 def student_logprobs(model: torch.nn.Module, ids: list[int], dtype: torch.dtype | None = None) -> list[float]:
     """log p(ids[t] | ids[:t]) for t >= 1, from the student itself (under `dtype` autocast where given)."""
@@ -310,12 +353,33 @@ def student_logprobs(model: torch.nn.Module, ids: list[int], dtype: torch.dtype 
     return logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
 
 
-# --------------------------------------------------------------------------- an engine on the training GPU
-
-
-def _model_class(model: torch.nn.Module) -> str:
+def _model_class(model: torch.nn.Module) -> type[torch.nn.Module]:
     """The student's transformers class (e.g. Qwen3ForCausalLM), under FSDP2's wrapper class if sharded."""
-    return next(cls.__name__ for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
+    return next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
+
+
+def float32_logprobs(model: torch.nn.Module, ids: list[int], world: World = ONE_PROCESS) -> list[float]:
+    """`student_logprobs` in float32 for a student whose weights are held in a coarser dtype: its
+    weights upcast (exactly) to float32 on the host, run through an empty copy of its architecture.
+    A student held in bf16 computes in bf16 whatever autocast asks, so this is the only float32
+    reference it has. A collective (a sharded student's weights are gathered); the main process's
+    answer, an empty list elsewhere."""
+    tensors = distributed.full_model_state(model)
+    if not world.main:
+        return []
+    tensors |= {name: buffer.cpu() for name, buffer in model.named_buffers()}  # rotary tables: not in a state dict
+    tensors = {name: value.float() if value.is_floating_point() else value for name, value in tensors.items()}
+    with torch.device("meta"):
+        empty = _model_class(model)(model.config)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        # a full state dict names a tied head and its embedding apart, with the same values
+        logits = torch.func.functional_call(empty, tensors, (), {"input_ids": tokens}, tie_weights=False).logits.float()
+    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+    return logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
+
+
+# --------------------------------------------------------------------------- an engine on the training GPU
 
 
 class ColocatedRollout:
@@ -342,7 +406,8 @@ class ColocatedRollout:
                             # the student's class: a config.json without `architectures` would otherwise be
                             # guessed a pooler, or served by vLLM's Transformers backend, which patches the
                             # student's own class in this process
-                            hf_overrides={"architectures": [_model_class(model)]})
+                            hf_overrides={"architectures": [_model_class(model).__name__],
+                                          "tie_word_embeddings": False})  # see _named_weights
         self._sleep()
         self.weight_version = -1
         self._pending: torch.nn.Module | None = None  # a student whose weights the engine has yet to load
@@ -395,5 +460,14 @@ class ColocatedRollout:
 def _gathered_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The student's parameters one at a time, each gathered whole (a collective under FSDP), so no
     full copy of the model is ever held beside the engine's."""
-    for name, parameter in model.named_parameters():
+    for name, parameter in _named_weights(model):
         yield name, distributed.full_value(parameter.detach())
+
+
+def _named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Every name an engine loads weights by: a tied head under its own name as well as the
+    embedding's. vLLM does not re-tie a tied head when weights are reloaded (its CPU build keeps the
+    head it started with: measured, tests/test_vllm.py), so oprd's engines hold their own head
+    (`tie_word_embeddings` off: the colocated engine, and a server started as README says) and
+    load it by this name."""
+    return model.named_parameters(remove_duplicate=False)

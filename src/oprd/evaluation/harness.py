@@ -191,7 +191,8 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
             if s.vllm_url:
                 from oprd.vllm_backend import Sampling, ServerRollout
 
-                rollout = ServerRollout(s.vllm_url, Sampling.of_folder(name, tokenizer))
+                rollout = ServerRollout(s.vllm_url, Sampling.of_folder(name, tokenizer),
+                                        weights_dir=out / ".vllm-weights")  # a tied head named apart
                 rollout.load_folder(Path(name))
             else:
                 model = load_model(spec, device)

@@ -619,7 +619,8 @@ def run_rollout_bench(s: RolloutBenchSettings, progress=None) -> dict:
         from oprd.vllm_backend import Sampling, ServerRollout
 
         def server():
-            rollout = ServerRollout(s.vllm_url, Sampling.of_folder(s.model, tokenizer))
+            rollout = ServerRollout(s.vllm_url, Sampling.of_folder(s.model, tokenizer),
+                                    weights_dir=out / ".vllm-weights")
             rollout.load_folder(Path(s.model))
             return rollout
 

@@ -244,7 +244,7 @@ def vllm_server(s: RehearsalSettings, model: Path, stages: dict[str, Measured], 
     process = subprocess.Popen(
         [str(s.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
          "--enforce-eager", "--port", str(port), "--generation-config", "vllm",
-         "--max-model-len", str(2048 + s.new_tokens)],
+         "--max-model-len", str(2048 + s.new_tokens), "--hf-overrides", json.dumps({"tie_word_embeddings": False})],
         env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
              "HF_HUB_OFFLINE": "1"},
         stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
