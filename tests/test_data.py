@@ -220,3 +220,25 @@ def test_data_file_errors_name_the_file_and_line(tmp_path, content, message):
 def test_a_name_that_is_neither_file_nor_benchmark_nor_hub_id_fails_at_once():
     with pytest.raises(FileNotFoundError, match="did you mean math500"):
         load_problems("math50")
+
+
+def test_blank_prompts_are_left_out_counted_and_named(tmp_path):
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "", "answer": "3"},
+            {"prompt": "  \n\t", "answer": "4"}, {"prompt": [{"role": "user", "content": " "}], "answer": "5"},
+            {"prompt": "Name a prime.", "answer": " "}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    said = []
+    problems = load_problems(path, warn=said.append)
+    assert [p.index for p in problems] == [0, 4]  # an answer is not needed to train
+    assert said == [f"{path}: 3 of 5 rows left out, 3 with a blank prompt (rows 1, 2, 3) (rows count from 0)"]
+    said.clear()
+    graded = load_problems(path, need_answers=True, warn=said.append)  # to grade, or for a privileged prompt
+    assert [p.index for p in graded] == [0]
+    assert "4 of 5 rows left out" in said[0] and "1 with a blank answer (row 4)" in said[0]
+
+
+def test_a_file_of_blank_prompts_is_an_error_naming_it(tmp_path):
+    path = write_jsonl(tmp_path / "blank.jsonl", [{"prompt": " ", "answer": "1"}] * 7)
+    with pytest.raises(ValueError, match=r"blank.jsonl: no row is usable: 7 with a blank prompt \(rows 0, 1, 2, 3, 4, "
+                                         r"\.\.\.\)"):
+        load_problems(path, warn=print)

@@ -20,6 +20,7 @@ import pytest
 from safetensors.torch import load_file
 
 from oprd import checkpoint
+from oprd.files import lock_file
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 RECIPE = SMOKE / "oprd_plus_opd.yaml"
@@ -27,16 +28,18 @@ OVERRIDES = ["max_steps=4", "save_every=2"]
 TRIAL_TIMEOUT_S = 180
 
 # A training run that stops for a while in the middle of writing the folder named argv[2], after
-# its files are written and before the rename that publishes it, and says so in argv[3].
+# its files are written and before the rename that publishes it, and says so in argv[3]. With
+# STEP_PAUSE_S set, it also waits that long after each step (numbers unchanged), so that a fault
+# aimed at "during the run" lands before the run ends.
 CHILD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import oprd.checkpoint as checkpoint
+import oprd.trainer as trainer
 from oprd.config import load_config
-from oprd.trainer import train
 
 pause_in, signal_file = sys.argv[2], Path(sys.argv[3])
-write = checkpoint.write_dir_atomically
+write, record = checkpoint.write_dir_atomically, trainer.record
 
 def paused(target, fill):
     def fill_then_wait(tmp):
@@ -46,19 +49,29 @@ def paused(target, fill):
             time.sleep(600)
     return write(target, fill_then_wait)
 
-checkpoint.write_dir_atomically = paused
-train(load_config(sys.argv[1], sys.argv[4:]))
+def slow_record(*args, **kwargs):
+    recorded = record(*args, **kwargs)
+    time.sleep(float(os.environ.get("STEP_PAUSE_S", "0")))
+    return recorded
+
+checkpoint.write_dir_atomically, trainer.record = paused, slow_record
+trainer.train(load_config(sys.argv[1], sys.argv[4:]))
 """
+STEP_PAUSE_S = "1.0"  # 4 steps: a run that trains for at least 4 s
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _start(run_dir: Path, pause_in: str = "nothing", *extra: str) -> tuple[subprocess.Popen, Path]:
+def _start(run_dir: Path, pause_in: str = "nothing", *extra: str, step_pause_s: str = "0",
+           log: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    """A training subprocess (CHILD); its stdout goes to `log` where given."""
     signal_file = run_dir.parent / f"{run_dir.name}.paused"
     process = subprocess.Popen([sys.executable, "-c", CHILD, str(RECIPE), pause_in, str(signal_file), *OVERRIDES,
-                                f"output_dir={run_dir}", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                f"output_dir={run_dir}", *extra], stderr=subprocess.PIPE,
+                               stdout=log.open("w") if log else subprocess.DEVNULL,
+                               env={**os.environ, "STEP_PAUSE_S": step_pause_s})
     return process, signal_file
 
 
@@ -79,17 +92,17 @@ def _stop(process: subprocess.Popen, how: signal.Signals) -> None:
     process.wait(timeout=TRIAL_TIMEOUT_S)
 
 
-def _train_in_a_fresh_process(run_dir: Path, *extra: str) -> Path:
+def _train_in_a_fresh_process(run_dir: Path, *extra: str, log: Path | None = None) -> Path:
     """Every run of these tests trains in a process of its own, as the interrupted ones do: a
     process that has changed torch's thread settings (the demo's tests do) rounds differently."""
-    process, _ = _start(run_dir, "nothing", *extra)
+    process, _ = _start(run_dir, "nothing", *extra, log=log)
     _, stderr = process.communicate(timeout=TRIAL_TIMEOUT_S)
     assert process.returncode == 0, stderr.decode()[-3000:]
     return run_dir
 
 
-def _resume(run_dir: Path) -> Path:
-    return _train_in_a_fresh_process(run_dir, "resume=true")
+def _resume(run_dir: Path, log: Path | None = None) -> Path:
+    return _train_in_a_fresh_process(run_dir, "resume=true", log=log)
 
 
 def _assert_same_run(got: Path, want: Path) -> None:
@@ -129,13 +142,57 @@ def test_kill_9_while_writing_a_folder(folder, tmp_path, uninterrupted):
 @pytest.mark.parametrize("how, seed", [(signal.SIGTERM, 0), (signal.SIGKILL, 1)])
 def test_a_signal_at_a_random_moment(how, seed, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
-    process, _ = _start(run_dir)
+    process, _ = _start(run_dir, step_pause_s=STEP_PAUSE_S)
     _wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), process)  # training has begun
     time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    assert process.poll() is None  # still training: the signal lands mid-run
     _stop(process, how)
+    assert process.returncode == -how  # the signal ended it, not the end of the run
+    assert not (run_dir / "final").exists() and len(_metrics(run_dir)) < 4
     for found in checkpoint.list_checkpoints(run_dir / "checkpoints"):
         checkpoint.check_complete(found)  # whatever was published is whole
-    _assert_same_run(_resume(run_dir), uninterrupted)
+    assert lock_file(run_dir).is_file()  # killed holding the folder: the next run takes its lock over
+    log = tmp_path / "resume.log"
+    _assert_same_run(_resume(run_dir, log=log), uninterrupted)
+    assert f"its holder, pid {process.pid} on" in " ".join(log.read_text().split())
+    assert not lock_file(run_dir).exists()
+
+
+def _refusal(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """`oprd train` on a folder another run holds."""
+    return subprocess.Popen([sys.executable, "-m", "oprd", "train", str(RECIPE), *OVERRIDES, f"output_dir={run_dir}",
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_stops_before_touching_it(tmp_path, uninterrupted):
+    """While a run trains, a new run, a resume and an overwrite of its folder each stop with one
+    line naming the holder, and the run ends as a run made alone."""
+    run_dir = tmp_path / "run"
+    holder, _ = _start(run_dir, step_pause_s=STEP_PAUSE_S)
+    _wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), holder)
+    others = [_refusal(run_dir, *mode) for mode in ([], ["resume=true"], ["overwrite=true"])]
+    for other in others:
+        _, stderr = other.communicate(timeout=TRIAL_TIMEOUT_S)
+        message = " ".join(stderr.split())
+        assert other.returncode == 2 and f"{run_dir} is in use by pid {holder.pid} on" in message, message
+        assert "Traceback" not in message
+    assert holder.poll() is None  # the refusals came while it trained
+    _, stderr = holder.communicate(timeout=TRIAL_TIMEOUT_S)
+    assert holder.returncode == 0, stderr.decode()[-3000:]
+    _assert_same_run(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_folder(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    pair = [_start(run_dir, step_pause_s=STEP_PAUSE_S)[0] for _ in range(2)]
+    outcomes = [(process, process.communicate(timeout=TRIAL_TIMEOUT_S)[1].decode()) for process in pair]
+    trained = [process for process, _ in outcomes if process.returncode == 0]
+    refused = [(process, stderr) for process, stderr in outcomes if process.returncode != 0]
+    assert len(trained) == 1 and len(refused) == 1, [stderr[-2000:] for _, stderr in outcomes]
+    assert f"is in use by pid {trained[0].pid} on" in " ".join(refused[0][1].split())
+    _assert_same_run(run_dir, uninterrupted)
 
 
 @pytest.fixture()

@@ -1,15 +1,23 @@
-"""oprd.files: the output-folder guard never deletes what is not ours, atomic writes leave nothing
-half-written, get the umask's permissions and report a full disk as such."""
+"""oprd.files: the output-folder guard never deletes what is not ours, one writer holds a folder
+at a time, atomic writes leave nothing half-written, get the umask's permissions and report a full
+disk as such."""
 
 import errno
+import json
 import os
+import socket
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from oprd.files import (
     DiskFullError,
+    FolderInUse,
     check_output_dir,
+    held_folder,
+    lock_file,
     prepare_output_dir,
     remove_leftovers,
     write_dir_atomically,
@@ -128,3 +136,64 @@ def test_leftovers_of_interrupted_writes_are_removed_and_nothing_else(tmp_path):
     removed = remove_leftovers(tmp_path)
     assert len(removed) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-mine", "step_000002"]
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+
+def test_a_held_folder_refuses_a_second_holder_naming_the_first(tmp_path):
+    folder = tmp_path / "run"
+    with held_folder(folder):
+        record = json.loads(lock_file(folder).read_text())
+        assert record["pid"] == os.getpid() and record["host"] == socket.gethostname() and record["command"]
+        assert not folder.exists()  # the lock lives beside the folder, which it never creates
+        with pytest.raises(FolderInUse, match=rf"{folder} is in use by pid {os.getpid()} on "), held_folder(folder):
+            pass
+        assert json.loads(lock_file(folder).read_text()) == record  # the refused one changed nothing
+    assert not lock_file(folder).exists()  # released on the way out
+    with held_folder(folder):  # and free again
+        pass
+
+
+def test_a_lock_held_by_another_process_is_refused_until_it_ends(tmp_path):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from oprd.files import held_folder\n"
+                               f"with held_folder({str(folder)!r}):\n print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refusal = rf"in use by pid {holder.pid} on {socket.gethostname()}"
+        with pytest.raises(FolderInUse, match=refusal), held_folder(folder):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert holder.returncode == -9 and lock_file(folder).is_file()  # killed holding it: the lock is left
+    taken = []
+    with held_folder(folder, warn=taken.append):  # the kernel let go of it with the process
+        assert json.loads(lock_file(folder).read_text())["pid"] == os.getpid()
+    assert len(taken) == 1 and f"pid {holder.pid}" in taken[0] and "no longer running" in taken[0]
+
+
+def test_a_lock_left_on_another_host_is_never_taken_over(tmp_path):
+    folder = tmp_path / "run"
+    written = {"host": "node-7", "pid": 4242, "started": "2026-12-07T10:00:00+0000", "command": "oprd train r.yaml"}
+    lock_file(folder).write_text(json.dumps(written))
+    refusal = rf"pid 4242 on node-7.*delete {lock_file(folder)} and start again"
+    with pytest.raises(FolderInUse, match=refusal), held_folder(folder):
+        pass
+    assert json.loads(lock_file(folder).read_text()) == written
+
+
+def test_a_lock_naming_a_live_process_is_not_taken_over_without_its_flock(tmp_path):
+    """A filesystem where flock does not reach other processes: the record still names a live
+    process of this host, which is refused."""
+    folder = tmp_path / "run"
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        lock_file(folder).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
+        with pytest.raises(FolderInUse, match=f"in use by pid {sleeper.pid}"), held_folder(folder):
+            pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -1,6 +1,7 @@
-"""Golden losses: each smoke recipe (one per objective), seeded, on CPU, must reproduce the losses
-and gradient norms pinned here, so no refactor can move the numbers silently, while another CPU,
-thread count or torch build, whose float32 rounding differs, still passes.
+"""Golden losses: each smoke recipe (one per objective, and the two applications'), seeded, on CPU,
+must reproduce the losses and gradient norms pinned here, so no refactor can move the numbers
+silently, while another CPU, thread count or torch build, whose float32 rounding differs, still
+passes.
 
 The tolerance grows with the step, as rounding compounds (`TOLERANCE`). The values were pinned on
 one machine; on another (an AMD EPYC, 2026-12-07), torch 2.14.1 on 1 or 2 threads and torch
@@ -37,6 +38,11 @@ GOLDEN = {  # recipe -> [(loss, grad_norm) at steps 1, 2, 3]
                  (0.01922358199954033, 0.05400528386235237)],
     "oprd_plus_opd": [(0.36285606026649475, 0.8133372664451599), (0.30975742638111115, 0.6912583708763123),
                       (0.30403298139572144, 0.5698821544647217)],
+    # the two applications' recipes, pinned 2026-12-07 (torch 2.14.1, 1 and 2 threads alike)
+    "multi_teacher": [(0.06799841299653053, 0.5803458094596863), (0.04683694988489151, 0.36454153060913086),
+                      (0.03609612584114075, 0.39000916481018066)],
+    "self_distillation": [(0.000335818825988099, 0.011647057719528675), (0.0051375203765928745, 0.08486828953027725),
+                          (0.0025892951525747776, 0.06313902884721756)],
 }
 TOLERANCE = {1: 1e-5, 2: 1e-4, 3: 1e-2}  # step -> relative tolerance (the docstring says why)
 

@@ -96,6 +96,21 @@ def test_a_run_that_fails_its_checks_leaves_no_folder(tmp_path):
     assert "already holds files" not in again.output
 
 
+def test_data_of_blank_prompts_trains_on_what_is_left_or_stops(tmp_path):
+    rows = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": " ", "answer": "1"}] * 4
+    data = tmp_path / "blanks.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["train", str(SMOKE / "oprd.yaml"), f"output_dir={tmp_path / 'run'}", f"data.path={data}", "max_steps=1",
+            "eval_every=0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 of 8 rows left out, 4 with a blank prompt (rows 1, 3, 5, 7)" in " ".join(result.output.split())
+    data.write_text(json.dumps({"prompt": "", "answer": "1"}) + "\n")
+    result = CliRunner().invoke(app, [*args[:2], f"output_dir={tmp_path / 'none'}", *args[3:]])
+    assert result.exit_code == 2 and f"{data}: no row is usable" in " ".join(result.output.split())
+    assert not (tmp_path / "none").exists()
+
+
 # --------------------------------------------------------------------------- checks before anything runs
 
 
@@ -169,7 +184,18 @@ def test_resume_with_allowed_changes_keeps_every_segment_and_applies_them(run_co
 
 
 def test_resume_may_change_what_does_not_alter_training(run_copy):
+    import shutil
+
+    before = _metrics(run_copy)
+    shutil.rmtree(checkpoint.list_checkpoints(run_copy / "checkpoints")[-1])  # so that step 2 trains again
     _resume(run_copy, "keep_checkpoints=5", "eval_every=0", "optim.micro_batch_size=1")
+    segment = sorted((run_copy / "configs").glob("segment-*.yaml"))[-1]
+    assert segment.name == "segment-002.yaml" and "from step 2, resumed from" in segment.read_text().splitlines()[0]
+    assert read_run_config(segment).optim.micro_batch_size == 1
+    after = _metrics(run_copy)  # micro-batches change memory, never the gradient
+    assert [r["step"] for r in after] == [1, 2]
+    for key in ("loss", "grad_norm"):
+        assert after[1][key] == pytest.approx(before[1][key], rel=1e-5), key
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(run_copy):

@@ -13,7 +13,7 @@ from oprd.cli import app
 from oprd.config import ConfigError, load_config
 from oprd.gates import GateError, judge, parse_gate
 from oprd.models import ModelSpec, load_tokenizer
-from oprd.provenance import COST_KEYS, MODEL_KEYS, SCHEMA_KEYS, SEGMENT_KEYS, model_record, sha256_of_files
+from oprd.provenance import COST_KEYS, MODEL_KEYS, PHASE_KEYS, SCHEMA_KEYS, SEGMENT_KEYS, model_record, sha256_of_files
 from oprd.run_report import comparison_series, report_series
 from oprd.trainer import train
 
@@ -155,9 +155,17 @@ def test_run_json_follows_its_schema_and_sums_the_steps_cost(gated_run):
         assert model["weights_sha256"] is None and model["random_init_seed"] in (0, 1)  # built from a config
     assert record["data"]["rows"] == 64 and len(record["data"]["sha256"]) == 64
     rows = [r for r in _metrics(gated_run) if "loss" in r]
-    for key in COST_KEYS:
-        assert record["cost"][key] == pytest.approx(sum(r[f"cost/{key}"] for r in rows))
-    assert record["cost"]["sampled_tokens"] == pytest.approx(sum(r["response_length/mean"] * 4 for r in rows))
+    cost = record["cost"]
+    assert set(COST_KEYS) <= cost.keys()
+    for key in ("sampled_tokens", "teacher_tokens"):
+        assert cost[key] == pytest.approx(sum(r[f"cost/{key}"] for r in rows))
+    assert cost["sampled_tokens"] == pytest.approx(sum(r["response_length/mean"] * 4 for r in rows))
+    _assert_phases_make_up_the_wall_time(cost)
+    assert cost["wall_seconds"] > sum(r["cost/wall_seconds"] for r in rows)  # set-up, checkpoints, final/ besides
+    assert cost["device_hours"] == pytest.approx(cost["wall_seconds"] / 3600)
+    for phase in ("setup", "validation", "checkpoint", "export"):  # step 0, 2 and 4's validation, best/ and final/
+        assert cost[f"{phase}_seconds"] > 0, phase
+    assert cost["validation_seconds"] > sum(r["time/validation_s"] for r in rows) > 0  # step 0's besides
     assert record["versions"]["torch"] and record["devices"]["count"] == 1
     card = (gated_run / "final" / "README.md").read_text()
     assert "Distilled from" in card and "## Recipe" in card and f"`{AVG}`" in card
@@ -187,6 +195,13 @@ def test_a_resumed_run_appends_its_segment(tmp_path, monkeypatch):
     rows = [r for r in _metrics(run_dir) if "loss" in r]
     # a step recomputed after a crash would count again (its cost was spent); here the crash came after a checkpoint
     assert record["cost"]["sampled_tokens"] == pytest.approx(sum(r["cost/sampled_tokens"] for r in rows))
+    _assert_phases_make_up_the_wall_time(record["cost"])  # both segments', the interrupted one's included
+
+
+def _assert_phases_make_up_the_wall_time(cost: dict) -> None:
+    """run.json's cost is the whole wall time, by phase: the phases sum to it within 1%."""
+    assert set(PHASE_KEYS) <= cost.keys()
+    assert sum(cost[key] for key in PHASE_KEYS) == pytest.approx(cost["wall_seconds"], rel=0.01)
 
 
 def test_hashes_change_when_and_only_when_the_content_does(tmp_path):

@@ -14,7 +14,7 @@ from oprd import checkpoint, trainer
 from oprd.batch import RolloutBatch, pad_left
 from oprd.bridge import load_bridge
 from oprd.cli import app
-from oprd.config import load_config
+from oprd.config import ConfigError, load_config
 from oprd.data import load_problems, prompt_token_ids
 from oprd.distributed import ONE_PROCESS
 from oprd.models import ModelSpec, load_model, load_tokenizer
@@ -211,7 +211,7 @@ def test_training_and_validation_prompts_are_rendered_alike_and_validation_sampl
     assert not warnings
 
     rollout = RecordingRollout(tokenizer)
-    make_validation(cfg, rollout, tokenizer, ONE_PROCESS)(0)
+    make_validation(cfg, rollout, tokenizer, ONE_PROCESS, print)(0)
     [(prompts, params)] = rollout.calls
     benchmark = load_problems("aime24", limit=2)
     assert prompts == [prompt_token_ids(tokenizer, p.messages, enable_thinking=False) for p in benchmark]
@@ -243,7 +243,7 @@ def test_schedule_steps_spread_warm_up_and_decay_over_their_horizon():
 def test_bridge_run_distils_a_wider_deeper_teacher(wider_teacher_with_bridge, tmp_path):
     folder, bridge_path = wider_teacher_with_bridge
     common = [f"teacher.model={folder}", "teacher.random_init=true", "teacher.init_seed=1", "max_steps=2"]
-    with pytest.raises(Exception, match="hidden size is 64 and the teacher's 96"):
+    with pytest.raises(ConfigError, match="hidden size is 64 and the teacher's 96"):
         train(load_config(SMOKE / "oprd.yaml", [*common, f"output_dir={tmp_path / 'no-bridge'}"]))
     run_dir = train(load_config(SMOKE / "oprd.yaml", [*common, f"bridge.path={bridge_path}",
                                                       f"output_dir={tmp_path / 'bridge'}"]))
@@ -257,7 +257,7 @@ def test_bridge_run_distils_a_wider_deeper_teacher(wider_teacher_with_bridge, tm
 
 
 def test_bridge_path_needs_oprd():
-    with pytest.raises(Exception, match="bridge.path is set but OPRD is off"):
+    with pytest.raises(ConfigError, match="bridge.path is set but OPRD is off"):
         load_config(SMOKE / "opd_sampled.yaml", ["bridge.path=b.safetensors"])
 
 
@@ -361,7 +361,7 @@ def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
 
     common = [f"student.model={student_dir}", "student.random_init=false", f"teacher.model={teacher_dir}",
               "teacher.random_init=false", "max_steps=2", "oprd.positions=all"]
-    with pytest.raises(Exception, match="tokenizers differ.*OPRD-Bridge"):
+    with pytest.raises(ConfigError, match="tokenizers differ.*OPRD-Bridge"):
         train(load_config(SMOKE / "oprd_plus_opd.yaml", [*common, f"output_dir={tmp_path / 'opd'}"]))
     run_dir = train(load_config(SMOKE / "oprd.yaml",
                                 [*common, f"bridge.path={bridge}", f"output_dir={tmp_path / 'r'}"]))

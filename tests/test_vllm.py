@@ -286,7 +286,9 @@ def test_the_disk_sync_writes_one_block_per_file(tmp_path):
 
 
 def test_an_unreachable_server_is_one_clear_error(tmp_path):
-    with pytest.raises(Exception, match="cannot reach a vLLM server at http://127.0.0.1:9"):
+    from oprd.vllm_backend import VLLMError
+
+    with pytest.raises(VLLMError, match="cannot reach a vLLM server at http://127.0.0.1:9"):
         train(load_config(SMOKE / "oprd.yaml", ["rollout.backend=vllm", "rollout.vllm_url=http://127.0.0.1:9",
                                                 f"output_dir={tmp_path / 'r'}", "rollout.vllm_timeout_s=5"]))
     assert not (tmp_path / "r").exists()

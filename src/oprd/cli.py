@@ -333,10 +333,10 @@ def bridge_fit(
     """
     from oprd.bridge import save_bridge
     from oprd.bridge.stage1 import Stage1Settings, fit_bridge_at_rank, stage1_rows
-    from oprd.files import refuse_existing_file
+    from oprd.files import held_folder, refuse_existing_file
 
     console = Console(stderr=True, soft_wrap=True)
-    with user_errors():
+    with user_errors(), held_folder(out):
         refuse_existing_file(out, overwrite=overwrite, overwrite_flag="--overwrite")
         settings = Stage1Settings(student=student, teacher=teacher, data=data, **options)
         rows, info = stage1_rows(settings, console)
@@ -365,10 +365,10 @@ def bridge_sweep(
     """
     from oprd.bridge.stage1 import Stage1Settings, stage1_rows
     from oprd.experiments.bridge_sweep import sweep_ranks
-    from oprd.files import prepare_output_dir
+    from oprd.files import held_folder, prepare_output_dir
 
     console = Console(stderr=True, soft_wrap=True)
-    with user_errors():
+    with user_errors(), held_folder(out):
         prepare_output_dir(out, overwrite=overwrite, overwrite_flag="--overwrite", ours=None)
         try:
             rank_list = [int(r) for r in _csv(ranks)]

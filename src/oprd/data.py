@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import string
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -71,9 +72,13 @@ def load_problems(
     answer_key: str | None = None,
     split: str = "train",
     limit: int | None = None,
+    need_answers: bool = False,
+    warn: Callable[[str], object] = warnings.warn,
 ) -> list[Problem]:
     """Problems from a .parquet/.jsonl/.json file, a shipped benchmark name (`aime24`, ...)
-    or a hub dataset id (`split` picks the hub split). `limit` keeps the first rows."""
+    or a hub dataset id (`split` picks the hub split). `limit` keeps the first rows. Rows whose
+    prompt is blank (and, with `need_answers`, whose answer is: to grade, or for a privileged
+    prompt) are left out with a `warn`ing (`without_blanks`)."""
     rows = _read_rows(path, split)
     if not rows:
         raise ValueError(f"{path} has no rows")
@@ -85,7 +90,7 @@ def load_problems(
     for key in (prompt_key, answer_key):
         if key is not None and _get(rows[0], key) is _MISSING:
             raise ValueError(f"{path}: no field {key!r}; columns found: {_columns(rows[0])}")
-    return [
+    problems = [
         Problem(
             index=i,
             messages=_messages(_get(row, prompt_key), f"{path} row {i}"),
@@ -95,6 +100,32 @@ def load_problems(
         )
         for i, row in enumerate(rows)
     ]
+    return without_blanks(problems, path, need_answers=need_answers, warn=warn)
+
+
+def without_blanks(problems: list[Problem], path: str, *, need_answers: bool,
+                   warn: Callable[[str], object]) -> list[Problem]:
+    """`problems` less those with nothing to train on or grade: a prompt whose every message is
+    empty or whitespace, and (with `need_answers`) an answer that is missing or blank. A warning
+    counts them and names the first rows; a file with none left is an error."""
+    def blank(text) -> bool:
+        return text is None or not str(text).strip()
+
+    reasons = {"blank prompt": [p.index for p in problems if all(blank(m["content"]) for m in p.messages)]}
+    if need_answers:
+        reasons["blank answer"] = [p.index for p in problems if blank(p.answer)]
+    dropped = {index for rows in reasons.values() for index in rows}
+    if not dropped:
+        return problems
+    kept = [p for p in problems if p.index not in dropped]
+    found = "; ".join(f"{len(rows)} with a {reason} (row{'s' if len(rows) > 1 else ''} "
+                      f"{', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
+                      for reason, rows in reasons.items() if rows)
+    if not kept:
+        raise ValueError(f"{path}: no row is usable: {found}. Fix the file, or name the columns that hold the "
+                         "prompts and answers (data.prompt_key / data.answer_key, or --prompt-key / --answer-key)")
+    warn(f"{path}: {len(dropped)} of {len(problems)} rows left out, {found} (rows count from 0)")
+    return kept
 
 
 def benchmark_path(name: str) -> Path:

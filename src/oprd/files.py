@@ -8,6 +8,7 @@ without ever deleting what is not ours.
   check_output_dir        may a command use this folder? (checks only, changes nothing)
   prepare_output_dir      check, then empty it (when it is ours and may be replaced) and create it
   refuse_existing_file    the same rule for a single output file
+  held_folder             one writer per output folder: a lock beside it for as long as a command runs
   JsonFile                a JSON record written atomically, and this process's copy of it
 
 Written files and folders get the permissions the user's umask gives new files (mkstemp,
@@ -19,12 +20,19 @@ A full disk is reported as such (`DiskFullError`), with the folder and the space
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
+import functools
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 TEMPORARY = (".*.tmp-*", ".*.old-*", ".*.tmp")  # names our atomic writes use before the rename
@@ -194,6 +202,114 @@ def refuse_existing_file(path: Path, *, overwrite: bool, overwrite_flag: str) ->
     """Raises FileExistsError when `path` exists and `overwrite` was not given."""
     if Path(path).exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass {overwrite_flag} to replace it, or choose another path.")
+
+
+LOCK_SUFFIX = ".oprd-lock"
+
+
+class FolderInUse(FileExistsError):
+    """Another oprd command holds the output folder (or may: a lock left on another host)."""
+
+
+def lock_file(folder: Path) -> Path:
+    """Where the lock of `folder` lives: beside it, so that neither replacing the folder nor
+    checking what it holds ever meets the lock."""
+    folder = Path(folder).absolute()
+    return folder.parent / f"{folder.name}{LOCK_SUFFIX}"
+
+
+@contextmanager
+def held_folder(folder: Path, warn: Callable[[str], object] = print) -> Iterator[None]:
+    """Holds `folder` for this process until the block ends, or raises FolderInUse before anything
+    is touched. The lock is a file beside the folder naming the host, pid, start time and command,
+    held with flock, which the kernel releases when the process dies however it dies: a lock
+    whose holder is gone is taken over (with a `warn`ing naming it), unless it was written on
+    another host, whose processes this one cannot see (the message says how to remove it)."""
+    path = lock_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = _take_lock(path, Path(folder), warn)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: nobody can take a lock that is on its way out
+        os.close(descriptor)
+
+
+def holding_out(command: Callable) -> Callable:
+    """`command(settings, ...)` run holding `settings.out` (`held_folder`) from its first check to its
+    end: for the commands that write a folder of results (eval, bench, the demos)."""
+
+    @functools.wraps(command)
+    def held(settings, *args, **kwargs):
+        with held_folder(Path(settings.out)):
+            return command(settings, *args, **kwargs)
+
+    return held
+
+
+def _take_lock(path: Path, folder: Path, warn: Callable[[str], object]) -> int:
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(descriptor)
+            os.close(descriptor)
+            raise FolderInUse(f"{folder} is in use by {holder} (lock {path}): wait for that run to end, or choose "
+                              "another folder") from None
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(descriptor)  # its holder ended and removed it between our open and our flock: open it again
+    previous = _lock_record(descriptor)
+    if previous:
+        if previous.get("host") != socket.gethostname():
+            os.close(descriptor)
+            raise FolderInUse(f"{folder} was claimed by {_describe(previous)}, a host this one cannot check (lock "
+                              f"{path}). Once that run is known to have ended, delete {path} and start again.")
+        if previous.get("pid") != os.getpid() and _alive(previous.get("pid")):
+            os.close(descriptor)  # alive but not holding the flock: a filesystem without working locks
+            raise FolderInUse(f"{folder} is in use by {_describe(previous)} (lock {path}): wait for that run to "
+                              "end, or choose another folder")
+        warn(f"took over {path}: its holder, {_describe(previous)}, is no longer running")
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "command": shlex.join(sys.argv)}
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps(record).encode(), 0)
+    os.fsync(descriptor)
+    return descriptor
+
+
+def _lock_record(descriptor: int) -> dict:
+    try:
+        return json.loads(os.pread(descriptor, 1 << 16, 0) or b"{}")
+    except json.JSONDecodeError:
+        return {"host": socket.gethostname(), "pid": None}  # torn by a holder killed mid-write: this host's
+
+
+def _lock_holder(descriptor: int) -> str:
+    record = _lock_record(descriptor)
+    return _describe(record) if record else "another process (starting: its lock is not written yet)"
+
+
+def _describe(record: dict) -> str:
+    return (f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started', 'at an unknown time')}"
+            f" ({record.get('command', 'command unknown')})")
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def is_disk_full(error: BaseException) -> bool:

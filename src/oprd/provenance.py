@@ -22,6 +22,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,9 +37,13 @@ SCHEMA_KEYS = ("oprd_version", "git_commit", "command", "seed", "versions", "dev
 SEGMENT_KEYS = ("start", "end", "exit_status", "first_step", "last_step")
 MODEL_KEYS = ("source", "revision", "weights_sha256", "tokenizer_sha256", "chat_template_sha256")
 COST_KEYS = ("sampled_tokens", "teacher_tokens", "wall_seconds", "device_hours")
-# wall seconds by phase, also summed: each step's phases, then the checkpoints' and final/'s writing
-PHASE_KEYS = ("rollout_seconds", "teacher_seconds", "weight_sync_seconds", "update_seconds")
-WRITE_KEYS = ("checkpoint_seconds", "export_seconds")
+# The run's wall seconds by phase, which together make up wall_seconds: loading and checking before
+# step 1; each step's sampling, teacher, weight sync, update and validation; writing its metrics;
+# the checkpoints; final/ and best/.
+PHASE_KEYS = ("setup_seconds", "rollout_seconds", "teacher_seconds", "weight_sync_seconds", "update_seconds",
+              "validation_seconds", "record_seconds", "checkpoint_seconds", "export_seconds")
+STEP_KEYS = ("sampled_tokens", "teacher_tokens", "rollout_seconds", "teacher_seconds", "weight_sync_seconds",
+             "update_seconds", "validation_seconds")  # what `add_step` sums
 
 
 def now() -> str:
@@ -138,16 +143,25 @@ class RunJson:
 
     def __init__(self, run_dir: Path):
         self.file = JsonFile(Path(run_dir) / RUN_JSON, dict)
+        self.segment_cost: dict[str, float] = {}  # what this segment added to each cost key
+        self._clock: tuple[float, dict[str, float], int] | None = None  # the segment's start, the earlier ones' cost
 
     def read(self) -> dict:
         return self.file.read()
 
     def write(self) -> None:
+        """The record as it stands, wall_seconds and device_hours up to now."""
+        if self._clock is not None:
+            started, before, world_size = self._clock
+            wall = time.perf_counter() - started
+            self.read()["cost"].update(wall_seconds=before["wall_seconds"] + wall,
+                                       device_hours=before["device_hours"] + wall * world_size / 3600)
         self.file.write()
 
     def start_segment(self, *, seed: int, device: torch.device, world_size: int, first_step: int,
-                      models: dict[str, dict], data: dict) -> None:
-        """A fresh run's record, or a resumed run's next segment (its models and data recorded with it)."""
+                      models: dict[str, dict], data: dict, started: float) -> None:
+        """A fresh run's record, or a resumed run's next segment (its models and data recorded with
+        it), whose wall time counts from `started` (time.perf_counter(), when the command began)."""
         record = self.read()
         commit, dirty = git_state()
         segment = {"start": now(), "end": None, "exit_status": "running", "first_step": first_step + 1,
@@ -156,24 +170,28 @@ class RunJson:
             record = {"oprd_version": versions()["oprd"], "git_commit": commit, "git_dirty": dirty,
                       "command": " ".join(command_line()), "seed": seed, "versions": versions(),
                       "devices": devices(device, world_size), "segments": [], "models": models, "data": data,
-                      "cost": dict.fromkeys((*COST_KEYS, *PHASE_KEYS, *WRITE_KEYS), 0) | {"peak_memory_gb": 0.0}}
+                      "cost": dict.fromkeys((*COST_KEYS, *PHASE_KEYS), 0) | {"peak_memory_gb": 0.0}}
         elif models != record["models"] or data != record["data"]:
             segment.update(models=models, data=data)  # what this segment read, where it differs from the start
         record["segments"].append(segment)
+        self._clock = (started, {key: record["cost"].get(key, 0) for key in ("wall_seconds", "device_hours")},
+                       world_size)
         self.file.write(record)
 
     def add_step(self, step: int, cost: dict[str, float]) -> None:
-        """One step's cost (COST_KEYS and PHASE_KEYS, summed; peak_memory_gb, the maximum) added to
-        the run's, and the segment's last step; written with the next `write`."""
+        """One step's cost (STEP_KEYS, summed; peak_memory_gb, the maximum) added to the run's, and
+        the segment's last step; written with the next `write`."""
         record = self.read()
-        for key in (*COST_KEYS, *PHASE_KEYS):
-            record["cost"][key] = record["cost"].get(key, 0) + cost[key]  # .get: a run begun before the key existed
+        for key in STEP_KEYS:
+            self.add_seconds(key, cost[key])
         record["cost"]["peak_memory_gb"] = max(record["cost"]["peak_memory_gb"], cost["peak_memory_gb"])
         record["segments"][-1]["last_step"] = step
 
     def add_seconds(self, key: str, seconds: float) -> None:
+        """Adds to one cost key (a phase's seconds, or tokens), written with the next `write`."""
         cost = self.read()["cost"]
-        cost[key] = cost.get(key, 0) + seconds
+        cost[key] = cost.get(key, 0) + seconds  # .get: a run begun before the key existed
+        self.segment_cost[key] = self.segment_cost.get(key, 0) + seconds
 
     def end_segment(self, exit_status: str) -> None:
         record = self.read()

@@ -58,9 +58,13 @@ class RunRecorder:
             self.run_json.add_step(step, cost)
 
     def add_seconds(self, key: str, seconds: float) -> None:
-        """Seconds spent writing (`checkpoint_seconds`, `export_seconds`), added to run.json's cost."""
+        """A phase's seconds outside the steps (`provenance.PHASE_KEYS`), added to run.json's cost."""
         if self.main:
             self.run_json.add_seconds(key, seconds)
+
+    def segment_seconds(self, key: str) -> float:
+        """What this segment has added to one of run.json's cost keys (0 on the other processes)."""
+        return self.run_json.segment_cost.get(key, 0.0)
 
     def write_provenance(self) -> None:
         if self.main:

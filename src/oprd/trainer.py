@@ -5,6 +5,7 @@ same tokens (no grad, no LM head, only as deep as the loss needs) -> L = L_OPD +
 micro-batches -> one AdamW step -> metrics, checkpoint.
 
     train(cfg)
+      held_run_dir            the run folder's lock, held until the run ends
       set_up_run              run folder, models, prompts, loss plan, optimizer, resumed state
       check_before_training   the pre-flight alignment check (OPRD) and the step-0 validation
       every step:
@@ -29,7 +30,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from oprd.config import VALIDATION_METRICS, ConfigError, TrainConfig, read_run_c
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
 from oprd.evaluation.harness import evaluate
-from oprd.files import check_output_dir, open_output_dir, remove_leftovers
+from oprd.files import FolderInUse, check_output_dir, held_folder, open_output_dir, remove_leftovers
 from oprd.gates import Gate, parse_gate
 from oprd.models import DTYPES, check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
 from oprd.objective import LossPlan, Term, combined_loss
@@ -87,35 +88,61 @@ class Run:
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Runs on-policy distillation as configured; returns the run folder (final model in final/)."""
     hf_logging.disable_progress_bar()  # our progress bar is the one that matters
-    run = set_up_run(cfg, console)
-    try:
-        check_before_training(run)
-        with run.recorder.progress(cfg.max_steps, run.start_step) as advance:
-            for step in range(run.start_step + 1, cfg.max_steps + 1):
-                timings: dict[str, float] = {}
-                started = time.perf_counter()
-                batch = sample(run, step, timings)
-                metrics = update(run, batch, step, timings)
-                advance(step, _live(record(run, step, batch, metrics, timings, started)))
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                    save(run, step)
-        folder = finish(run)
-    except BaseException as error:  # run.json says how the segment ended, whatever ended it
-        run.recorder.end_provenance("interrupted" if isinstance(error, KeyboardInterrupt)
-                                    else f"failed: {type(error).__name__}")
-        raise
-    run.recorder.end_provenance("completed")
+    started = time.perf_counter()  # run.json's cost counts the segment's wall time from here
+    with held_run_dir(cfg, console):
+        run = set_up_run(cfg, console, started)
+        try:
+            check_before_training(run)
+            run.recorder.add_seconds("setup_seconds", time.perf_counter() - started
+                                     - run.recorder.segment_seconds("validation_seconds"))
+            with run.recorder.progress(cfg.max_steps, run.start_step) as advance:
+                for step in range(run.start_step + 1, cfg.max_steps + 1):
+                    timings: dict[str, float] = {}
+                    started = time.perf_counter()
+                    batch = sample(run, step, timings)
+                    metrics = update(run, batch, step, timings)
+                    advance(step, _live(record(run, step, batch, metrics, timings, started)))
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                        save(run, step)
+            folder = finish(run)
+        except BaseException as error:  # run.json says how the segment ended, whatever ended it
+            run.recorder.end_provenance("interrupted" if isinstance(error, KeyboardInterrupt)
+                                        else f"failed: {type(error).__name__}")
+            raise
+        run.recorder.end_provenance("completed")
     return folder
 
 
 # --------------------------------------------------------------------------- set up
 
 
-def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
+@contextmanager
+def held_run_dir(cfg: TrainConfig, console: Console | None) -> Iterator[None]:
+    """One run per folder: the main process holds output_dir's lock (`files.held_folder`) for the
+    whole job, from before the folder is checked until the run ends; refused, every process stops
+    before touching anything."""
+    world, _ = distributed.init(cfg.device)
+    run_dir = Path(cfg.output_dir)
+    with ExitStack() as held:
+        refusal = None
+        if world.main:
+            try:
+                held.enter_context(held_folder(run_dir, warn=RunRecorder(run_dir, console).warn))
+            except FolderInUse as error:
+                refusal = str(error)
+        refusal = world.broadcast(refusal)
+        if refusal:
+            raise FolderInUse(refusal)
+        yield
+
+
+def set_up_run(cfg: TrainConfig, console: Console | None, started: float | None = None) -> Run:
     """The run folder, both models, the prompts and everything the loop reads; the state of the
     checkpoint to resume from. Every check runs before the run folder changes: tokenizers, configs
     and the pairing before any weights load, then the weights, the bridge and the checkpoint. A run
-    that fails them leaves the folder as it was."""
+    that fails them leaves the folder as it was. `started`: when the command began (run.json's
+    wall time counts from it; by default, now)."""
+    started = time.perf_counter() if started is None else started
     run_dir = Path(cfg.output_dir)
     world, device = distributed.init(cfg.device)
     require(cfg.rollout.prompts_per_step % world.size == 0,
@@ -165,7 +192,8 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
         start_step = state["step"]
         stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"],
                               shuffle=cfg.data.shuffle)
-    validation = make_validation(cfg, rollout, student_tok, world)  # reads the benchmarks: a bad name fails here
+    # reads the benchmarks: a bad name fails here
+    validation = make_validation(cfg, rollout, student_tok, world, recorder.warn)
 
     # Every check has passed: only now does the run folder change, by the main process alone (another
     # one clearing "leftovers" would delete the temporary file of a write the main one has under way).
@@ -177,6 +205,7 @@ def set_up_run(cfg: TrainConfig, console: Console | None) -> Run:
     world.barrier()
     recorder.start_segment(cfg, start_step, resume_from)
     recorder.start_provenance(seed=cfg.seed, device=device, world_size=world.size, first_step=start_step,
+                              started=started,
                               models=lambda: provenance_models(cfg, sources, student_tok, teacher_toks),
                               data=lambda: data_record(cfg.data.path, len(prompts)))
     gates = [parse_gate(text) for text in cfg.gates]
@@ -307,8 +336,10 @@ def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRe
     """The training prompts as the student reads them, and as the teacher reads them when its
     tokenizer differs (its own chat template) or it reads a privileged prompt (teacher.prompt_template);
     with the route of each (teachers.route_by); prompts over data.max_prompt_tokens are left out."""
+    privileged = cfg.teacher.prompt_template or ""
     problems = load_problems(cfg.data.path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
-                             split=cfg.data.split, limit=cfg.data.limit)
+                             split=cfg.data.split, limit=cfg.data.limit, need_answers="{answer" in privileged,
+                             warn=recorder.warn)
     cross_tokenizer = student_tok.get_vocab() != teacher_tok.get_vocab()  # allowed with a bridge only
     prompts = PromptSet.render(problems, student_tok, teacher_tok if cross_tokenizer else None,
                                use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking,
@@ -418,8 +449,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer,
-                    world: World) -> Callable[[int], dict[str, float]] | None:
+def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer, world: World,
+                    warn: Callable[[str], object]) -> Callable[[int], dict[str, float]] | None:
     """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None. Each
     process samples its share of the problems and every process gets the whole result.
 
@@ -430,7 +461,8 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer,
     """
     if not cfg.eval_every:
         return None
-    benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit) for name in cfg.eval_benchmarks}
+    benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit, need_answers=True, warn=warn)
+                  for name in cfg.eval_benchmarks}
     params = SamplingParams(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                             max_new_tokens=cfg.eval_max_new_tokens, n=cfg.eval_samples)
     reported = [metric.format(k=cfg.eval_samples) for metric in VALIDATION_METRICS]
@@ -471,6 +503,7 @@ def check_before_training(run: Run) -> None:
             if warning:
                 run.recorder.warn(warning if single else f"teacher {teacher.name}: {warning}")
     if run.validation:
+        started = time.perf_counter()
         start = run.validation(0)
         run.recorder.log(0, start)
         if run.gates:
@@ -478,6 +511,7 @@ def check_before_training(run: Run) -> None:
             if any(gate.base == "teacher" for gate in run.gates):
                 run.recorder.set_gate_baseline("teacher", teacher_validation(run))
             run.recorder.judge_gates(run.gates, 0, start, final=False)
+        run.recorder.add_seconds("validation_seconds", time.perf_counter() - started)
 
 
 def teacher_validation(run: Run) -> dict[str, float]:
@@ -487,7 +521,8 @@ def teacher_validation(run: Run) -> dict[str, float]:
     teacher = distributed.load_model(source.spec, run.device, run.world, shard_it=source.shard).eval()
     tokenizer = load_tokenizer(source.spec)
     run.recorder.say(f"measuring the teacher ({source.spec.model}) on the validation benchmarks, for the gates")
-    measured = make_validation(run.cfg, HFRollout.for_model(teacher, tokenizer), tokenizer, run.world)(0)
+    measured = make_validation(run.cfg, HFRollout.for_model(teacher, tokenizer), tokenizer, run.world,
+                               run.recorder.warn)(0)
     del teacher
     return measured
 
@@ -622,24 +657,31 @@ def _summed(per_teacher: list[dict]) -> dict:
 
 def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], timings: dict[str, float],
            started: float) -> dict[str, float]:
-    """The step's line of metrics.jsonl: the update's metrics, the rollouts', the phases' times and,
-    every eval_every steps and at the last, the validation."""
-    line = {**metrics, **rollout_metrics(batch, run.world, run.device), **time_metrics(timings, started, run.device)}
-    line.update(cost_metrics(run, batch, line["time/step_s"]))
-    run.recorder.add_cost(step, {**{key.removeprefix("cost/"): line[key] for key in COST_METRICS},
-                                 "rollout_seconds": line["time/rollout_s"], "teacher_seconds": line["time/teacher_s"],
-                                 "weight_sync_seconds": line["time/weight_sync_s"],
-                                 "update_seconds": line["time/update_s"], "peak_memory_gb": line["memory/peak_gb"]})
+    """The step's line of metrics.jsonl: the update's metrics, the rollouts', (every eval_every steps
+    and at the last) the validation, and the phases' times, the step's whole wall time among them."""
+    recording = time.perf_counter()
+    line = {**metrics, **rollout_metrics(batch, run.world, run.device)}
     if run.validation and (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
-        line.update(run.validation(step))
-        run.recorder.judge_gates(run.gates, step, line, final=step == run.cfg.max_steps)
+        with timed(timings, "validation"):
+            line.update(run.validation(step))
+            run.recorder.judge_gates(run.gates, step, line, final=step == run.cfg.max_steps)
         if run.cfg.keep_best:
-            keep_best(run, step, line[run.cfg.keep_best])
+            with timed(timings, "best"):
+                keep_best(run, step, line[run.cfg.keep_best])
+    line.update(time_metrics(timings, started, run.device))
+    line.update(cost_metrics(run, batch, line["time/step_s"]))
+    run.recorder.add_cost(step, {"sampled_tokens": line["cost/sampled_tokens"],
+                                 "teacher_tokens": line["cost/teacher_tokens"],
+                                 **{f"{phase}_seconds": line[f"time/{phase}_s"] for phase in STEP_PHASES},
+                                 "peak_memory_gb": line["memory/peak_gb"]})
     run.recorder.log(step, line)
+    run.recorder.add_seconds("export_seconds", timings.get("best", 0.0))
+    run.recorder.add_seconds("record_seconds", time.perf_counter() - recording - timings.get("validation", 0.0)
+                             - timings.get("best", 0.0))
     return line
 
 
-COST_METRICS = ("cost/sampled_tokens", "cost/teacher_tokens", "cost/wall_seconds", "cost/device_hours")
+STEP_PHASES = ("rollout", "teacher", "weight_sync", "update", "validation")  # each a time/<phase>_s metric
 
 
 def cost_metrics(run: Run, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
@@ -696,6 +738,7 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
         "time/teacher_s": timings.get("teacher", 0.0),
         "time/weight_sync_s": timings.get("weight_sync", 0.0),
         "time/update_s": timings["update"] - timings.get("teacher", 0.0) - timings.get("weight_sync", 0.0),
+        "time/validation_s": timings.get("validation", 0.0),
         "time/step_s": time.perf_counter() - step_started,
     }
     if device.type == "cuda":
@@ -707,10 +750,12 @@ def save(run: Run, step: int) -> None:
     """A resumable checkpoint: weights, optimizer, scheduler, RNG, the prompt stream's position (and
     the EMA teacher)."""
     started = time.perf_counter()
-    checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
-                               run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
-                               world=run.world, ema_teacher=run.ema_teacher)
-    run.recorder.add_seconds("checkpoint_seconds", time.perf_counter() - started)
+    try:
+        checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
+                                   run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
+                                   world=run.world, ema_teacher=run.ema_teacher)
+    finally:  # spent even when the write fails
+        run.recorder.add_seconds("checkpoint_seconds", time.perf_counter() - started)
     run.recorder.write_provenance()  # run.json's cost up to the checkpoint a resume continues from
 
 

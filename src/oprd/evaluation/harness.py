@@ -26,6 +26,7 @@ from oprd.distributed import ONE_PROCESS, World
 from oprd.evaluation.grading import GRADE_TIMEOUT_S, grade
 from oprd.evaluation.metrics import GradedSample, summarize
 from oprd.evaluation.reports import append_samples, prepare_report_dir, print_tables, write_report
+from oprd.files import holding_out
 from oprd.models import ModelSpec, check_source, load_model, load_tokenizer, resolve_device
 from oprd.rollout import HFRollout, Rollout, SamplingParams, kv_cache_budget, seeded
 
@@ -161,6 +162,7 @@ class EvalSettings:
                              "--no-chat-template turns the template off: drop one of them")
 
 
+@holding_out
 def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
     """Evaluates every model on every benchmark and writes the report; returns the summary (also
     summary.json)."""
@@ -169,7 +171,8 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> dict:
         check_source(model, "model")
     out = prepare_report_dir(s.out, s.overwrite)
     data = {
-        benchmark_label(b): load_problems(b, prompt_key=s.prompt_key, answer_key=s.answer_key, limit=s.limit)
+        benchmark_label(b): load_problems(b, prompt_key=s.prompt_key, answer_key=s.answer_key, limit=s.limit,
+                                          need_answers=True, warn=(console or Console(stderr=True)).print)
         for b in s.benchmarks
     }
     device = resolve_device(s.device)
@@ -236,12 +239,14 @@ class GradeSettings:
     timeout_s: float = GRADE_TIMEOUT_S
 
 
+@holding_out
 def grade_responses_file(settings: GradeSettings, console: Console | None = None) -> dict:
     """Grades responses sampled elsewhere (e.g. by vLLM) against the benchmark and writes the same
     report as `run_eval`."""
     s = settings
     out = prepare_report_dir(s.out, s.overwrite)
-    problems = load_problems(s.data, prompt_key=s.prompt_key, answer_key=s.answer_key)
+    problems = load_problems(s.data, prompt_key=s.prompt_key, answer_key=s.answer_key, need_answers=True,
+                             warn=(console or Console(stderr=True)).print)
     responses = read_responses(s.responses)
     unknown = [i for i in responses if not 0 <= i < len(problems)]
     if unknown:

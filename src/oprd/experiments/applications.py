@@ -48,7 +48,7 @@ from oprd.experiments.demo import (
     software_versions,
     start_demo,
 )
-from oprd.files import write_dir_atomically
+from oprd.files import holding_out, write_dir_atomically
 from oprd.models import ModelSpec, load_model
 
 PRIVILEGED = "{prompt} The answer is {answer}."  # what the self-teacher reads and the student does not
@@ -179,6 +179,7 @@ def _summary(values: list[float]) -> dict:
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+@holding_out
 def run_applications(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs (a) and (b) for every seed; returns applications_results.json's content."""
     start = start_demo(s, console, APPLICATION_FILES)

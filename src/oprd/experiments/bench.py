@@ -46,7 +46,7 @@ from oprd.capture import capture_hidden, model_inputs, response_positions
 from oprd.config import OPDConfig, OPRDConfig
 from oprd.display import markdown_table
 from oprd.experiments.measure import release_memory, reset_peak_rss, return_big_blocks_to_kernel, rss_bytes
-from oprd.files import prepare_output_dir
+from oprd.files import holding_out, prepare_output_dir
 from oprd.losses import default_chunk_rows, layer_map
 from oprd.models import resolve_device, resolve_dtype
 from oprd.objective import LossPlan, distillation_loss
@@ -542,6 +542,7 @@ class BenchSettings:
         return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype, self.autocast)
 
 
+@holding_out
 def run_bench(settings: BenchSettings, progress=None) -> dict:
     """Measures every method at every sequence length; writes bench.json, bench.md, bench.png."""
     s = settings
@@ -601,6 +602,7 @@ class RolloutBenchSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
+@holding_out
 def run_rollout_bench(s: RolloutBenchSettings, progress=None) -> dict:
     """Samples the same prompts with each backend after one warm-up call; writes rollout.json and
     rollout.md. Tokens are response tokens (EOS included); time is the wall clock of one call."""

@@ -53,6 +53,7 @@ from oprd.experiments.demo import (
     software_versions,
     start_demo,
 )
+from oprd.files import holding_out
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 PAPER_RANK = {"cross_arch": 8, "cross_tokenizer": 4, "cross_init": 8}  # Tables 4-6; cross_init takes r = 8 too
@@ -187,6 +188,7 @@ def tune(world: toy.World, teachers: dict[str, Path], bridges: Bridges, s: DemoS
             "grid": {"lr": list(LEARNING_RATES)}, "software": toy.software(), "methods": tuned}
 
 
+@holding_out
 def run_bridge_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the three pairs; returns bridge_results.json's content."""
     start = start_demo(s, console, BRIDGE_DEMO_FILES)

@@ -62,7 +62,7 @@ from oprd.display import markdown_table, print_table, progress_bar
 from oprd.evaluation.harness import evaluate
 from oprd.experiments import theorem1, toy
 from oprd.experiments.measure import PeakRSS
-from oprd.files import check_output_dir, open_output_dir, prepare_output_dir, write_text_atomically
+from oprd.files import check_output_dir, holding_out, open_output_dir, prepare_output_dir, write_text_atomically
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams
 from oprd.run_report import plot_lines
@@ -413,6 +413,7 @@ def chosen_settings(tuning: dict, method: str, made_by: str) -> MethodSettings:
 # --------------------------------------------------------------------------- the demo
 
 
+@holding_out
 def run_world_only(s: DemoSettings, console: Console | None = None) -> dict:
     """`oprd demo --world-only`: builds (or loads) the toy world; writes out/world.json."""
     console = console or Console(stderr=True)
@@ -463,6 +464,7 @@ def start_demo(s: DemoSettings, console: Console | None, files: tuple[str, ...])
     return DemoStart(console, out, progress, world, started, time.perf_counter() - started)
 
 
+@holding_out
 def run_demo(s: DemoSettings, console: Console | None = None) -> dict:
     """Runs the whole demo; returns results.json's content."""
     start = start_demo(s, console, DEMO_FILES)
