@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from oprd.files import held_folder, lock_file
 from oprd.testing import kill_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,10 +105,17 @@ def test_killed_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
         assert launch.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.1)
-    assert len(kill_job(launch.pid)) >= 3  # the launcher and both workers
+    killed = kill_job(launch.pid)
+    assert len(killed) >= 3  # the launcher and both workers
     assert launch.wait(timeout=60) == -signal.SIGKILL  # the kill landed: the launcher did not exit on its own
     assert not (run_dir / "final").exists()
+    holder = json.loads(lock_file(run_dir).read_text())["pid"]
+    assert holder in killed and holder != launch.pid  # the main worker held the folder, and died holding it
 
+    with held_folder(run_dir, warn=lambda message: None):  # another command holds it now: every rank stops
+        refused = subprocess.run([*command, "resume=true"], env=ENV, capture_output=True, text=True,
+                                 timeout=LAUNCH_TIMEOUT_S)
+    assert refused.returncode != 0 and f"is in use by pid {os.getpid()}" in " ".join(refused.stderr.split())
     _run([*command, "resume=true"])
     got, want = _metrics(run_dir), _metrics(uninterrupted)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
