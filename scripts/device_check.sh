@@ -21,7 +21,8 @@
 # gets only the working tree: `bash scripts/device_check.sh prepare` copies the 25 MB there first).
 # DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 Q_LAYERS=1 Q_TOKENS=16 runs the same plumbing on a CPU in a few
 # minutes; tests/test_device_check.py also narrows RECIPES (the smoke recipes run), TINY_TOKENS,
-# BENCH_REPEATS and the benches' methods (TINY_METHODS, R1_METHODS).
+# BENCH_REPEATS, the benches' methods (TINY_METHODS, R1_METHODS) and the objectives trained at
+# Qwen3-0.6B's shape (Q_OBJECTIVES).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
@@ -31,6 +32,7 @@ R1_LAYERS=${R1_LAYERS:-28}
 R1_TOKENS=${R1_TOKENS:-4096}
 Q_LAYERS=${Q_LAYERS:-28}
 RECIPES=${RECIPES:-oprd opd_sampled opd_topk opd_full oprd_plus_opd self_distillation multi_teacher}
+Q_OBJECTIVES=${Q_OBJECTIVES:-oprd opd_full}
 TINY_TOKENS=${TINY_TOKENS:-256}
 Q_TOKENS=${Q_TOKENS:-256}
 DATA=../shared/data
@@ -64,7 +66,7 @@ for role in student:0 teacher:1; do
   "$PY" -m oprd make-model qwen3-0.6b "$OUT/models/${role%:*}" --tokenizer "$DATA/tokenizers/qwen3" \
     --seed "${role#*:}" --layers "$Q_LAYERS" > "$OUT/make-${role%:*}.log" 2>&1
 done
-for objective in oprd opd_full; do
+for objective in $Q_OBJECTIVES; do
   "$PY" -m oprd train recipes/rehearsal/qwen3_0.6b.yaml "output_dir=$OUT/qwen3-$objective" "device=$DEVICE" \
     "student.model=$OUT/models/student" "teacher.model=$OUT/models/teacher" "data.path=$DATA/dapo_math_17k.parquet" \
     "rollout.max_new_tokens=$Q_TOKENS" "$( [ $objective = oprd ] && echo oprd.coef=1.0 || echo opd.objective=full )" \
@@ -79,7 +81,7 @@ else
     | tee "$OUT/vllm-skipped.txt"
 fi
 
-"$PY" - "$OUT" "$RECIPES" <<'REPORT'
+"$PY" - "$OUT" "$RECIPES" "$Q_OBJECTIVES" <<'REPORT'
 import json, platform, sys
 from pathlib import Path
 
@@ -104,7 +106,7 @@ if colocated.is_file():
     losses = " ".join(f"{row['loss']:.4f}" for row in rows)
     lag = max(row["rollout/weight_version_lag"] for row in rows)
     print(f"| oprd_plus_opd through colocated vLLM: loss, weight-version lag | {losses}, lag {lag} | |")
-for objective in ("oprd", "opd_full"):
+for objective in sys.argv[3].split():
     rows = [json.loads(line) for line in (out / f"qwen3-{objective}" / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((out / "models" / "student" / "config.json").read_text())
     cells = (" ".join(f"{row['loss']:.4f}" for row in rows), " ".join(f"{row['time/step_s']:.1f}" for row in rows),

@@ -27,7 +27,7 @@ from oprd.shapes import SHAPES, shape_config
 @pytest.mark.slow
 def test_tiny_bench_writes_every_method(tmp_path):
     out = tmp_path / "bench"
-    methods = ["floor", "oprd", "trl"]  # each in fresh processes per length; every method's update: the next test
+    methods = ["floor", "trl"]  # each in fresh processes per length; every method's update: a test below
     result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--seq-lens", "16,32", "--repeats", "1",
                                       "--num-layers", "2", "--methods", ",".join(methods), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -43,7 +43,7 @@ def test_tiny_bench_writes_every_method(tmp_path):
     assert set(report["sweep_fit"]) == set(methods)
     assert "projection" in report  # 2 of the preset's 4 layers
     assert (out / "bench.png").stat().st_size > 0
-    assert "| oprd |" in (out / "bench.md").read_text()
+    assert "| trl |" in (out / "bench.md").read_text()
     assert report["trl_version"] == importlib.metadata.version("trl")  # the peer's loss path changes between releases
 
 

@@ -253,7 +253,7 @@ def reference_code_layer_map(ls: int, lt: int, dtype: torch.dtype) -> list[int]:
 def test_layer_map_departs_from_the_float_linspace_only_at_exact_ties(dtype, differing_pairs):
     """Over every (L_S, L_T) in 1..64 x 1..64, the float form picks another teacher layer in a few
     pairs, one student layer each, and only where Eq. 11 is an exact .5 tie that float error moved
-    off the tie; the paper's own pairs are never among them. README quotes these counts."""
+    off the tie; the paper's own pairs are never among them. docs/paper.md quotes these counts."""
     differing = []
     for ls in range(1, 65):
         for lt in range(1, 65):

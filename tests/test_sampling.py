@@ -120,7 +120,7 @@ def test_the_papers_evaluation_plans_its_generate_calls_within_the_budget():
     assert sequences == 10 and sequences * per_token * positions <= budget < (sequences + 1) * per_token * positions
     assert sequences_per_call(per_token, positions, 1, most=64) == 1  # never zero
     assert sequences_per_call(per_token, 10, budget, most=64) == 64  # short sequences: the sequence cap
-    # README's figure: R1-Distill-1.5B with the authors' 31,744 new tokens
+    # docs/evaluation.md's figure: R1-Distill-1.5B with the authors' 31,744 new tokens
     r1 = kv_cache_bytes_per_token(shape_config("r1-distill-1.5b"), torch.bfloat16)
     assert sequences_per_call(r1, 512 + 31_744, budget, most=64) == 21
     assert round(r1 * (512 + 31_744) / 2**30, 1) == 0.9  # GiB a sequence

@@ -39,7 +39,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`vllm serve` on a smoke model that is NOT the runs' student (another seed, and its head tied
-    to its embedding): only the weight syncs make it sample from the student. Started as README
+    to its embedding): only the weight syncs make it sample from the student. Started as docs/vllm.md
     says, holding its head apart (`tie_word_embeddings` false), so tied and untied students load."""
     folder = tmp_path_factory.mktemp("served") / "model"
     spec = ModelSpec(model=str(SMOKE / "tiny-qwen3-tied"), random_init=True, init_seed=5)

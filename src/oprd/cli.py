@@ -40,7 +40,7 @@ def _vllm_url(backend: str, url: str | None) -> str | None:
     if backend not in ("hf", "vllm"):
         raise ValueError(f"--backend must be hf or vllm, got {backend!r}")
     if backend == "vllm" and not url:
-        raise ValueError("--backend vllm needs --vllm-url (a server started as README's vLLM section shows)")
+        raise ValueError("--backend vllm needs --vllm-url (a server started as docs/vllm.md shows)")
     return url if backend == "vllm" else None
 
 

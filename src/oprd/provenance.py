@@ -33,7 +33,7 @@ from oprd.files import JsonFile
 RUN_JSON = "run.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SCHEMA_KEYS = ("oprd_version", "git_commit", "command", "seed", "versions", "devices", "segments", "models", "data",
-               "cost")  # the documented top-level keys (README: "Distillation as CI for models")
+               "cost")  # the documented top-level keys (docs/ci.md)
 SEGMENT_KEYS = ("start", "end", "exit_status", "first_step", "last_step")
 MODEL_KEYS = ("source", "revision", "weights_sha256", "tokenizer_sha256", "chat_template_sha256")
 COST_KEYS = ("sampled_tokens", "teacher_tokens", "wall_seconds", "device_hours")

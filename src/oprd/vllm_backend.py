@@ -161,8 +161,8 @@ class ServerRollout:
                     if path == "/collective_rpc" and error.code == 404 else "")
             raise VLLMError(f"the vLLM server at {self.url} refused {path}: HTTP {error.code} {detail}{hint}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            raise VLLMError(f"cannot reach a vLLM server at {self.url} ({error}): start one (README: vLLM "
-                            "rollouts) or fix rollout.vllm_url") from None
+            raise VLLMError(f"cannot reach a vLLM server at {self.url} ({error}): start one (docs/vllm.md) "
+                            "or fix rollout.vllm_url") from None
 
     def _get(self, path: str) -> dict:
         return self._request(path)
@@ -468,6 +468,6 @@ def _named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Param
     """Every name an engine loads weights by: a tied head under its own name as well as the
     embedding's. vLLM does not re-tie a tied head when weights are reloaded (its CPU build keeps the
     head it started with: measured, tests/test_vllm.py), so oprd's engines hold their own head
-    (`tie_word_embeddings` off: the colocated engine, and a server started as README says) and
+    (`tie_word_embeddings` off: the colocated engine, and a server started as docs/vllm.md says) and
     load it by this name."""
     return model.named_parameters(remove_duplicate=False)

@@ -27,7 +27,7 @@ Where this departs from the paper, and why:
   projected (`normalize_states`, `unit_rms`), as every block of a pre-norm transformer reads its
   input through RMSNorm: what the next block reads is the state's direction, not its norm. Raw
   intermediate states vary in norm across positions, so the paper's PCA on raw rows spends part of
-  its components on norm variation that the Stage 2 loss, a cosine, ignores (README: `oprd demo
+  its components on norm variation that the Stage 2 loss, a cosine, ignores (docs/bridge.md: `oprd demo
   --bridge` measures both). `normalize_states=False` is the paper's recipe as written.
 """
 

@@ -18,7 +18,7 @@ hand every block over 64 KiB straight back to the kernel, so RSS follows live te
 only after timed updates is not enough: glibc serves later requests from the free heap chunks those
 updates left behind (trimmed, but still in its bins) and keeps them resident once freed, so
 activations freed during backward would count again on top of the parameter gradients allocated
-after them (README gives the size at the target shape) for every method whose peak comes at the
+after them (docs/bench.md gives the size at the target shape) for every method whose peak comes at the
 end of backward (floor, oprd, the OPD methods) but not for one whose peak comes while those
 activations are still alive (trl).
 """

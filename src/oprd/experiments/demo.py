@@ -1,7 +1,7 @@
 """`oprd demo`: the paper's same-architecture experiment (Tables 2 and 3) in miniature, on a CPU.
 
     oprd demo --out runs/demo                          # the shipped world and settings, one seed
-    oprd demo --out runs/demo --seeds 3 --theorem1     # README's tables: three seeds, Theorem 1 measured
+    oprd demo --out runs/demo --seeds 3 --theorem1     # docs/demo.md's tables: three seeds, Theorem 1
     oprd demo --out runs/tune --tune                   # the equal-budget search that made tuned.json
     oprd demo --world-only --out runs/world            # the toy world alone: world.json
     oprd demo --world-only --rebuild-world --out w     # build the world here, compare with the shipped one
@@ -127,7 +127,7 @@ class DemoSettings:
     theorem1_batches: int = 16  # rollout batches per checkpoint in the gradient-variance measurement
     # torch CPU threads while training and measuring (a world is built on its own count). The toy's
     # models are too small to gain from a second thread: on 2 cores, 1 ran the demo 5% faster, with
-    # the same numbers (README).
+    # the same numbers (docs/demo.md).
     threads: int = 1
     tune: bool = False
     tuned: Path | None = None  # a tuned.json to use instead of the shipped one

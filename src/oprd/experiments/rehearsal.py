@@ -72,7 +72,7 @@ GIB = 2**30
 # The server's KV cache (VLLM_CPU_KVCACHE_SPACE): float32 at 28 blocks is 224 KiB a token, so it holds
 # 4,681 tokens: one sequence of the longest (2,304) or the step's 8 at the prompts' real lengths (~450).
 KV_CACHE_GIB = 1
-# Measured on a 24 GiB machine (README: Real shapes): Qwen3-0.6B's 28 blocks and 20 blocks ran out of
+# Measured on a 24 GiB machine (docs/real-shapes.md): Qwen3-0.6B's 28 blocks and 20 blocks ran out of
 # memory with the server beside the two training processes; 16 ran every training stage through.
 DEPTH_THAT_FITS_24_GIB = 16
 ROOM_FOR_FULL_DEPTH_GIB = 32
@@ -549,7 +549,7 @@ def measured_memory(stages: dict[str, Measured]) -> dict[str, str]:
 
 def depth_that_fits(shape: str) -> int | None:
     """The shape's own depth (None) on a machine with room for it, else the deepest depth measured
-    to fit beside the vLLM server in 24 GiB (README: Real shapes; 28 and 20 blocks ran out)."""
+    to fit beside the vLLM server in 24 GiB (docs/real-shapes.md; 28 and 20 blocks ran out)."""
     if psutil.virtual_memory().total >= ROOM_FOR_FULL_DEPTH_GIB * GIB:
         return None
     return min(DEPTH_THAT_FITS_24_GIB, shape_config(shape).num_hidden_layers)
@@ -569,7 +569,7 @@ def main() -> None:
     layers = args.layers
     if layers is None and (layers := depth_that_fits(args.shape)) is not None:
         console.print(f"{psutil.virtual_memory().total / GIB:.0f} GiB of memory: {args.shape} cut to {layers} blocks, "
-                      "the deepest that fits beside the vLLM server (README: Real shapes); --layers changes it")
+                      "the deepest that fits beside the vLLM server (docs/real-shapes.md); --layers changes it")
     console.print(rehearse(RehearsalSettings(out=args.out, vllm_python=args.vllm_python, shape=args.shape,
                                              layers=layers), console))
 
