@@ -1,15 +1,11 @@
 """Fixtures shared by several test modules."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import TINY
 
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams
-
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-TINY = str(SMOKE / "tiny-qwen3")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import SMOKE
 
 from oprd import distributed
 from oprd.config import load_config
@@ -25,7 +26,6 @@ from oprd.rollout import HFRollout, Sampler, SamplingParams
 from oprd.teachers import Routing, teacher_sources
 from oprd.trainer import Run, load_models, make_optimizer, update
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 OBJECTIVES = {  # name -> (recipe, overrides)
     "oprd_early_stop": ("oprd.yaml", ["oprd.layers=[1,2]", "oprd.positions=all"]),  # blocks 3-4 never run
     "opd_topk": ("opd_topk.yaml", ["opd.k=8"]),

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import SMOKE
 
 from oprd.config import ConfigError, TrainConfig, load_config
 from oprd.models import ModelSpec, load_model_config, load_tokenizer
@@ -10,7 +11,6 @@ from oprd.preflight import check_model_pairing
 from oprd.testing import tiny_config, train_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SMOKE = RECIPES / "smoke"
 
 
 def test_recipe_loads_and_overrides_apply():

@@ -10,17 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_metrics
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from oprd.files import held_folder, lock_file
 from oprd.testing import kill_job
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smoke" / "oprd_plus_opd.yaml"
 # The run that is killed, resumed and exported ties its LM head to the embeddings, as Qwen3-0.6B/1.7B/4B do.
 TIED = [f"{role}.model={ROOT / 'recipes' / 'smoke' / 'tiny-qwen3-tied'}" for role in ("student", "teacher")]
@@ -33,10 +32,6 @@ def _run(command, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, **kwargs)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +112,7 @@ def test_killed_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
                                  timeout=LAUNCH_TIMEOUT_S)
     assert refused.returncode != 0 and f"is in use by pid {os.getpid()}" in " ".join(refused.stderr.split())
     _run([*command, "resume=true"])
-    got, want = _metrics(run_dir), _metrics(uninterrupted)
+    got, want = run_metrics(run_dir), run_metrics(uninterrupted)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for row, reference in zip(got, want):
         for key in ("loss", "grad_norm", "lr", "response_length/mean", "rep/loss", "opd/loss"):

@@ -3,6 +3,7 @@ and `oprd eval grade FILE` on responses with known grades."""
 
 import io
 import json
+import os
 from math import comb
 from pathlib import Path
 from statistics import mean
@@ -315,3 +316,22 @@ def test_a_mistyped_benchmark_lists_the_shipped_ones(tmp_path):
     assert result.exit_code == 2
     output = " ".join(result.output.split())
     assert "shipped benchmark (aime24, aime25, aimo, amc23, math500)" in output and "did you mean aime25?" in output
+
+
+def test_an_out_folder_in_use_is_refused_before_anything_is_written(tmp_path):
+    """`oprd eval`, `oprd bench` and `oprd bridge sweep` hold their --out as `oprd train` holds its
+    output_dir: another command holding it stops them in one line naming the holder."""
+    from oprd.files import held_folder
+
+    out = tmp_path / "out"
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"index": 0, "response": "\\boxed{1}"}) + "\n")
+    commands = [["eval", "grade", str(responses), "--data", "aime24", "--out", str(out)],
+                ["bench", "--preset", "tiny", "--methods", "floor", "--out", str(out)],
+                ["bridge", "sweep", "--student", "s", "--teacher", "t", "--data", "aime24", "--out", str(out)]]
+    with held_folder(out):
+        for command in commands:
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2, (command, result.output)
+            assert f"{out} is in use by pid {os.getpid()}" in " ".join(result.output.split()), command
+    assert not out.exists()

@@ -6,7 +6,6 @@ run exactly.
 Each trial is one short training subprocess with a hard timeout, so a hung run fails the test
 instead of stalling CI. New kinds of fault belong here."""
 
-import json
 import os
 import random
 import shutil
@@ -17,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import SMOKE, run_metrics
 from safetensors.torch import load_file
 
 from oprd import checkpoint
 from oprd.files import lock_file
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 RECIPE = SMOKE / "oprd_plus_opd.yaml"
 OVERRIDES = ["max_steps=4", "save_every=2"]
 TRIAL_TIMEOUT_S = 180
@@ -58,10 +57,6 @@ checkpoint.write_dir_atomically, trainer.record = paused, slow_record
 trainer.train(load_config(sys.argv[1], sys.argv[4:]))
 """
 STEP_PAUSE_S = "1.0"  # 4 steps: a run that trains for at least 4 s
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _start(run_dir: Path, pause_in: str = "nothing", *extra: str, step_pause_s: str = "0",
@@ -106,7 +101,7 @@ def _resume(run_dir: Path, log: Path | None = None) -> Path:
 
 
 def _assert_same_run(got: Path, want: Path) -> None:
-    rows, expected = _metrics(got), _metrics(want)
+    rows, expected = run_metrics(got), run_metrics(want)
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
     for row, reference in zip(rows, expected):
         for key in ("loss", "grad_norm", "lr", "response_length/mean", "rep/loss", "opd/loss"):
@@ -148,7 +143,7 @@ def test_a_signal_at_a_random_moment(how, seed, tmp_path, uninterrupted):
     assert process.poll() is None  # still training: the signal lands mid-run
     _stop(process, how)
     assert process.returncode == -how  # the signal ended it, not the end of the run
-    assert not (run_dir / "final").exists() and len(_metrics(run_dir)) < 4
+    assert not (run_dir / "final").exists() and len(run_metrics(run_dir)) < 4
     for found in checkpoint.list_checkpoints(run_dir / "checkpoints"):
         checkpoint.check_complete(found)  # whatever was published is whole
     assert lock_file(run_dir).is_file()  # killed holding the folder: the next run takes its lock over

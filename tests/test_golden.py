@@ -18,14 +18,12 @@ once since: the smoke model went from 4 attention heads of 16 to 2 of 32 (vLLM's
 refuses a head size of 16)."""
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import SMOKE
 
 from oprd.config import load_config
 from oprd.trainer import train
-
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 
 GOLDEN = {  # recipe -> [(loss, grad_norm) at steps 1, 2, 3]
     "oprd": [(0.030914773233234882, 0.07305601984262466), (0.029006117954850197, 0.055224768817424774),

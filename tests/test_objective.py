@@ -1,10 +1,10 @@
 """oprd.objective: the trainer's fast path (chunked LM heads, truncated forwards, micro-batches)
 against the public loss functions on full Hugging Face outputs, values and gradients."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE, TINY
 from transformers import AutoModelForCausalLM
 
 from oprd import losses
@@ -12,9 +12,6 @@ from oprd.config import load_config
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.objective import LossPlan, distillation_loss
 from oprd.rollout import HFRollout, SamplingParams
-
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-TINY = str(SMOKE / "tiny-qwen3")
 
 
 def _plan(recipe: str, vocab: int) -> LossPlan:

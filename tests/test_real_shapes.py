@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from helpers import ROOT, run_metrics
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -42,7 +43,6 @@ from oprd.rollout import HFRollout, Sampler, SamplingParams, seeded
 from oprd.shapes import write_model_folder
 from oprd.testing import kill_job
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 TOKENIZERS = DATA / "tokenizers"
 QWEN3, O200K = TOKENIZERS / "qwen3", TOKENIZERS / "o200k"
@@ -240,10 +240,6 @@ def _recipe(folder: Path, student: Path, teacher: Path, **sections) -> Path:
     return path
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["sampled", "topk", "full", "oprd"])
 def test_train_at_real_width(folders, tmp_path, monkeypatch, objective):
@@ -270,7 +266,7 @@ def test_train_at_real_width(folders, tmp_path, monkeypatch, objective):
 
     assert [plan.vocab_size for plan in plans] == [QWEN3_TOKENS]
     assert largest and max(largest) < QWEN3_TOKENS
-    (row,) = _metrics(run_dir)
+    (row,) = run_metrics(run_dir)
     loss_key = "rep/loss" if objective == "oprd" else "opd/loss"
     assert row["step"] == 1 and row["response_length/mean"] > 0
     for key in ("loss", "grad_norm", loss_key):
@@ -425,7 +421,7 @@ def test_killed_at_real_width_and_resumed_equals_uninterrupted(folders, sharded_
     assert not (run_dir / "final").exists()
 
     _launch([*command, "resume=true"])
-    got, want = _metrics(run_dir), _metrics(uninterrupted)
+    got, want = run_metrics(run_dir), run_metrics(uninterrupted)
     assert [r["step"] for r in want] == [1, 2]
     assert [r["step"] for r in got] == [1, 2]  # step 2 after the resume: AdamW's restored state at work
     for row, reference in zip(got, want):

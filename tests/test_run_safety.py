@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE, run_metrics
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -18,15 +19,9 @@ from oprd.config import ConfigError, load_config, read_run_config
 from oprd.files import DiskFullError
 from oprd.trainer import lr_lambda, train
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-
 
 def _cfg(tmp_path, *overrides, recipe="oprd.yaml", name="run"):
     return load_config(SMOKE / recipe, [f"output_dir={tmp_path / name}", *overrides])
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +65,13 @@ def test_overwrite_happens_only_after_every_check(run_copy):
         train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_copy}", "overwrite=true",
                                                 "data.path=no-such.parquet"]))
     assert sorted(p.name for p in run_copy.iterdir()) == before
-    assert len(_metrics(run_copy)) == 2
+    assert len(run_metrics(run_copy)) == 2
 
 
 def test_overwrite_replaces_an_earlier_run(run_copy):
     train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_copy}", "overwrite=true", "max_steps=1",
                                             "save_every=0"]))
-    assert [r["step"] for r in _metrics(run_copy)] == [1]
+    assert [r["step"] for r in run_metrics(run_copy)] == [1]
     assert not (run_copy / "checkpoints").exists()
 
 
@@ -176,7 +171,7 @@ def test_resume_with_allowed_changes_keeps_every_segment_and_applies_them(run_co
     assert read_run_config(segments[0]).optim.lr == 1e-3 and read_run_config(segments[1]).optim.lr == 2e-3
     assert read_run_config(run / "config.yaml").optim.lr == 2e-3
     assert "from step 3, resumed from" in segments[1].read_text().splitlines()[0]
-    rows = _metrics(run)
+    rows = run_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # steps 1-2 ran the old schedule (lr 1e-3, cosine over 2 steps), step 3 the new one (2e-3 over 3 steps)
     old, new = load_config(segments[0]), load_config(segments[1])
@@ -186,13 +181,13 @@ def test_resume_with_allowed_changes_keeps_every_segment_and_applies_them(run_co
 def test_resume_may_change_what_does_not_alter_training(run_copy):
     import shutil
 
-    before = _metrics(run_copy)
+    before = run_metrics(run_copy)
     shutil.rmtree(checkpoint.list_checkpoints(run_copy / "checkpoints")[-1])  # so that step 2 trains again
     _resume(run_copy, "keep_checkpoints=5", "eval_every=0", "optim.micro_batch_size=1")
     segment = sorted((run_copy / "configs").glob("segment-*.yaml"))[-1]
     assert segment.name == "segment-002.yaml" and "from step 2, resumed from" in segment.read_text().splitlines()[0]
     assert read_run_config(segment).optim.micro_batch_size == 1
-    after = _metrics(run_copy)  # micro-batches change memory, never the gradient
+    after = run_metrics(run_copy)  # micro-batches change memory, never the gradient
     assert [r["step"] for r in after] == [1, 2]
     for key in ("loss", "grad_norm"):
         assert after[1][key] == pytest.approx(before[1][key], rel=1e-5), key
@@ -214,7 +209,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(run_copy):
     train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_copy}", "max_steps=2", "save_every=1",
                                             "keep_checkpoints=3", "resume=true"]), console=Console(file=log))
     assert "dropped its last line" in log.getvalue()
-    assert [r["step"] for r in _metrics(run_copy)] == [1, 2]
+    assert [r["step"] for r in run_metrics(run_copy)] == [1, 2]
 
 
 def test_a_bad_metrics_line_inside_the_file_is_named(run_copy):
@@ -282,7 +277,7 @@ def test_resume_from_chooses_an_older_checkpoint(run_copy):
     older = checkpoint.list_checkpoints(run_copy / "checkpoints")[0]
     _damage(checkpoint.list_checkpoints(run_copy / "checkpoints")[-1], "random rng")
     run = _resume(run_copy, f"resume_from={older}")
-    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    assert [r["step"] for r in run_metrics(run)] == [1, 2]
 
 
 # --------------------------------------------------------------------------- non-finite numbers, a full disk

@@ -2,9 +2,9 @@
 best/ (keep_best), the model card, and `oprd report` / `oprd compare`."""
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import SMOKE, TINY, run_metrics
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -17,15 +17,9 @@ from oprd.provenance import COST_KEYS, MODEL_KEYS, PHASE_KEYS, SCHEMA_KEYS, SEGM
 from oprd.run_report import comparison_series, report_series
 from oprd.trainer import train
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-TINY = str(SMOKE / "tiny-qwen3")
 VALIDATION = ["eval_every=2", "eval_benchmarks=[aime24]", "eval_limit=2", "eval_samples=2", "eval_max_new_tokens=8"]
 AVG = "val/aime24/avg@2"
 LENGTH = "val/aime24/avg_len"
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # --------------------------------------------------------------------------- gates, parsed and judged
@@ -91,7 +85,7 @@ def gated_run(tmp_path_factory):
 @pytest.mark.slow
 def test_gates_json_judges_every_validation_and_oprd_gate_exits_by_the_verdict(gated_run, tmp_path):
     log = json.loads((gated_run / "gates.json").read_text())
-    rows = {r["step"]: r for r in _metrics(gated_run) if AVG in r}
+    rows = {r["step"]: r for r in run_metrics(gated_run) if AVG in r}
     assert [e["step"] for e in log["evaluations"]] == sorted(rows) == [0, 2, 4]
     assert log["baselines"]["start"][AVG] == rows[0][AVG]
     for evaluation in log["evaluations"]:
@@ -113,7 +107,7 @@ def test_gates_json_judges_every_validation_and_oprd_gate_exits_by_the_verdict(g
 
 @pytest.mark.slow
 def test_best_is_written_only_on_improvement_and_loads(gated_run):
-    values = [(r["step"], r[LENGTH]) for r in _metrics(gated_run) if LENGTH in r and r["step"] > 0]
+    values = [(r["step"], r[LENGTH]) for r in run_metrics(gated_run) if LENGTH in r and r["step"] > 0]
     best_step, best_value = values[0]
     for step, value in values[1:]:
         if value > best_value:
@@ -134,7 +128,7 @@ def test_best_is_rewritten_only_when_the_metric_improves(tmp_path, monkeypatch):
     train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_dir}", "max_steps=6", "save_every=0",
                                            *VALIDATION[1:], "eval_every=1", f"keep_best={LENGTH}",
                                            "keep_best_mode=min"]))
-    values = [r[LENGTH] for r in _metrics(run_dir) if LENGTH in r and r["step"] > 0]
+    values = [r[LENGTH] for r in run_metrics(run_dir) if LENGTH in r and r["step"] > 0]
     improvements = [v for i, v in enumerate(values) if i == 0 or v < min(values[:i])]
     assert [best for name, best in written if name == "best"] == improvements
 
@@ -154,7 +148,7 @@ def test_run_json_follows_its_schema_and_sums_the_steps_cost(gated_run):
         assert set(MODEL_KEYS) <= model.keys()
         assert model["weights_sha256"] is None and model["random_init_seed"] in (0, 1)  # built from a config
     assert record["data"]["rows"] == 64 and len(record["data"]["sha256"]) == 64
-    rows = [r for r in _metrics(gated_run) if "loss" in r]
+    rows = [r for r in run_metrics(gated_run) if "loss" in r]
     cost = record["cost"]
     assert set(COST_KEYS) <= cost.keys()
     for key in ("sampled_tokens", "teacher_tokens"):
@@ -192,7 +186,7 @@ def test_a_resumed_run_appends_its_segment(tmp_path, monkeypatch):
     first, second = record["segments"]
     assert (first["exit_status"], first["first_step"], first["last_step"]) == ("interrupted", 1, 1)
     assert (second["exit_status"], second["first_step"], second["last_step"]) == ("completed", 2, 3)
-    rows = [r for r in _metrics(run_dir) if "loss" in r]
+    rows = [r for r in run_metrics(run_dir) if "loss" in r]
     # a step recomputed after a crash would count again (its cost was spent); here the crash came after a checkpoint
     assert record["cost"]["sampled_tokens"] == pytest.approx(sum(r["cost/sampled_tokens"] for r in rows))
     _assert_phases_make_up_the_wall_time(record["cost"])  # both segments', the interrupted one's included
@@ -233,7 +227,7 @@ def test_report_and_compare_draw_the_runs_series(gated_run, tmp_path):
                                            *VALIDATION]))
     assert CliRunner().invoke(app, ["report", str(gated_run)]).exit_code == 0
     series = report_series(gated_run)
-    rows = _metrics(gated_run)
+    rows = run_metrics(gated_run)
     assert series["loss"]["loss"] == [(r["step"], r["loss"]) for r in rows if "loss" in r]
     assert series["validation"][AVG] == [(r["step"], r[AVG]) for r in rows if AVG in r]
     assert series["device_hours"]["cost/device_hours (cumulative)"][-1][1] == pytest.approx(

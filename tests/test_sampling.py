@@ -5,10 +5,10 @@ weights without it."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from oprd.config import load_config
@@ -16,8 +16,6 @@ from oprd.distributed import ONE_PROCESS
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import HFRollout, SamplingParams, make_rollout, seeded
 from oprd.trainer import compute_dtype, train
-
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
 
 # What a published generation_config.json may carry that would move a sample away from the
 # student's own distribution.

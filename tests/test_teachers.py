@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE, TINY, run_metrics
 
 from oprd import checkpoint, distributed, models
 from oprd.alignment import paired_states, positions_with_partner, with_teacher_prompts
@@ -18,13 +19,7 @@ from oprd.teachers import update_ema
 from oprd.testing import tiny_config
 from oprd.trainer import cost_metrics, sample, set_up_run, train, update
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-TINY = str(SMOKE / "tiny-qwen3")
 CPU = torch.device("cpu")
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _self_config(tmp_path: Path, *overrides: str):
@@ -101,7 +96,7 @@ def test_a_template_naming_a_missing_column_fails_before_training(tmp_path):
 def test_self_teacher_reading_the_students_own_prompt_gives_zero_oprd_loss_at_step_1(mode, tmp_path):
     run_dir = train(_self_config(tmp_path, "teacher.prompt_template=null", f"teacher.self_mode={mode}",
                                  "max_steps=1"))
-    (first,) = _metrics(run_dir)
+    (first,) = run_metrics(run_dir)
     assert abs(first["rep/loss"]) < 1e-6 and first["rep/cosine_similarity"] == pytest.approx(1.0, abs=1e-6)
     memory = json.loads((run_dir / "teachers.json").read_text())["self"]
     student_bytes = sum(p.numel() * 4 for p in load_model(ModelSpec(model=TINY, random_init=True), CPU).parameters())
@@ -126,7 +121,7 @@ def test_a_frozen_self_teacher_is_held_and_computed_as_the_student_is(precision,
     monkeypatch.setattr(distributed, "resolve_dtype", gpu_rule)
     run_dir = train(_self_config(tmp_path, "teacher.prompt_template=null", "teacher.self_mode=frozen",
                                  "max_steps=1", f"optim.precision={precision}"))
-    (first,) = _metrics(run_dir)
+    (first,) = run_metrics(run_dir)
     assert first["rep/loss"] == 0 and first["rep/cosine_similarity"] == pytest.approx(1.0, abs=1e-6)
     memory = json.loads((run_dir / "teachers.json").read_text())["self"]
     assert memory["bytes"] == 4 * memory["parameters"] > 0  # float32, as the student's master weights
@@ -137,15 +132,15 @@ def test_self_distillation_works_with_opd_and_the_sum(objective, tmp_path):
     """OPD against the self-teacher: zero at step 1 without the privileged prompt (the same
     distributions), and not with it (the answer changes the teacher's next-token distribution)."""
     common = [f"opd.objective={objective}", "oprd.coef=1.0", "max_steps=1"]
-    (plain,) = _metrics(train(_self_config(tmp_path / "plain", "teacher.prompt_template=null", *common)))
+    (plain,) = run_metrics(train(_self_config(tmp_path / "plain", "teacher.prompt_template=null", *common)))
     assert abs(plain["opd/loss"]) < 1e-6 and abs(plain["rep/loss"]) < 1e-6
-    (privileged,) = _metrics(train(_self_config(tmp_path / "privileged", *common)))
+    (privileged,) = run_metrics(train(_self_config(tmp_path / "privileged", *common)))
     assert privileged["opd/kl_estimate"] != 0 and privileged["rep/loss"] > 0
 
 
 def test_the_privileged_prompt_moves_the_teacher_away_from_the_student(tmp_path):
     run_dir = train(_self_config(tmp_path, "max_steps=1"))
-    assert _metrics(run_dir)[0]["rep/loss"] > 1e-4
+    assert run_metrics(run_dir)[0]["rep/loss"] > 1e-4
 
 
 def test_ema_update_is_the_moving_average():
@@ -186,7 +181,7 @@ def test_ema_teacher_follows_the_student_and_resumes_exactly(tmp_path, monkeypat
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert (tmp_path / "c" / "checkpoints" / "step_000002" / checkpoint.EMA_TEACHER).is_file()
     train(dataclasses.replace(crashed, resume=True))
-    for want, got in zip(_metrics(straight), _metrics(tmp_path / "c"), strict=True):
+    for want, got in zip(run_metrics(straight), run_metrics(tmp_path / "c"), strict=True):
         assert got["rep/loss"] == pytest.approx(want["rep/loss"], rel=1e-6, abs=1e-9), want["step"]
 
 
@@ -274,7 +269,7 @@ def test_a_list_of_one_teacher_and_two_identical_averaged_teachers_train_as_the_
                                   teachers=TeachersConfig(members=members))
         validate(cfg)
         runs[name] = cfg
-    rows = {name: _metrics(train(cfg)) for name, cfg in runs.items()}
+    rows = {name: run_metrics(train(cfg)) for name, cfg in runs.items()}
     for name in ("one", "two"):
         for want, got in zip(rows["single"], rows[name], strict=True):
             for key in ("loss", "grad_norm", "rep/loss", "opd/loss", "rep/cosine_similarity"):

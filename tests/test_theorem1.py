@@ -1,18 +1,15 @@
 """Theorem 1's measurement: the gradient-moment estimator and the whole per-checkpoint statistic
 against a direct computation (stacked gradients from the public loss functions on full HF outputs)."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE, TINY
 
 from oprd import losses
 from oprd.data import load_problems
 from oprd.experiments import theorem1
 from oprd.models import ModelSpec, load_model, load_tokenizer
-
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-TINY = str(SMOKE / "tiny-qwen3")
 
 
 def test_gradient_moments_match_the_stacked_computation():

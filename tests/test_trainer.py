@@ -3,10 +3,10 @@ the pre-flight check."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE, TINY, run_metrics
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -21,14 +21,6 @@ from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import Sampler, SamplingParams
 from oprd.trainer import lr_lambda, make_validation, train, training_prompts
 
-SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke"
-TINY = str(SMOKE / "tiny-qwen3")
-
-
-def _read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -38,7 +30,7 @@ def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
     run_dir = tmp_path / recipe
     result = CliRunner().invoke(app, ["train", str(SMOKE / f"{recipe}.yaml"), f"output_dir={run_dir}"])
     assert result.exit_code == 0, result.output
-    rows = _read_metrics(run_dir)
+    rows = run_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/rollout_s", "time/teacher_s",
               "time/weight_sync_s", "time/update_s"}
@@ -70,7 +62,7 @@ def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
 def test_resume_after_crash_reproduces_uninterrupted_run(recipe, tmp_path, monkeypatch):
     overrides = ["max_steps=4", "save_every=2"]
     straight = train(load_config(SMOKE / f"{recipe}.yaml", [*overrides, f"output_dir={tmp_path / 'a'}"]))
-    expected = _read_metrics(straight)
+    expected = run_metrics(straight)
 
     real_save = checkpoint.save_checkpoint
 
@@ -83,11 +75,11 @@ def test_resume_after_crash_reproduces_uninterrupted_run(recipe, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train(load_config(SMOKE / f"{recipe}.yaml", [*overrides, f"output_dir={crashed_dir}"]))
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    assert [r["step"] for r in _read_metrics(crashed_dir)] == [1, 2]
+    assert [r["step"] for r in run_metrics(crashed_dir)] == [1, 2]
     assert not (crashed_dir / "final").exists()
 
     train(load_config(SMOKE / f"{recipe}.yaml", [*overrides, f"output_dir={crashed_dir}", "resume=true"]))
-    resumed = _read_metrics(crashed_dir)
+    resumed = run_metrics(crashed_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for want, got in zip(expected, resumed):
         for key in ("loss", "grad_norm", "lr", "response_length/mean"):
@@ -119,7 +111,7 @@ def test_grad_clip_0_turns_clipping_off_and_the_norm_before_clipping_is_logged(t
     def first_step(grad_clip: str):
         overrides = ["max_steps=1", f"optim.grad_clip={grad_clip}", f"output_dir={tmp_path / grad_clip}"]
         run_dir = train(load_config(SMOKE / "oprd.yaml", overrides))
-        [row] = _read_metrics(run_dir)
+        [row] = run_metrics(run_dir)
         return row["grad_norm"], AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
 
     off_norm, off = first_step("0")
@@ -247,7 +239,7 @@ def test_bridge_run_distils_a_wider_deeper_teacher(wider_teacher_with_bridge, tm
         train(load_config(SMOKE / "oprd.yaml", [*common, f"output_dir={tmp_path / 'no-bridge'}"]))
     run_dir = train(load_config(SMOKE / "oprd.yaml", [*common, f"bridge.path={bridge_path}",
                                                       f"output_dir={tmp_path / 'bridge'}"]))
-    rows = _read_metrics(run_dir)
+    rows = run_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert 0 <= row["rep/mse"] <= 4.0  # normalised projections: squared distance of unit vectors / r
@@ -365,7 +357,7 @@ def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
         train(load_config(SMOKE / "oprd_plus_opd.yaml", [*common, f"output_dir={tmp_path / 'opd'}"]))
     run_dir = train(load_config(SMOKE / "oprd.yaml",
                                 [*common, f"bridge.path={bridge}", f"output_dir={tmp_path / 'r'}"]))
-    rows = _read_metrics(run_dir)
+    rows = run_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert 0.3 < row["align/matched_share"] <= 1.0
@@ -379,7 +371,7 @@ def test_cross_tokenizer_bridge_fit_then_train(char_teacher, tmp_path):
 def test_staged_recipe_switches_objective(tmp_path):
     cfg = load_config(SMOKE / "oprd_plus_opd.yaml", [f"output_dir={tmp_path / 'r'}", "max_steps=2", "save_every=0",
                                                       "oprd.stop_step=1", "opd.start_step=1"])
-    rows = _read_metrics(train(cfg))
+    rows = run_metrics(train(cfg))
     assert "rep/loss" in rows[0] and "opd/loss" not in rows[0]
     assert "opd/loss" in rows[1] and "rep/loss" not in rows[1]
 

