@@ -110,7 +110,7 @@ for objective in sys.argv[3].split():
     rows = [json.loads(line) for line in (out / f"qwen3-{objective}" / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((out / "models" / "student" / "config.json").read_text())
     cells = (" ".join(f"{row['loss']:.4f}" for row in rows), " ".join(f"{row['time/step_s']:.1f}" for row in rows),
-             " ".join(f"{row['time/rollout_s']:.1f}" for row in rows),
+             " ".join(f"{row['time/sample_s']:.1f}" for row in rows),
              max(row.get("memory/peak_allocated_gb", row["memory/peak_gb"]) for row in rows))
     print(f"| qwen3-0.6b shape ({config['num_hidden_layers']} blocks, real tokenizer), {objective}: loss, "
           f"s/step, of which sampling, peak GiB | {cells[0]}; {cells[1]} s; {cells[2]} s; {cells[3]:.1f} GiB | |")

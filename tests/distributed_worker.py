@@ -21,10 +21,11 @@ from oprd.distributed import ONE_PROCESS
 from oprd.evaluation.harness import evaluate
 from oprd.models import decoder_layers, load_tokenizer
 from oprd.objective import LossPlan
+from oprd.optim import make_optimizer
 from oprd.recorder import RunRecorder
 from oprd.rollout import HFRollout, Sampler, SamplingParams
 from oprd.teachers import Routing, teacher_sources
-from oprd.trainer import Run, load_models, make_optimizer, update
+from oprd.trainer import Run, load_models, update
 
 OBJECTIVES = {  # name -> (recipe, overrides)
     "oprd_early_stop": ("oprd.yaml", ["oprd.layers=[1,2]", "oprd.positions=all"]),  # blocks 3-4 never run
@@ -54,8 +55,10 @@ def make_run(cfg, world, student, teachers, tokenizer, out):
     sampler = Sampler(rollout, PromptSet([[1]]), tokenizer, tokenizer, torch.device("cpu"))
     weights = tuple(teacher.source.weight for teacher in teachers)
     routing = Routing(torch.tensor([0, 1]) if cfg.teachers.route_by else None, weights)  # prompt i -> teacher i
-    return Run(cfg, world, out, RunRecorder(out), torch.device("cpu"), student, teachers, routing, tokenizer,
-               sampler, SamplingParams(), optimizer, scheduler, PromptStream(1, 1, 0), 0, None)
+    return Run(cfg=cfg, world=world, run_dir=out, recorder=RunRecorder(out), device=torch.device("cpu"),
+               student=student, teachers=teachers, routing=routing, tokenizer=tokenizer, sampler=sampler,
+               sampling=SamplingParams(), optimizer=optimizer, scheduler=scheduler, stream=PromptStream(1, 1, 0),
+               start_step=0, validation=None)
 
 
 def full_grads(model):

@@ -308,7 +308,7 @@ def _rescanning_last_boxed(text: str):
     text. Quadratic, but the plain definition of what the content of a box is."""
     import re as regex
 
-    from oprd.evaluation.grading import _BOXED
+    from oprd.answers import _BOXED
 
     for match in reversed(list(_BOXED.finditer(text))):
         rest = text[match.end():].lstrip()
@@ -334,13 +334,13 @@ def _rescanning_last_boxed(text: str):
 def test_linear_extraction_equals_the_rescanning_definition():
     import random
 
-    from oprd.evaluation.grading import _last_boxed
+    from oprd.answers import last_boxed
 
     pieces = ["\\boxed", "\\fbox", "{", "}", "\\{", "\\}", "\\\\", "\\", " ", "x", "5", "\n", "$"]
     rng = random.Random(0)
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
-        assert _last_boxed(text) == _rescanning_last_boxed(text), text
+        assert last_boxed(text) == _rescanning_last_boxed(text), text
 
 
 def test_adversarial_responses_are_graded_within_the_deadline():

@@ -84,3 +84,18 @@ def test_no_import_circles():
         if name not in state:
             visit(name, [name])
     assert circles == []
+
+
+def test_the_training_loop_reads_as_timed_phases():
+    """train() calls the step's phases by name, each timed under the name its time/<phase>_s metric
+    carries, and no function of trainer.py runs past 60 lines."""
+    tree = ast.parse((PACKAGE / "trainer.py").read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {name: node.end_lineno - node.lineno + 1 for name, node in functions.items()
+            if node.end_lineno - node.lineno + 1 > 60} == {}
+    phases = [call.args[1].value for call in ast.walk(functions["train"]) if isinstance(call, ast.Call)
+              and getattr(call.func, "id", None) == "timed"]
+    called = {call.func.id for call in ast.walk(functions["train"])
+              if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)}
+    assert phases == ["sample", "update", "validate"] and {*phases, "record", "save"} <= called
+    assert {"sample", "update", "validate"} <= set(functions)

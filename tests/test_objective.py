@@ -174,3 +174,27 @@ def test_padded_teacher_vocabulary_is_sliced(pair_and_batch, tmp_path):
         a, _ = distillation_loss(plan, student, teacher, batch, norms)
         b, _ = distillation_loss(plan, student, padded, batch, norms)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_the_teachers_head_cast_once_computes_as_autocast_would():
+    """Under autocast the teacher's frozen head is cast to bf16 once a micro-batch, not once a chunk
+    (autocast re-casts a weight that does not train on every call): the same logits either way."""
+    from oprd.objective import _cast_once
+
+    torch.manual_seed(0)
+    head, hidden = torch.nn.Linear(64, 300, bias=True).requires_grad_(False), torch.randn(5, 64)
+    assert _cast_once(head, "cpu") is head  # no autocast: the module itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once, every_call = _cast_once(head, "cpu")(hidden), head(hidden)
+    assert once.dtype == every_call.dtype == torch.bfloat16 and torch.equal(once, every_call)
+
+
+def test_the_head_gradient_adds_up_in_float32_from_bf16_chunks():
+    from oprd.losses import _add_product
+
+    torch.manual_seed(0)
+    a, b = torch.randn(300, 27).bfloat16(), torch.randn(27, 64).bfloat16()
+    out = torch.ones(300, 64)
+    _add_product(out, a, b)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, 1 + a.float() @ b.float(), atol=1e-5)

@@ -17,7 +17,8 @@ from oprd import checkpoint
 from oprd.cli import app
 from oprd.config import ConfigError, load_config, read_run_config
 from oprd.files import DiskFullError
-from oprd.trainer import lr_lambda, train
+from oprd.optim import lr_lambda
+from oprd.trainer import train
 
 
 def _cfg(tmp_path, *overrides, recipe="oprd.yaml", name="run"):

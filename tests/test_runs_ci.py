@@ -157,9 +157,9 @@ def test_run_json_follows_its_schema_and_sums_the_steps_cost(gated_run):
     _assert_phases_make_up_the_wall_time(cost)
     assert cost["wall_seconds"] > sum(r["cost/wall_seconds"] for r in rows)  # set-up, checkpoints, final/ besides
     assert cost["device_hours"] == pytest.approx(cost["wall_seconds"] / 3600)
-    for phase in ("setup", "validation", "checkpoint", "export"):  # step 0, 2 and 4's validation, best/ and final/
+    for phase in ("setup", "validate", "checkpoint", "export"):  # step 0, 2 and 4's validation, best/ and final/
         assert cost[f"{phase}_seconds"] > 0, phase
-    assert cost["validation_seconds"] > sum(r["time/validation_s"] for r in rows) > 0  # step 0's besides
+    assert cost["validate_seconds"] > sum(r["time/validate_s"] for r in rows) > 0  # step 0's besides
     assert record["versions"]["torch"] and record["devices"]["count"] == 1
     card = (gated_run / "final" / "README.md").read_text()
     assert "Distilled from" in card and "## Recipe" in card and f"`{AVG}`" in card

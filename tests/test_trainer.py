@@ -17,9 +17,11 @@ from oprd.cli import app
 from oprd.config import ConfigError, load_config
 from oprd.data import load_problems, prompt_token_ids
 from oprd.distributed import ONE_PROCESS
+from oprd.evaluation.validation import make_validation
 from oprd.models import ModelSpec, load_model, load_tokenizer
+from oprd.optim import lr_lambda
 from oprd.rollout import Sampler, SamplingParams
-from oprd.trainer import lr_lambda, make_validation, train, training_prompts
+from oprd.trainer import train, training_prompts
 
 # --------------------------------------------------------------------------- runs
 
@@ -32,7 +34,7 @@ def test_smoke_recipe_leaves_a_usable_run_dir(recipe, tmp_path):
     assert result.exit_code == 0, result.output
     rows = run_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/rollout_s", "time/teacher_s",
+    needed = {"step", "loss", "lr", "grad_norm", "response_length/mean", "time/sample_s", "time/teacher_s",
               "time/weight_sync_s", "time/update_s"}
     cfg = load_config(run_dir / "config.yaml")
     if cfg.uses_opd:

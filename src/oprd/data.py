@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from oprd.evaluation.grading import extract_answer
+from oprd.answers import extract_answer
 from oprd.models import HUB_ID, hub_reachable
 
 BENCHMARKS = ("aime24", "aime25", "aimo", "amc23", "math500")  # shipped in oprd/benchmarks/

@@ -40,10 +40,10 @@ COST_KEYS = ("sampled_tokens", "teacher_tokens", "wall_seconds", "device_hours")
 # The run's wall seconds by phase, which together make up wall_seconds: loading and checking before
 # step 1; each step's sampling, teacher, weight sync, update and validation; writing its metrics;
 # the checkpoints; final/ and best/.
-PHASE_KEYS = ("setup_seconds", "rollout_seconds", "teacher_seconds", "weight_sync_seconds", "update_seconds",
-              "validation_seconds", "record_seconds", "checkpoint_seconds", "export_seconds")
-STEP_KEYS = ("sampled_tokens", "teacher_tokens", "rollout_seconds", "teacher_seconds", "weight_sync_seconds",
-             "update_seconds", "validation_seconds")  # what `add_step` sums
+PHASE_KEYS = ("setup_seconds", "sample_seconds", "teacher_seconds", "weight_sync_seconds", "update_seconds",
+              "validate_seconds", "record_seconds", "checkpoint_seconds", "export_seconds")
+STEP_KEYS = ("sampled_tokens", "teacher_tokens", "sample_seconds", "teacher_seconds", "weight_sync_seconds",
+             "update_seconds", "validate_seconds")  # what `add_step` sums
 
 
 def now() -> str:

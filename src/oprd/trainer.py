@@ -8,10 +8,13 @@ micro-batches -> one AdamW step -> metrics, checkpoint.
       held_run_dir            the run folder's lock, held until the run ends
       set_up_run              run folder, models, prompts, loss plan, optimizer, resumed state
       check_before_training   the pre-flight alignment check (OPRD) and the step-0 validation
-      every step:
+      every step, each phase timed as time/<phase>_s:
         sample                the student's rollouts of the step's prompts
-        update                per micro-batch: score_with_teacher, student_loss, backward; one AdamW step
-        record                one line of metrics.jsonl (with validation every eval_every steps)
+        update                accumulate_gradients (per micro-batch: the teachers score it, the
+                              student's loss is backpropagated), optimizer_step, publish_weights
+                              (the EMA teacher, the sampler's weight sync)
+        validate              every eval_every steps: validation, gates, best/
+        record                one line of metrics.jsonl, the step's cost in run.json
         save                  a checkpoint every save_every steps
       finish                  the last step's checkpoint and final/
 
@@ -36,20 +39,21 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from oprd import checkpoint, distributed, provenance
 from oprd.batch import RolloutBatch
-from oprd.bridge import Bridge, load_bridge
-from oprd.config import VALIDATION_METRICS, ConfigError, TrainConfig, read_run_config, require, trained_differences
+from oprd.bridge.projector import Bridge, load_bridge
+from oprd.config import ConfigError, TrainConfig, read_run_config, require, trained_differences
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
-from oprd.evaluation.harness import evaluate
+from oprd.evaluation.validation import make_validation
 from oprd.files import FolderInUse, check_output_dir, held_folder, open_output_dir, remove_leftovers
 from oprd.gates import Gate, parse_gate
 from oprd.models import DTYPES, check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
 from oprd.objective import LossPlan, Term, combined_loss
+from oprd.optim import apply_optimizer_config, make_optimizer
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
 from oprd.provenance import data_record, model_record, sha256_of_files
 from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder, read_metrics
@@ -57,7 +61,7 @@ from oprd.rollout import HFRollout, Rollout, Sampler, SamplingParams, make_rollo
 from oprd.teachers import Routing, Teacher, TeacherSource, ema_model, teacher_sources, update_ema
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything the loop reads, made once by `set_up_run`."""
 
@@ -78,6 +82,7 @@ class Run:
     start_step: int
     validation: Callable[[int], dict[str, float]] | None
     gates: list[Gate] = dataclasses.field(default_factory=list)
+    bridges: list[Bridge | None] = dataclasses.field(default_factory=list)  # per teacher, what run.json records
     best: float | None = None  # the best value of keep_best's metric so far
 
     @property
@@ -94,14 +99,18 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         try:
             check_before_training(run)
             run.recorder.add_seconds("setup_seconds", time.perf_counter() - started
-                                     - run.recorder.segment_seconds("validation_seconds"))
+                                     - run.recorder.segment_seconds("validate_seconds"))
             with run.recorder.progress(cfg.max_steps, run.start_step) as advance:
                 for step in range(run.start_step + 1, cfg.max_steps + 1):
-                    timings: dict[str, float] = {}
+                    timings: dict[str, float] = {}  # each phase's seconds, logged as time/<phase>_s
                     started = time.perf_counter()
-                    batch = sample(run, step, timings)
-                    metrics = update(run, batch, step, timings)
-                    advance(step, _live(record(run, step, batch, metrics, timings, started)))
+                    with timed(timings, "sample"):
+                        batch = sample(run, step)
+                    with timed(timings, "update", run.device):
+                        metrics = update(run, batch, step, timings)
+                    with timed(timings, "validate"):
+                        metrics |= validate(run, step, timings)
+                    advance(step, progress_text(record(run, step, batch, metrics, timings, started)))
                     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                         save(run, step)
             folder = finish(run)
@@ -137,20 +146,40 @@ def held_run_dir(cfg: TrainConfig, console: Console | None) -> Iterator[None]:
 
 
 def set_up_run(cfg: TrainConfig, console: Console | None, started: float | None = None) -> Run:
-    """The run folder, both models, the prompts and everything the loop reads; the state of the
-    checkpoint to resume from. Every check runs before the run folder changes: tokenizers, configs
-    and the pairing before any weights load, then the weights, the bridge and the checkpoint. A run
-    that fails them leaves the folder as it was. `started`: when the command began (run.json's
-    wall time counts from it; by default, now)."""
+    """Everything the loop reads, in three stages: `check_run` (before any weights load), `load_run`
+    (the weights, the bridge, the checkpoint) and `open_run` (only now does the run folder change),
+    so that a run failing any check leaves the folder as it was. `started`: when the command began
+    (run.json's wall time counts from it; by default, now)."""
     started = time.perf_counter() if started is None else started
-    run_dir = Path(cfg.output_dir)
     world, device = distributed.init(cfg.device)
+    recorder = RunRecorder(Path(cfg.output_dir), console)
+    checked = check_run(cfg, world, recorder)
+    run = load_run(cfg, checked, world, device, recorder)
+    open_run(run, checked, started)
+    return run
+
+
+@dataclass
+class CheckedRun:
+    """What `check_run` read and found sound: the folder's state, the models' tokenizers and configs, the prompts."""
+
+    replace_folder: bool  # overwrite=true on an earlier run: emptied by open_run
+    resume_from: Path | None
+    sources: list[TeacherSource]
+    student_tok: PreTrainedTokenizerBase
+    student_config: PretrainedConfig
+    teacher_toks: list[PreTrainedTokenizerBase]
+    teacher_configs: list[PretrainedConfig]
+    prompts: PromptSet
+
+
+def check_run(cfg: TrainConfig, world: World, recorder: RunRecorder) -> CheckedRun:
+    """The checks before any weights load: the run folder, the model sources, tokenizers, configs
+    and their pairing, the prompts against the context, a resumed config against the run's."""
     require(cfg.rollout.prompts_per_step % world.size == 0,
             f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must split evenly over the {world.size} "
             "processes (each samples its share of the step's prompts)")
-    replace_folder, resume_from = claim_run_dir(cfg, world)
-    recorder = RunRecorder(run_dir, console)
-
+    replace_folder, resume_from = check_run_dir(cfg, world)
     sources = teacher_sources(cfg)
     check_spec(cfg.student, "student")
     for source in sources:
@@ -167,60 +196,77 @@ def set_up_run(cfg: TrainConfig, console: Console | None, started: float | None 
     for teacher_config in teacher_configs:
         check_context_length(cfg, student_config, teacher_config, prompts)
     if resume_from is not None:
-        check_resumed_config(cfg, run_dir, recorder)
-    torch.manual_seed(cfg.seed + world.rank)  # each process samples its own prompts with its own stream
+        check_resumed_config(cfg, Path(cfg.output_dir), recorder)
+    return CheckedRun(replace_folder, resume_from, sources, student_tok, student_config, teacher_toks,
+                      teacher_configs, prompts)
 
-    bridges = [load_run_bridge(s.bridge, student_config, c, student_tok, t)
-               for s, c, t in zip(sources, teacher_configs, teacher_toks)]
-    plans = [LossPlan.from_config(cfg.opd, cfg.oprd, student_config.num_hidden_layers, c.num_hidden_layers,
-                                  len(student_tok), bridge.to(device) if bridge is not None else None)
-             for c, bridge in zip(teacher_configs, bridges)]
-    student, teachers = load_models(cfg, device, world, resume_from, sources, plans)
-    routing = Routing.of(sources, prompts, cfg.teachers.route_by, device)
+
+def load_run(cfg: TrainConfig, checked: CheckedRun, world: World, device: torch.device,
+             recorder: RunRecorder) -> Run:
+    """The bridges and loss plans, both models, the sampler, the optimizer, a checkpoint's state to
+    resume from and the validation: the run the loop reads, before the folder changes."""
+    c = checked
+    torch.manual_seed(cfg.seed + world.rank)  # each process samples its own prompts with its own stream
+    bridges = [load_run_bridge(s.bridge, c.student_config, config, c.student_tok, tok)
+               for s, config, tok in zip(c.sources, c.teacher_configs, c.teacher_toks)]
+    plans = [LossPlan.from_config(cfg.opd, cfg.oprd, c.student_config.num_hidden_layers, config.num_hidden_layers,
+                                  len(c.student_tok), bridge.to(device) if bridge is not None else None)
+             for config, bridge in zip(c.teacher_configs, bridges)]
+    student, teachers = load_models(cfg, device, world, c.resume_from, c.sources, plans)
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
-    rollout = make_rollout(cfg.rollout, student, student_tok, world=world, workdir=run_dir, source=cfg.student.model,
-                           longest_sequence=longest, compute_dtype=compute_dtype(cfg, student, device))
-    sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
+    rollout = make_rollout(cfg.rollout, student, c.student_tok, world=world, workdir=Path(cfg.output_dir),
+                           source=cfg.student.model, longest_sequence=longest,
+                           compute_dtype=compute_dtype(cfg, student, device))
     optimizer, scheduler = make_optimizer(cfg, student)
-    stream, start_step = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, shuffle=cfg.data.shuffle), 0
-    if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, student, world, ema_model(teachers))
+    stream, start_step = PromptStream(len(c.prompts), cfg.rollout.prompts_per_step, cfg.seed,
+                                      shuffle=cfg.data.shuffle), 0
+    if c.resume_from is not None:
+        state = checkpoint.load_training_state(c.resume_from, optimizer, scheduler, student, world,
+                                               ema_model(teachers))
         if world.distributed:
-            _require_finite(student, world, f"checkpoint {resume_from}")
+            _require_finite(student, world, f"checkpoint {c.resume_from}")
         apply_optimizer_config(cfg, optimizer, scheduler)
         start_step = state["step"]
-        stream = PromptStream(len(prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"],
+        stream = PromptStream(len(c.prompts), cfg.rollout.prompts_per_step, cfg.seed, **state["data"],
                               shuffle=cfg.data.shuffle)
     # reads the benchmarks: a bad name fails here
-    validation = make_validation(cfg, rollout, student_tok, world, recorder.warn)
+    validation = make_validation(cfg, rollout, c.student_tok, world, recorder.warn)
+    sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
+    return Run(cfg=cfg, world=world, run_dir=Path(cfg.output_dir), recorder=recorder, device=device, student=student,
+               teachers=teachers, routing=Routing.of(c.sources, c.prompts, cfg.teachers.route_by, device),
+               tokenizer=c.student_tok, sampler=Sampler(rollout, c.prompts, c.student_tok, c.teacher_toks[0], device),
+               sampling=sampling, optimizer=optimizer, scheduler=scheduler, stream=stream, start_step=start_step,
+               validation=validation, gates=[parse_gate(text) for text in cfg.gates], bridges=bridges)
 
-    # Every check has passed: only now does the run folder change, by the main process alone (another
-    # one clearing "leftovers" would delete the temporary file of a write the main one has under way).
+
+def open_run(run: Run, checked: CheckedRun, started: float) -> None:
+    """Every check has passed: the run folder is prepared (by the main process alone: another one
+    clearing "leftovers" would delete the temporary file of a write the main one has under way), the
+    segment's config, provenance, gates and metrics file opened, and the sampler given the weights."""
+    cfg, recorder, world = run.cfg, run.recorder, run.world
     if world.main:
-        open_output_dir(run_dir, replace=replace_folder)
-        for folder in (run_dir, run_dir / "checkpoints"):
+        open_output_dir(run.run_dir, replace=checked.replace_folder)
+        for folder in (run.run_dir, run.run_dir / "checkpoints"):
             for leftover in remove_leftovers(folder):
                 recorder.say(f"removed {leftover}, left behind by an interrupted write")
     world.barrier()
-    recorder.start_segment(cfg, start_step, resume_from)
-    recorder.start_provenance(seed=cfg.seed, device=device, world_size=world.size, first_step=start_step,
+    recorder.start_segment(cfg, run.start_step, checked.resume_from)
+    recorder.start_provenance(seed=cfg.seed, device=run.device, world_size=world.size, first_step=run.start_step,
                               started=started,
-                              models=lambda: provenance_models(cfg, sources, student_tok, teacher_toks),
-                              data=lambda: data_record(cfg.data.path, len(prompts)))
-    gates = [parse_gate(text) for text in cfg.gates]
-    recorder.start_gates(gates, start_step)
-    best = (recorder.run_json.read().get("best") or {}).get("value") if resume_from is not None else None
-    record_teachers(recorder, teachers, bridges)
-    recorder.open_metrics(cfg, start_step)
-    if resume_from is not None:
-        recorder.say(f"resuming from {resume_from} (step {start_step})")
+                              models=lambda: provenance_models(cfg, checked.sources, checked.student_tok,
+                                                               checked.teacher_toks),
+                              data=lambda: data_record(cfg.data.path, len(checked.prompts)))
+    recorder.start_gates(run.gates, run.start_step)
+    if checked.resume_from is not None:
+        run.best = (recorder.run_json.read().get("best") or {}).get("value")
+    record_teachers(recorder, run.teachers, run.bridges)
+    recorder.open_metrics(cfg, run.start_step)
+    if checked.resume_from is not None:
+        recorder.say(f"resuming from {checked.resume_from} (step {run.start_step})")
     elif cfg.resume:
-        recorder.warn(f"resume=true but {run_dir} has no checkpoint yet: starting from step 0")
-    first_sync(rollout, student, student_tok, start_step)
-    return Run(cfg, world, run_dir, recorder, device, student, teachers, routing, student_tok,
-               Sampler(rollout, prompts, student_tok, teacher_toks[0], device), sampling, optimizer, scheduler, stream,
-               start_step, validation, gates, best)
+        recorder.warn(f"resume=true but {run.run_dir} has no checkpoint yet: starting from step 0")
+    first_sync(run.sampler.rollout, run.student, run.tokenizer, run.start_step)
 
 
 def provenance_models(cfg: TrainConfig, sources: list[TeacherSource], student_tok, teacher_toks) -> dict[str, dict]:
@@ -285,7 +331,7 @@ def first_sync(rollout: Rollout, student: torch.nn.Module, tokenizer, version: i
         distributed.return_freed_memory()  # the probe gathered the whole student on every process
 
 
-def claim_run_dir(cfg: TrainConfig, world: World) -> tuple[bool, Path | None]:
+def check_run_dir(cfg: TrainConfig, world: World) -> tuple[bool, Path | None]:
     """Whether the run folder must be emptied before use (overwrite=true on an earlier run), and
     the checkpoint to resume from, if any; changes nothing. A folder that already holds files is
     never silently reused: resume=true continues the run in it, overwrite=true replaces it when it
@@ -319,17 +365,6 @@ def check_resumed_config(cfg: TrainConfig, run_dir: Path, recorder: RunRecorder)
             "config), or resume with the run's own values.")
     for key, (old, new) in changed.items():
         recorder.warn(f"resuming with {key} changed from {old!r} to {new!r} (resume_changes)")
-
-
-def apply_optimizer_config(cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    """After a checkpoint's optimizer and scheduler state are restored, their hyperparameters are
-    the config's again (a checkpoint stores the old ones): the lr schedule of this config at the
-    restored step, and its betas, eps and weight decay. Unchanged values give the same numbers."""
-    scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
-    factor = lr_lambda(cfg)(scheduler.last_epoch)
-    for group in optimizer.param_groups:
-        group.update(lr=cfg.optim.lr * factor, initial_lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                     eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
 
 
 def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRecorder) -> PromptSet:
@@ -420,64 +455,6 @@ def load_run_bridge(path: str | None, student_config, teacher_config, student_to
     return bridge
 
 
-def make_optimizer(cfg: TrainConfig, student: torch.nn.Module):
-    """AdamW over the student's parameters and its learning-rate schedule (`lr_lambda`)."""
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """The learning-rate factor after `step` optimizer steps: linear warm-up over warmup_ratio of the
-    horizon, then the schedule's decay over the rest of it. The horizon is optim.schedule_steps, by
-    default max_steps; a longer one stops the run part-way down the decay, as a run cut short of its
-    planned length would."""
-    horizon = cfg.optim.schedule_steps or cfg.max_steps
-    warmup = math.ceil(cfg.optim.warmup_ratio * horizon)
-    floor = cfg.optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, horizon - warmup)
-        if cfg.optim.schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if cfg.optim.schedule == "linear":
-            return floor + (1 - floor) * max(0.0, 1 - progress)
-        return 1.0
-
-    return factor
-
-
-def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer, world: World,
-                    warn: Callable[[str], object]) -> Callable[[int], dict[str, float]] | None:
-    """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None. Each
-    process samples its share of the problems and every process gets the whole result.
-
-    Evaluation seeds its own generator (`rollout.seeded`), so it never shifts the training stream,
-    and with the same seed at every step: the problems and the sampling noise stay fixed, so the
-    curve moves with the model alone, and step 0 is what `oprd eval` says of the starting student
-    with the same seed.
-    """
-    if not cfg.eval_every:
-        return None
-    benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit, need_answers=True, warn=warn)
-                  for name in cfg.eval_benchmarks}
-    params = SamplingParams(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                            max_new_tokens=cfg.eval_max_new_tokens, n=cfg.eval_samples)
-    reported = [metric.format(k=cfg.eval_samples) for metric in VALIDATION_METRICS]
-
-    def validation(step: int) -> dict[str, float]:
-        record = {}
-        for name, problems in benchmarks.items():
-            result = evaluate(rollout, tokenizer, problems, params, seed=cfg.seed, world=world,
-                              use_chat_template=cfg.data.use_chat_template, enable_thinking=cfg.data.enable_thinking)
-            record.update({f"val/{name}/{key}": float(result.metrics[key]) for key in reported})
-        return record
-
-    return validation
-
-
 def check_before_training(run: Run) -> None:
     """Before step 1 of a fresh run: the pre-flight alignment check of OPRD, for each teacher
     (preflight.json, and a warning when student and teacher share little), and the step-0 validation."""
@@ -511,7 +488,7 @@ def check_before_training(run: Run) -> None:
             if any(gate.base == "teacher" for gate in run.gates):
                 run.recorder.set_gate_baseline("teacher", teacher_validation(run))
             run.recorder.judge_gates(run.gates, 0, start, final=False)
-        run.recorder.add_seconds("validation_seconds", time.perf_counter() - started)
+        run.recorder.add_seconds("validate_seconds", time.perf_counter() - started)
 
 
 def teacher_validation(run: Run) -> dict[str, float]:
@@ -530,98 +507,112 @@ def teacher_validation(run: Run) -> dict[str, float]:
 # --------------------------------------------------------------------------- the step
 
 
-def sample(run: Run, step: int, timings: dict[str, float]) -> RolloutBatch:
+def sample(run: Run, step: int) -> RolloutBatch:
     """The student's responses to the step's prompts (and the teacher's view of them across tokenizers)."""
-    with timed(timings, "rollout"):
-        this_process = run.stream.next_batch()[run.world.rank :: run.world.size]
-        try:
-            return run.sampler.sample(this_process, run.sampling)
-        except RuntimeError as error:
-            if "probability tensor contains" not in str(error):
-                raise
-            raise FloatingPointError(f"sampling at step {step} met next-token probabilities that are not finite "
-                                     "numbers: the student's weights have grown out of range (optim.lr too large?). "
-                                     f"{_newest_checkpoint(run)}") from None
+    this_process = run.stream.next_batch()[run.world.rank :: run.world.size]
+    try:
+        return run.sampler.sample(this_process, run.sampling)
+    except RuntimeError as error:
+        if "probability tensor contains" not in str(error):
+            raise
+        raise FloatingPointError(f"sampling at step {step} met next-token probabilities that are not finite "
+                                 "numbers: the student's weights have grown out of range (optim.lr too large?). "
+                                 f"{_newest_checkpoint(run)}") from None
 
 
 def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) -> dict[str, float]:
-    """One optimizer step on the batch: per micro-batch the teacher scores it and the student's loss
-    is backpropagated; gradients are clipped and AdamW steps. Returns the loss and its terms."""
-    cfg = run.cfg
-    with timed(timings, "update", run.device):
-        lag = (step - 1) - batch.weight_version  # the batch must come from the weights being updated
-        if lag != 0:
-            raise RuntimeError(f"step {step} would train on rollouts sampled by weights {lag} steps old: the sampler's "
-                               "weights were not synced after an update, so the batch is off-policy")
-        plans = [teacher.plan.at_step(step) for teacher in run.teachers]
-        # every process's losses are its share of the whole step's average (see oprd.distributed), and
-        # each teacher's its share of the step's (routed) or its weight's share of the average (weighted)
-        own = [{name: run.world.sum(total) for name, total in plan.normalizers(_rows_only(batch, rows)).items()}
-               for plan, rows in zip(plans, (run.routing.rows(i, batch) for i in range(len(plans))))]
-        normalizers = run.routing.normalizers(own)
-        totals: list[dict[str, torch.Tensor]] = [{} for _ in run.teachers]
-        total_loss = 0.0
-        for micro in batch.micro_batches(cfg.optim.micro_batch_size):
-            with _autocast(cfg, run.device):
-                terms, scored_by = [], []
-                with timed(timings, "teacher", run.device):
-                    for index, (teacher, plan) in enumerate(zip(run.teachers, plans)):
-                        rows = run.routing.rows(index, micro)
-                        scores = teacher.score(plan, micro, rows, run.world)
-                        if scores is not None:
-                            terms.append(Term(plan, scores, normalizers[index], rows))
-                            scored_by.append(index)
-                loss, term_metrics = combined_loss(run.student, micro, terms)
-            for teacher in run.teachers:
-                teacher.release()
-            if not run.world.distributed and not torch.isfinite(loss):  # several processes: checked below, together
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} ({_describe(_summed(term_metrics))}). Lower optim.lr, use "
-                    f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
-                )
-            loss.backward()
-            total_loss += loss.item()
-            for index, metrics in zip(scored_by, term_metrics):
-                for name, value in metrics.items():
-                    totals[index][name] = totals[index].get(name, 0.0) + value
-        total_loss = float(run.world.sum(torch.tensor(total_loss, dtype=torch.float64, device=run.device)))
-        names = sorted({name for metrics in totals for name in metrics})
-        totals = [{name: run.world.sum(torch.as_tensor(metrics.get(name, 0.0), device=run.device)) for name in names}
-                  for metrics in totals]
-        summed = _summed(totals)
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(
-                f"non-finite loss at step {step} ({_describe(summed)}). Lower optim.lr, use "
-                f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}"
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.optim.grad_clip or float("inf"))
-        grad_norm = distributed.full_value(grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or use "
-                                     f"optim.precision=fp32. {_newest_checkpoint(run)}")
-        lr = run.optimizer.param_groups[0]["lr"]
-        try:
-            run.optimizer.step()
-        except RuntimeError as error:  # torch's Adam: "value cannot be converted to type float without overflow"
-            if "overflow" not in str(error):
-                raise
-            raise FloatingPointError(f"the AdamW update of step {step} overflowed float32 (lr {lr:g}): lower "
-                                     f"optim.lr. {_newest_checkpoint(run)}") from None
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        if (bad := _non_finite_weight(run.student, run.world)) is not None:
-            raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
-                                     f"so the run stops before sampling from them: lower optim.lr. "
-                                     f"{_newest_checkpoint(run)}")
-        if run.ema_teacher is not None:
-            update_ema(run.ema_teacher, run.student, cfg.teacher.ema_decay)
-        with timed(timings, "weight_sync", run.device):
-            run.sampler.rollout.sync_weights(run.student, version=step)
-    record = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "rollout/weight_version_lag": lag,
-              **{name: float(value) for name, value in summed.items()}}
+    """One optimizer step on the batch, then its weights published to whoever reads them next."""
+    lag = (step - 1) - batch.weight_version  # the batch must come from the weights being updated
+    if lag != 0:
+        raise RuntimeError(f"step {step} would train on rollouts sampled by weights {lag} steps old: the sampler's "
+                           "weights were not synced after an update, so the batch is off-policy")
+    metrics = accumulate_gradients(run, batch, step, timings)
+    metrics |= optimizer_step(run, step)
+    with timed(timings, "weight_sync", run.device):
+        publish_weights(run, step)
+    return metrics | {"rollout/weight_version_lag": lag}
+
+
+def accumulate_gradients(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) -> dict[str, float]:
+    """Per micro-batch: each teacher scores it (timed as `teacher`) and the student's loss is
+    backpropagated. Returns the step's loss and the summed terms of each objective."""
+    plans = [teacher.plan.at_step(step) for teacher in run.teachers]
+    # every process's losses are its share of the whole step's average (see oprd.distributed), and
+    # each teacher's its share of the step's (routed) or its weight's share of the average (weighted)
+    own = [{name: run.world.sum(total) for name, total in plan.normalizers(_rows_only(batch, rows)).items()}
+           for plan, rows in zip(plans, (run.routing.rows(i, batch) for i in range(len(plans))))]
+    normalizers = run.routing.normalizers(own)
+    totals: list[dict[str, torch.Tensor]] = [{} for _ in run.teachers]
+    total_loss = 0.0
+    for micro in batch.micro_batches(run.cfg.optim.micro_batch_size):
+        with _autocast(run.cfg, run.device):
+            terms, scored_by = [], []
+            with timed(timings, "teacher", run.device):
+                for index, (teacher, plan) in enumerate(zip(run.teachers, plans)):
+                    rows = run.routing.rows(index, micro)
+                    scores = teacher.score(plan, micro, rows, run.world)
+                    if scores is not None:
+                        terms.append(Term(plan, scores, normalizers[index], rows))
+                        scored_by.append(index)
+            loss, term_metrics = combined_loss(run.student, micro, terms)
+        for teacher in run.teachers:
+            teacher.release()
+        if not run.world.distributed:  # several processes: checked once, on the sum of all of theirs
+            _require_finite_loss(run, step, loss.item(), _summed(term_metrics))
+        loss.backward()
+        total_loss += loss.item()
+        for index, metrics in zip(scored_by, term_metrics):
+            for name, value in metrics.items():
+                totals[index][name] = totals[index].get(name, 0.0) + value
+    total_loss = float(run.world.sum(torch.tensor(total_loss, dtype=torch.float64, device=run.device)))
+    names = sorted({name for metrics in totals for name in metrics})
+    totals = [{name: run.world.sum(torch.as_tensor(metrics.get(name, 0.0), device=run.device)) for name in names}
+              for metrics in totals]
+    summed = _summed(totals)
+    _require_finite_loss(run, step, total_loss, summed)
+    record = {"loss": total_loss, **{name: float(value) for name, value in summed.items()}}
     if len(run.teachers) > 1:
         record.update(teacher_metrics(run, batch, own, normalizers, totals))
     return record
+
+
+def optimizer_step(run: Run, step: int) -> dict[str, float]:
+    """Clips the gradients and steps AdamW and the schedule; a non-finite gradient norm, an
+    overflowing update or weights made non-finite stop the run before they are used."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.optim.grad_clip or float("inf"))
+    grad_norm = distributed.full_value(grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or use "
+                                 f"optim.precision=fp32. {_newest_checkpoint(run)}")
+    lr = run.optimizer.param_groups[0]["lr"]
+    try:
+        run.optimizer.step()
+    except RuntimeError as error:  # torch's Adam: "value cannot be converted to type float without overflow"
+        if "overflow" not in str(error):
+            raise
+        raise FloatingPointError(f"the AdamW update of step {step} overflowed float32 (lr {lr:g}): lower "
+                                 f"optim.lr. {_newest_checkpoint(run)}") from None
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if (bad := _non_finite_weight(run.student, run.world)) is not None:
+        raise FloatingPointError(f"the AdamW update of step {step} made the student's weights non-finite ({bad}), "
+                                 f"so the run stops before sampling from them: lower optim.lr. "
+                                 f"{_newest_checkpoint(run)}")
+    return {"lr": lr, "grad_norm": float(grad_norm)}
+
+
+def publish_weights(run: Run, step: int) -> None:
+    """The updated student to its readers: the EMA teacher follows it, and the sampler gets it as
+    weight version `step`."""
+    if run.ema_teacher is not None:
+        update_ema(run.ema_teacher, run.student, run.cfg.teacher.ema_decay)
+    run.sampler.rollout.sync_weights(run.student, version=step)
+
+
+def _require_finite_loss(run: Run, step: int, loss: float, metrics: dict) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step} ({_describe(metrics)}). Lower optim.lr, use "
+                                 f"optim.precision=fp32, or check the teacher's outputs. {_newest_checkpoint(run)}")
 
 
 def teacher_metrics(run: Run, batch: RolloutBatch, own: list[dict], used: list[dict],
@@ -655,20 +646,25 @@ def _summed(per_teacher: list[dict]) -> dict:
     return summed
 
 
+def validate(run: Run, step: int, timings: dict[str, float]) -> dict[str, float]:
+    """Every eval_every steps and at the last: the validation metrics, the gates judged on them, and
+    best/ rewritten when keep_best's metric improved (timed as `best`: run.json counts it as export)."""
+    if not run.validation or not (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
+        return {}
+    measured = run.validation(step)
+    run.recorder.judge_gates(run.gates, step, measured, final=step == run.cfg.max_steps)
+    if run.cfg.keep_best:
+        with timed(timings, "best"):
+            keep_best(run, step, measured[run.cfg.keep_best])
+    return measured
+
+
 def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], timings: dict[str, float],
            started: float) -> dict[str, float]:
-    """The step's line of metrics.jsonl: the update's metrics, the rollouts', (every eval_every steps
-    and at the last) the validation, and the phases' times, the step's whole wall time among them."""
+    """The step's line of metrics.jsonl: the update's and the validation's metrics, the rollouts',
+    and the phases' times, the step's whole wall time among them; its cost added to run.json's."""
     recording = time.perf_counter()
-    line = {**metrics, **rollout_metrics(batch, run.world, run.device)}
-    if run.validation and (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
-        with timed(timings, "validation"):
-            line.update(run.validation(step))
-            run.recorder.judge_gates(run.gates, step, line, final=step == run.cfg.max_steps)
-        if run.cfg.keep_best:
-            with timed(timings, "best"):
-                keep_best(run, step, line[run.cfg.keep_best])
-    line.update(time_metrics(timings, started, run.device))
+    line = {**metrics, **rollout_metrics(batch, run.world, run.device), **time_metrics(timings, started, run.device)}
     line.update(cost_metrics(run, batch, line["time/step_s"]))
     run.recorder.add_cost(step, {"sampled_tokens": line["cost/sampled_tokens"],
                                  "teacher_tokens": line["cost/teacher_tokens"],
@@ -676,12 +672,11 @@ def record(run: Run, step: int, batch: RolloutBatch, metrics: dict[str, float], 
                                  "peak_memory_gb": line["memory/peak_gb"]})
     run.recorder.log(step, line)
     run.recorder.add_seconds("export_seconds", timings.get("best", 0.0))
-    run.recorder.add_seconds("record_seconds", time.perf_counter() - recording - timings.get("validation", 0.0)
-                             - timings.get("best", 0.0))
+    run.recorder.add_seconds("record_seconds", time.perf_counter() - recording)
     return line
 
 
-STEP_PHASES = ("rollout", "teacher", "weight_sync", "update", "validation")  # each a time/<phase>_s metric
+STEP_PHASES = ("sample", "teacher", "weight_sync", "update", "validate")  # each a time/<phase>_s metric
 
 
 def cost_metrics(run: Run, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
@@ -733,12 +728,12 @@ def rollout_metrics(batch: RolloutBatch, world: World, device: torch.device) -> 
 
 
 def time_metrics(timings: dict[str, float], step_started: float, device: torch.device) -> dict[str, float]:
-    record = {
-        "time/rollout_s": timings["rollout"],
+    record = {  # the phases apart: update less the teacher and the weight sync, validate less best/'s writing
+        "time/sample_s": timings["sample"],
         "time/teacher_s": timings.get("teacher", 0.0),
         "time/weight_sync_s": timings.get("weight_sync", 0.0),
         "time/update_s": timings["update"] - timings.get("teacher", 0.0) - timings.get("weight_sync", 0.0),
-        "time/validation_s": timings.get("validation", 0.0),
+        "time/validate_s": timings["validate"] - timings.get("best", 0.0),
         "time/step_s": time.perf_counter() - step_started,
     }
     if device.type == "cuda":
@@ -842,7 +837,8 @@ def _describe(metrics: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if "/layer_" not in k)
 
 
-def _live(record: dict[str, float]) -> str:
+def progress_text(record: dict[str, float]) -> str:
+    """What the progress bar shows beside the step."""
     shown = [f"loss {record['loss']:.4f}"]
     if "rep/cosine_similarity" in record:
         shown.append(f"cos {record['rep/cosine_similarity']:.3f}")

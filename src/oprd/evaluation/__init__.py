@@ -5,11 +5,11 @@ This face holds what needs neither torch nor a model: answer extraction and grad
 metric formulas.
 """
 
+from oprd.answers import extract_answer
 from oprd.evaluation.grading import (
     GRADE_TIMEOUT_S,
     Grade,
     answers_match,
-    extract_answer,
     grade,
     is_correct,
 )

@@ -1,6 +1,6 @@
-"""Grading math answers: the final answer of a response, compared by value with the ground truth.
+"""Grading math answers: the final answer of a response (`oprd.answers`), compared by value with
+the ground truth.
 
-  extract_answer     the last \\boxed{} (or a final "Answer:" line), cleaned; linear in the text
   grade              extract and compare, under a hard deadline: (answer, correct, timed_out)
   is_correct         grade(...).correct
   answers_match      two answers compared by value, under the same deadline
@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -27,35 +26,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from oprd.answers import clean_answer, last_boxed, locate_answer, strip_dollars
+
 GRADE_TIMEOUT_S = 5.0  # wall clock per response; slower ones are graded wrong and reported as timed out
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `oprd`, for the child's import path
-
-# ---------------------------------------------------------------------------------------------
-# Answer extraction
-# ---------------------------------------------------------------------------------------------
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-_ANSWER_LINE = re.compile(r"\banswer[\s*_]*:[\s*_]*([^\n]*)", re.IGNORECASE)  # DAPO: "Answer: $X"
-_PROSE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # two words in a row: a sentence, not an answer
-_UNIT = re.compile(  # a trailing unit after a value: "5\text{ cm}^2", "90^\circ"
-    r"(?<=[\w}).])\s*(?:\\(?:text|textrm|mbox)\s*\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?[23]\}?)?|\^\s*\{?\\circ\}?|°)\s*$"
-)
-_TEXT = re.compile(r"\\(?:text|textrm|textbf|mbox)\s*\{([^{}]*)\}")
-_SPACING = re.compile(r"\\[,;:! ]|\\left(?![a-zA-Z])|\\right(?![a-zA-Z])")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response, cleaned for display and voting; None when there is none.
-
-    Looks for the last complete `\\boxed{...}` (nested braces, `\\boxed 5`, `\\fbox{}`), then the last
-    "Answer: ..." line (the DAPO prompt format), then accepts a response that is nothing but a short
-    answer ("42", "$\\frac{3}{4}$"). Strips `$`, `\\text{}`, units and trailing punctuation:
-    `\\boxed{27 \\text{ miles}.}` -> "27".
-    """
-    raw = _locate_answer(text)
-    cleaned = _clean(raw) if raw is not None else ""
-    return cleaned or None
-
 
 class Grade(NamedTuple):
     answer: str | None  # extract_answer(response); None is a format error (or a timeout)
@@ -86,8 +60,8 @@ def answers_match(answer: str, ground_truth: str, *, timeout_s: float = GRADE_TI
 
 def grade_here(response: str, ground_truth: str) -> tuple[str | None, bool]:
     """`grade` in this process, with no deadline: what the grading child runs."""
-    raw = _locate_answer(response)
-    cleaned = _clean(raw) if raw is not None else ""
+    raw = locate_answer(response)
+    cleaned = clean_answer(raw) if raw is not None else ""
     return cleaned or None, raw is not None and match_here(raw, ground_truth)
 
 
@@ -97,93 +71,19 @@ def match_here(answer: str, ground_truth: str) -> bool:
     reference is unwrapped."""
     from math_verify import parse, verify
 
-    answer, ground_truth = answer.strip(), (_last_boxed(ground_truth) or ground_truth).strip()
+    answer, ground_truth = answer.strip(), (last_boxed(ground_truth) or ground_truth).strip()
     if not answer or not ground_truth:
         return False
-    if _clean(answer).replace(" ", "") == _clean(ground_truth).replace(" ", ""):
+    if clean_answer(answer).replace(" ", "") == clean_answer(ground_truth).replace(" ", ""):
         return True
     # math-verify gets the answers as written: `\text{}` keeps "NO" a word, where the product n*o
     # would equal "ON". Its timeouts are off: they are SIGALRM-based; the parent enforces the deadline.
     try:
-        gold = parse(f"\\boxed{{{_strip_dollars(ground_truth)}}}", parsing_timeout=None)
-        return bool(verify(gold, parse(f"\\boxed{{{_strip_dollars(answer)}}}", parsing_timeout=None),
+        gold = parse(f"\\boxed{{{strip_dollars(ground_truth)}}}", parsing_timeout=None)
+        return bool(verify(gold, parse(f"\\boxed{{{strip_dollars(answer)}}}", parsing_timeout=None),
                            timeout_seconds=None))
     except Exception:
         return False
-
-
-def _locate_answer(text: str) -> str | None:
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    lines = [m.group(1) for m in _ANSWER_LINE.finditer(text)]
-    if lines:
-        return lines[-1].strip() or None
-    return _bare_answer(text)
-
-
-_SPACES = re.compile(r"\s*")
-_BARE_TOKEN = re.compile(r"[^\s${}]+")
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last complete, non-empty \\boxed: a balanced {...} group or a bare token
-    (`\\boxed 5`); an unclosed one (a truncated response) is skipped.
-
-    One pass over the text pairs every grouping brace with its partner (`\\{` and `\\}` are set
-    braces, not grouping), so the cost is linear however many boxes are left open.
-    """
-    closing = _brace_partners(text)
-    for match in reversed(list(_BOXED.finditer(text))):
-        start = _SPACES.match(text, match.end()).end()
-        if text.startswith("{", start):
-            end = closing.get(start)
-            content = text[start + 1 : end].strip() if end is not None else None
-        else:
-            token = _BARE_TOKEN.match(text, start)
-            content = token.group(0) if token else None
-        if content:
-            return content
-    return None
-
-
-def _brace_partners(text: str) -> dict[int, int]:
-    """{position of "{": position of its "}"} for every grouping brace that is closed."""
-    partners, open_at, i = {}, [], 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            open_at.append(i)
-        elif char == "}" and open_at:
-            partners[open_at.pop()] = i
-        i += 1
-    return partners
-
-
-def _bare_answer(text: str) -> str | None:
-    """A response that is only an answer: one short line that is not prose."""
-    text = text.strip()
-    if "\n" in text or len(text) > 100 or _BOXED.search(text) or _PROSE.search(re.sub(r"\\[a-zA-Z]+", " ", text)):
-        return None
-    return text or None
-
-
-def _strip_dollars(answer: str) -> str:
-    return re.sub(r"(?<!\\)\$", "", answer).strip()  # keeps \$ (currency), which math-verify reads
-
-
-def _clean(answer: str) -> str:
-    """Light normalisation for display, voting and the exact-match shortcut (not for math-verify)."""
-    s = _strip_dollars(answer).replace("\\$", "")
-    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()  # \( \) \[ \] delimiters
-    s = _UNIT.sub("", s.rstrip(" .,;:"))
-    s = _TEXT.sub(r"\1", s)
-    s = _SPACING.sub("", s)
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    return " ".join(s.split()).rstrip(" .,;:")
 
 
 # ---------------------------------------------------------------------------------------------

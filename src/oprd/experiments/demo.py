@@ -245,10 +245,10 @@ def run_on_policy(method: str, settings: MethodSettings, world: toy.World, s: De
     return {
         "final": run_dir / "final",
         # rollout + teacher + update: a step's time less its evaluation
-        "train_seconds": sum(r["time/step_s"] - r["time/validation_s"] for r in steps),
+        "train_seconds": sum(r["time/step_s"] - r["time/validate_s"] for r in steps),
         "wall_seconds": wall,
         "update_seconds_per_step": statistics.mean(r["time/update_s"] + r["time/teacher_s"] for r in steps),
-        "rollout_seconds_per_step": statistics.mean(r["time/rollout_s"] for r in steps),
+        "rollout_seconds_per_step": statistics.mean(r["time/sample_s"] for r in steps),
         "peak_memory_delta_bytes": memory.delta,
         "steps": len(steps),
         "curve": records,

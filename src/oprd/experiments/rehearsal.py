@@ -386,7 +386,7 @@ def beyond_the_count(s: RehearsalSettings) -> list[str]:
 # --------------------------------------------------------------------------- the report
 
 
-PHASES = {"sampling": "time/rollout_s", "weight sync": "time/weight_sync_s", "teacher forward": "time/teacher_s",
+PHASES = {"sampling": "time/sample_s", "weight sync": "time/weight_sync_s", "teacher forward": "time/teacher_s",
           "student update": "time/update_s", "step": "time/step_s"}
 
 
