@@ -1,9 +1,12 @@
 """Config loading, overrides and the up-front checks that fail before any model loads."""
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
-from helpers import SMOKE
+from helpers import ROOT, SMOKE
 
 from oprd.config import ConfigError, TrainConfig, load_config
 from oprd.models import ModelSpec, load_model_config, load_tokenizer
@@ -206,3 +209,36 @@ def test_a_report_sink_that_is_not_installed_names_the_extra():
         pytest.skip("wandb is installed here")
     with pytest.raises(ConfigError, match=r"pip install 'oprd\[wandb\]'"):
         load_config(SMOKE / "oprd.yaml", ["report_to=wandb"])
+
+
+def _documented_keys() -> set[str]:
+    """The keys docs/config.md's table names: its first column's keys, and for a `section.*` row the
+    sub-keys its third column lists (each item of the list opens with its key in backticks)."""
+    keys = set()
+    table = (ROOT / "docs" / "config.md").read_text().split("\n\n")[1]
+    for row in table.splitlines()[2:]:
+        named, _, meaning = row.strip().strip("|").split("|", 2)
+        for key in re.findall(r"`([a-z_.*]+)`", named):
+            if key.endswith(".*"):
+                section = key[:-2]
+                # each listed key opens an item: "`k` (...)" at the start or after ", "
+                keys |= {f"{section}.{sub}" for sub in re.findall(r"(?:^\s*|, )`([a-z_]+)`", meaning)}
+            else:
+                keys.add(key)
+    return keys
+
+
+def _config_keys(cls=TrainConfig, prefix="") -> set[str]:
+    keys = set()
+    for name, kind in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(kind):
+            keys |= _config_keys(kind, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def test_the_config_reference_names_every_key_and_no_other():
+    documented, defined = _documented_keys(), _config_keys()
+    assert documented - defined == set(), "docs/config.md names keys config.py does not have"
+    assert defined - documented == set(), "config.py has keys docs/config.md does not name"
