@@ -218,11 +218,11 @@ def _documented_keys() -> set[str]:
     table = (ROOT / "docs" / "config.md").read_text().split("\n\n")[1]
     for row in table.splitlines()[2:]:
         named, _, meaning = row.strip().strip("|").split("|", 2)
-        for key in re.findall(r"`([a-z_.*]+)`", named):
+        for key in re.findall(r"`([a-z_0-9.*]+)`", named):
             if key.endswith(".*"):
                 section = key[:-2]
                 # each listed key opens an item: "`k` (...)" at the start or after ", "
-                keys |= {f"{section}.{sub}" for sub in re.findall(r"(?:^\s*|, )`([a-z_]+)`", meaning)}
+                keys |= {f"{section}.{sub}" for sub in re.findall(r"(?:^\s*|, )`([a-z_0-9]+)`", meaning)}
             else:
                 keys.add(key)
     return keys
