@@ -570,10 +570,10 @@ def accumulate_gradients(run: Run, batch: RolloutBatch, step: int, timings: dict
               for metrics in totals]
     summed = _summed(totals)
     _require_finite_loss(run, step, total_loss, summed)
-    record = {"loss": total_loss, **{name: float(value) for name, value in summed.items()}}
+    values = {"loss": total_loss, **{name: float(value) for name, value in summed.items()}}
     if len(run.teachers) > 1:
-        record.update(teacher_metrics(run, batch, own, normalizers, totals))
-    return record
+        values.update(teacher_metrics(run, batch, own, normalizers, totals))
+    return values
 
 
 def optimizer_step(run: Run, step: int) -> dict[str, float]:
@@ -620,17 +620,17 @@ def teacher_metrics(run: Run, batch: RolloutBatch, own: list[dict], used: list[d
     """Per teacher: `teachers/NAME/share`, the share of the step's samples it scored, and its own
     mean of each loss metric (`rep/cosine_similarity/teacher_NAME`, ...): its weighted sum over the
     step's denominators (`used`) rescaled to the positions it scored (`own`)."""
-    record = {}
+    values = {}
     samples = run.world.sum(torch.tensor(float(batch.response_ids.shape[0]), device=run.device))
     for index, teacher in enumerate(run.teachers):
         rows = run.routing.rows(index, batch)
         scored = samples if rows is None else run.world.sum(rows.sum().float())
-        record[f"teachers/{teacher.name}/share"] = float(scored / samples)
+        values[f"teachers/{teacher.name}/share"] = float(scored / samples)
         for name, value in totals[index].items():
             kind = "opd" if name.startswith("opd/") else "oprd"
             if "/layer_" not in name and float(own[index][kind]) > 0:
-                record[f"{name}/teacher_{teacher.name}"] = float(value * used[index][kind] / own[index][kind])
-    return record
+                values[f"{name}/teacher_{teacher.name}"] = float(value * used[index][kind] / own[index][kind])
+    return values
 
 
 def _rows_only(batch: RolloutBatch, rows: torch.Tensor | None) -> RolloutBatch:
@@ -715,7 +715,7 @@ def rollout_metrics(batch: RolloutBatch, world: World, device: torch.device) -> 
     lengths = batch.response_lengths.float()
     sums = torch.stack([lengths.sum(), torch.tensor(float(len(lengths))), batch.truncated.float().sum()]).to(device)
     total, count, truncated = world.sum(sums).tolist()
-    record = {
+    values = {
         "response_length/mean": total / count,
         "response_length/max": float(world.max(lengths.max().to(device))),
         "response_length/truncated_fraction": truncated / count,
@@ -723,12 +723,12 @@ def rollout_metrics(batch: RolloutBatch, world: World, device: torch.device) -> 
     if batch.teacher_view is not None:
         partnered = (batch.teacher_view.partner_B_T >= 0).sum().float()
         matched, positions = world.sum(torch.stack([partnered, batch.response_mask.sum().float()]).to(device))
-        record["align/matched_share"] = float(matched) / max(float(positions), 1.0)
-    return record
+        values["align/matched_share"] = float(matched) / max(float(positions), 1.0)
+    return values
 
 
 def time_metrics(timings: dict[str, float], step_started: float, device: torch.device) -> dict[str, float]:
-    record = {  # the phases apart: update less the teacher and the weight sync, validate less best/'s writing
+    values = {  # the phases apart: update less the teacher and the weight sync, validate less best/'s writing
         "time/sample_s": timings["sample"],
         "time/teacher_s": timings.get("teacher", 0.0),
         "time/weight_sync_s": timings.get("weight_sync", 0.0),
@@ -737,8 +737,8 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
         "time/step_s": time.perf_counter() - step_started,
     }
     if device.type == "cuda":
-        record["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return record
+        values["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return values
 
 
 def save(run: Run, step: int) -> None:
@@ -837,12 +837,12 @@ def _describe(metrics: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if "/layer_" not in k)
 
 
-def progress_text(record: dict[str, float]) -> str:
+def progress_text(line: dict[str, float]) -> str:
     """What the progress bar shows beside the step."""
-    shown = [f"loss {record['loss']:.4f}"]
-    if "rep/cosine_similarity" in record:
-        shown.append(f"cos {record['rep/cosine_similarity']:.3f}")
-    if "opd/kl_estimate" in record:
-        shown.append(f"kl {record['opd/kl_estimate']:.3f}")
-    shown.append(f"len {record['response_length/mean']:.0f}")
+    shown = [f"loss {line['loss']:.4f}"]
+    if "rep/cosine_similarity" in line:
+        shown.append(f"cos {line['rep/cosine_similarity']:.3f}")
+    if "opd/kl_estimate" in line:
+        shown.append(f"kl {line['opd/kl_estimate']:.3f}")
+    shown.append(f"len {line['response_length/mean']:.0f}")
     return "  ".join(shown)
