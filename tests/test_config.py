@@ -97,7 +97,8 @@ def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
         (["max_steps=ten"], "max_steps must be int"),
         (["optim.lr=true"], "optim.lr must be float"),
         (["opd.objective=topq"], "opd.objective must be one of"),
-        (["oprd.positions=middle"], "oprd.positions must be one of"),
+        (["oprd.positions=middle"], "oprd.positions must be one of all, last, first_k, last_k; got 'middle'"),
+        (["optim.precision=fp16"], "optim.precision must be one of auto, fp32, bf16; got 'fp16'"),
         (["oprd.layers=[0, 2]"], "oprd.layers as a list needs 1-based"),
         (["opd.objective=none", "oprd.coef=0"], "nothing to train"),
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
@@ -242,3 +243,16 @@ def test_the_config_reference_names_every_key_and_no_other():
     documented, defined = _documented_keys(), _config_keys()
     assert documented - defined == set(), "docs/config.md names keys config.py does not have"
     assert defined - documented == set(), "config.py has keys docs/config.md does not name"
+
+
+def test_a_config_built_in_code_is_held_to_the_same_choices():
+    """Choices are `Literal` types: the loader checks them, and so does `validate` for a config a
+    program builds with dataclasses.replace, with the same message."""
+    from oprd.config import validate
+
+    cfg = load_config(SMOKE / "oprd.yaml")
+    with pytest.raises(ConfigError, match="opd.support must be one of student, teacher, intersection, union; got 'x'"):
+        validate(dataclasses.replace(cfg, opd=dataclasses.replace(cfg.opd, support="x")))
+    with pytest.raises(ConfigError, match=re.escape("oprd.layers must be one of last, all, even, odd (or list[int]); "
+                                                  "got 'middle'")):
+        load_config(SMOKE / "oprd.yaml", ["oprd.layers=middle"])

@@ -19,19 +19,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
 from oprd.gates import GateError, parse_gate
-from oprd.losses import AGGREGATIONS, LAYER_MODES, POSITION_MODES, TOPK_SUPPORTS
+from oprd.losses import Aggregation, LayerMode, PositionMode, TopkSupport
 from oprd.models import DTYPES, ModelSpec
 
-OPD_OBJECTIVES = ("none", "sampled", "topk", "full")
+OPDObjective = Literal["none", "sampled", "topk", "full"]
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 SELF = "self"  # teacher.model=self: the student teaches itself (self-distillation)
-SELF_MODES = ("frozen", "ema", "live")
+SelfMode = Literal["frozen", "ema", "live"]
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it becomes part of metric keys
 
 
@@ -59,21 +59,21 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
-    backend: str = "hf"  # hf (transformers' generate) | vllm
+    backend: Literal["hf", "vllm"] = "hf"  # transformers' generate, or vLLM
     max_batch_sequences: int = 64  # sequences per generate() call at most (hf)
     kv_cache_gib: float = 0.0  # KV cache one generate() call may hold (hf); 0 = a quarter of the device's memory
-    vllm_mode: str = "server"  # server: a separately started `vllm serve` | colocate: vllm.LLM on the training GPU
+    vllm_mode: Literal["server", "colocate"] = "server"  # a separately started `vllm serve`, or vllm.LLM on the GPU
     vllm_url: str = "http://127.0.0.1:8000"  # the server (vllm_mode=server)
-    vllm_sync: str = "auto"  # how weights reach a server: nccl | disk (reload_weights) | auto (nccl on a GPU)
+    vllm_sync: Literal["auto", "nccl", "disk"] = "auto"  # how weights reach a server; auto: nccl on a GPU
     vllm_gpu_memory_utilization: float = 0.3  # the colocated engine's share of the GPU
     vllm_timeout_s: float = 600.0  # one HTTP request to the server
 
 
 @dataclass
 class OPDConfig:
-    objective: str = "none"  # none | sampled | topk | full
+    objective: OPDObjective = "none"
     k: int = 16  # top-k support size
-    support: str = "student"  # student | teacher | intersection | union
+    support: TopkSupport = "student"  # whose top-k the KL is taken over
     chunk_size: int = 0  # positions per LM-head chunk; 0 = auto: about 2^22 logits a chunk on a CPU, 2^26 on a GPU
     start_step: int = 0  # OPD applies from step start_step + 1 on (two-stage recipes: bridge, then OPD)
 
@@ -82,10 +82,10 @@ class OPDConfig:
 class OPRDConfig:
     coef: float = 0.0  # mu in L = L_OPD + mu * L_OPRD; 0 turns OPRD off
     normalize: bool = True  # L2-normalise both vectors (reference code); false = paper's 1/d MSE
-    layers: str | list[int] = "all"  # last | all | even | odd | explicit 1-based student layers
-    positions: str = "last_k"  # all | last | first_k | last_k
+    layers: LayerMode | list[int] = "all"  # or explicit 1-based student layers
+    positions: PositionMode = "last_k"
     k: int = 2000
-    aggregation: str = "token"  # token (reference code) | sequence (paper Eq. 6)
+    aggregation: Aggregation = "token"  # token (reference code) or sequence (paper Eq. 6)
     stop_step: int = 0  # OPRD applies up to this step; 0 = every step
     preflight_prompts: int = 4  # rollouts of this many prompts measure student-teacher cosine before training; 0 = skip
     preflight_min_cos: float = 0.5  # warn when the pre-flight cosine similarity is below this
@@ -95,7 +95,7 @@ class OPRDConfig:
 class OptimConfig:
     lr: float = 1e-5
     warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up
     schedule_steps: int | None = None  # the steps warm-up and decay are spread over; None = max_steps
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
@@ -104,7 +104,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     micro_batch_size: int = 4  # sequences per forward/backward; gradients accumulate over the step
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on a CPU
     gradient_checkpointing: bool = False
 
 
@@ -117,7 +117,7 @@ class BridgeConfig:
 class TeacherSpec(ModelSpec):
     """`teacher.*`: where the teacher comes from (a hub id or path, or `self`) and what it reads."""
 
-    self_mode: str = "frozen"  # model=self: frozen (the student at step 0) | ema (its moving average) | live (itself)
+    self_mode: SelfMode = "frozen"  # model=self: the student at step 0, its moving average, or itself
     ema_decay: float = 0.99  # self_mode=ema: teacher <- decay * teacher + (1 - decay) * student after each step
     prompt_template: str | None = None  # the teacher's privileged prompt: "{prompt}" and data columns, e.g. "{answer}"
 
@@ -163,7 +163,7 @@ class TrainConfig:
     eval_limit: int | None = None
     gates: list[str] = field(default_factory=list)  # "val/B/M >= N", ">= start + N", ">= teacher - N" (oprd.gates)
     keep_best: str | None = None  # a validation metric: best/ keeps the checkpoint with its best value
-    keep_best_mode: str = "max"  # max | min
+    keep_best_mode: Literal["max", "min"] = "max"
     # final/ and best/: auto = student.dtype where set, else the student checkpoint's own (config.json), else float32
     export_dtype: str = "auto"
     student: ModelSpec = field(default_factory=ModelSpec)
@@ -338,10 +338,15 @@ def _build(cls, raw: dict, prefix: str):
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Checks `value` against a field's type; only ints and numeric strings pass as floats."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
+    choices = [choice for option in options if typing.get_origin(option) is Literal
+               for choice in typing.get_args(option)]
     for option in options:
         if option is type(None) and value is None:
             return None
+        if typing.get_origin(option) is Literal and value in typing.get_args(option):
+            return value
         if option is float and (isinstance(value, (int, float)) and not isinstance(value, bool)
                                 or isinstance(value, str) and _is_number(value)):  # YAML reads 1e-5 as a string
             if not math.isfinite(float(value)):
@@ -357,8 +362,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                 return list(value)
         if option == list[str] and isinstance(value, str):  # "a,b" on the command line
             return [v.strip() for v in value.split(",") if v.strip()]
-    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+    others = [str(o) if typing.get_origin(o) else o.__name__ for o in options if typing.get_origin(o) is not Literal]
+    if choices:
+        also = f" (or {' or '.join(others)})" if others else ""
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}{also}; got {value!r}")
+    raise ConfigError(f"{name} must be {' or '.join(others)}, got {value!r} ({type(value).__name__})")
 
 
 def _is_number(text: str) -> bool:
@@ -387,29 +395,32 @@ def validate_objective(opd: OPDConfig, oprd: OPRDConfig) -> None:
     require(oprd.coef >= 0, f"oprd.coef (mu, the weight of OPRD) must be >= 0 (0 turns OPRD off); got {oprd.coef}")
     require(opd.objective != "none" or oprd.coef > 0,
             "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
-    _one_of(opd.objective, OPD_OBJECTIVES, "opd.objective")
-    _one_of(opd.support, TOPK_SUPPORTS, "opd.support")
     require(opd.k >= 1, f"opd.k must be >= 1; got {opd.k}")
     require(opd.chunk_size >= 0, f"opd.chunk_size must be >= 0 (0 = auto); got {opd.chunk_size}")
-    if isinstance(oprd.layers, str):
-        _one_of(oprd.layers, LAYER_MODES, "oprd.layers (or an explicit list of 1-based layers)")
-    else:
+    if not isinstance(oprd.layers, str):
         require(bool(oprd.layers) and all(layer >= 1 for layer in oprd.layers),
                 f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {oprd.layers}")
-    _one_of(oprd.positions, POSITION_MODES, "oprd.positions")
-    _one_of(oprd.aggregation, AGGREGATIONS, "oprd.aggregation")
     require(oprd.k >= 1, f"oprd.k must be >= 1; got {oprd.k}")
+
+
+def _check_choices(section: Any, prefix: str = "") -> None:
+    """Every field typed as a `Literal` holds one of its choices, as `load_config` checks it: a
+    config built in code (`dataclasses.replace`) is held to the same rule, with the same message."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        value = getattr(section, name)
+        if dataclasses.is_dataclass(hint):
+            _check_choices(value, f"{prefix}{name}.")
+        elif Literal in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
+            _coerce(value, hint, f"{prefix}{name}")
 
 
 def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model."""
+    _check_choices(cfg)
     require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
     validate_teachers(cfg)
     require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
     validate_objective(cfg.opd, cfg.oprd)
-    _one_of(cfg.rollout.backend, ("hf", "vllm"), "rollout.backend")
-    _one_of(cfg.rollout.vllm_mode, ("server", "colocate"), "rollout.vllm_mode")
-    _one_of(cfg.rollout.vllm_sync, ("auto", "nccl", "disk"), "rollout.vllm_sync")
     require(0 < cfg.rollout.vllm_gpu_memory_utilization < 1,
             f"rollout.vllm_gpu_memory_utilization must be in (0, 1); got {cfg.rollout.vllm_gpu_memory_utilization}")
     require(cfg.rollout.vllm_timeout_s > 0, "rollout.vllm_timeout_s must be > 0")
@@ -427,7 +438,6 @@ def validate(cfg: TrainConfig) -> None:
     require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
     require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
     require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
-    _one_of(cfg.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     horizon = cfg.optim.schedule_steps
     require(horizon is None or horizon >= 1, f"optim.schedule_steps must be >= 1 (or unset: max_steps); got {horizon}")
     decays_to_zero = cfg.optim.schedule != "constant" and cfg.optim.min_lr_ratio == 0
@@ -435,7 +445,6 @@ def validate(cfg: TrainConfig) -> None:
             f"optim.schedule_steps={horizon} is below max_steps={cfg.max_steps}: the {cfg.optim.schedule} decay "
             f"reaches lr 0 there and steps {(horizon or 0) + 1}..{cfg.max_steps} would not train; set "
             "schedule_steps >= max_steps (or leave it unset), or optim.min_lr_ratio > 0")
-    _one_of(cfg.optim.precision, ("auto", "fp32", "bf16"), "optim.precision")
     require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
     for name in ("beta1", "beta2"):
@@ -533,7 +542,6 @@ def validate_teachers(cfg: TrainConfig) -> None:
     defaults = TeacherSpec()
     require(teacher.model == SELF or (teacher.self_mode, teacher.ema_decay) == (defaults.self_mode, defaults.ema_decay),
             "teacher.self_mode and teacher.ema_decay apply to teacher.model=self (self-distillation)")
-    _one_of(teacher.self_mode, SELF_MODES, "teacher.self_mode")
     require(0 < teacher.ema_decay < 1, f"teacher.ema_decay must be in (0, 1); got {teacher.ema_decay}")
     if teacher.model == SELF:
         require(teacher.tokenizer is None and not teacher.random_init and teacher.revision is None,
@@ -571,7 +579,6 @@ def validation_keys(cfg: TrainConfig) -> list[str]:
 
 def validate_gates(cfg: TrainConfig) -> None:
     """`gates` and `keep_best` name metrics the run's validation reports, and the run validates."""
-    _one_of(cfg.keep_best_mode, ("max", "min"), "keep_best_mode")
     if not cfg.gates and cfg.keep_best is None:
         return
     require(cfg.eval_every > 0, "gates and keep_best judge the run's validation, but eval_every=0 turns it off: set "

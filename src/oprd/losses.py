@@ -15,16 +15,20 @@ Two layers of API:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-POSITION_MODES = ("all", "last", "first_k", "last_k")
-LAYER_MODES = ("last", "all", "even", "odd")
-TOPK_SUPPORTS = ("student", "teacher", "intersection", "union")
-AGGREGATIONS = ("token", "sequence")
+PositionMode = Literal["all", "last", "first_k", "last_k"]
+LayerMode = Literal["last", "all", "even", "odd"]
+TopkSupport = Literal["student", "teacher", "intersection", "union"]
+Aggregation = Literal["token", "sequence"]
+POSITION_MODES, LAYER_MODES = typing.get_args(PositionMode), typing.get_args(LayerMode)
+TOPK_SUPPORTS, AGGREGATIONS = typing.get_args(TopkSupport), typing.get_args(Aggregation)
 
 
 # --------------------------------------------------------------------------- selection
