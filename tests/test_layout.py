@@ -99,3 +99,14 @@ def test_the_training_loop_reads_as_timed_phases():
               if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)}
     assert phases == ["sample", "update", "validate"] and {*phases, "record", "save"} <= called
     assert {"sample", "update", "validate"} <= set(functions)
+
+
+def test_the_config_checks_read_section_by_section():
+    tree = ast.parse((PACKAGE / "config.py").read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {name: node.end_lineno - node.lineno + 1 for name, node in functions.items()
+            if node.end_lineno - node.lineno + 1 > 60} == {}
+    calls = [call for call in ast.walk(functions["validate"]) if isinstance(call, ast.Call)]
+    called = [c.func.id for c in calls if isinstance(c.func, ast.Name) and c.func.id.startswith("validate_")]
+    assert called == ["validate_run", "validate_models", "validate_data", "validate_rollout", "validate_objective",
+                      "validate_stages", "validate_optim", "validate_eval", "validate_gates"]

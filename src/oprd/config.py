@@ -415,72 +415,78 @@ def _check_choices(section: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Value and combination checks that need no model."""
+    """Value and combination checks that need no model, section by section."""
     _check_choices(cfg)
-    require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
-    validate_teachers(cfg)
+    validate_run(cfg)
+    validate_models(cfg)
     require(bool(cfg.data.path), "data.path is required (a parquet/JSONL file, benchmark name or hub dataset)")
+    validate_data(cfg.data)
+    validate_rollout(cfg.rollout)
     validate_objective(cfg.opd, cfg.oprd)
-    require(0 < cfg.rollout.vllm_gpu_memory_utilization < 1,
-            f"rollout.vllm_gpu_memory_utilization must be in (0, 1); got {cfg.rollout.vllm_gpu_memory_utilization}")
-    require(cfg.rollout.vllm_timeout_s > 0, "rollout.vllm_timeout_s must be > 0")
-    require(cfg.rollout.kv_cache_gib >= 0,
-            f"rollout.kv_cache_gib must be >= 0 (0 = a quarter of the device's memory); got {cfg.rollout.kv_cache_gib}")
-    require(cfg.rollout.backend != "vllm" or cfg.rollout.vllm_mode != "colocate"
-            or importlib.util.find_spec("vllm") is not None,
-            "rollout.backend=vllm with vllm_mode=colocate needs vLLM in this environment: pip install -e '.[vllm]' "
-            "(or vllm_mode=server with a separately started server)")
-    for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_batch_sequences"):
-        require(getattr(cfg.rollout, name) >= 1, f"rollout.{name} must be >= 1")
-    require(cfg.rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")
-    require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {cfg.rollout.top_p}")
-    require(0 < cfg.eval_top_p <= 1, f"eval_top_p must be in (0, 1]; got {cfg.eval_top_p}")
-    require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
-    require(0 <= cfg.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {cfg.optim.warmup_ratio}")
-    require(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
-    horizon = cfg.optim.schedule_steps
-    require(horizon is None or horizon >= 1, f"optim.schedule_steps must be >= 1 (or unset: max_steps); got {horizon}")
-    decays_to_zero = cfg.optim.schedule != "constant" and cfg.optim.min_lr_ratio == 0
-    require(horizon is None or horizon >= cfg.max_steps or not decays_to_zero,
-            f"optim.schedule_steps={horizon} is below max_steps={cfg.max_steps}: the {cfg.optim.schedule} decay "
-            f"reaches lr 0 there and steps {(horizon or 0) + 1}..{cfg.max_steps} would not train; set "
-            "schedule_steps >= max_steps (or leave it unset), or optim.min_lr_ratio > 0")
-    require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
-    require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
-    for name in ("beta1", "beta2"):
-        value = getattr(cfg.optim, name)
-        require(0 <= value < 1, f"optim.{name} must be in [0, 1); got {value}")
-    require(cfg.optim.eps > 0, f"optim.eps must be > 0; got {cfg.optim.eps}")
-    require(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay}")
+    validate_stages(cfg)
+    validate_optim(cfg)
+    if cfg.bridge.path is not None:
+        _check_bridge(cfg, cfg.bridge.path, "bridge.path")
+    validate_eval(cfg)
+    validate_gates(cfg)
+
+
+def validate_run(cfg: TrainConfig) -> None:
+    """The top-level keys: the device, the steps, saving, resuming, where metrics go."""
     require(bool(DEVICE.match(cfg.device)), f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
     require(not cfg.device.startswith("cuda") or torch.cuda.is_available(),
             f"device={cfg.device} but no GPU is visible to torch (torch {torch.__version__}); use device=cpu or auto")
+    require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
+    require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
+    require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     require(cfg.resume_from is None or Path(cfg.resume_from).is_dir(),
             f"resume_from={cfg.resume_from}: no such checkpoint folder")
     unknown = [key for key in cfg.resume_changes if key not in flat_keys(cfg)]
     require(not unknown, f"resume_changes names keys that do not exist: {unknown}")
-    require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
-    require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
-    require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    require(cfg.eval_every >= 0, "eval_every must be >= 0")
-    require(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
-    require(cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1 (or unset); got {cfg.data.limit}")
-    require(cfg.data.enable_thinking is None or cfg.data.use_chat_template,
-            f"data.enable_thinking={cfg.data.enable_thinking} is a chat-template variable, but "
-            "data.use_chat_template=false: drop one of them")
+    _one_of(cfg.export_dtype, ("auto", *DTYPES), "export_dtype")
+    for sink in cfg.report_to:
+        _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
+        require(importlib.util.find_spec(sink) is not None,
+                f"report_to={sink} needs the {sink} package: pip install 'oprd[{sink}]'")
+
+
+def validate_models(cfg: TrainConfig) -> None:
+    """`student.*`, then the teacher or teachers."""
+    require(bool(cfg.student.model), "student.model is required (a hub id or a local path)")
+    require(cfg.student.shard, "student.shard=false is not supported: the student is always sharded under torchrun "
+                               "(teacher.shard=false keeps a full teacher in every process)")
+    validate_teachers(cfg)
     for side, spec in (("student", cfg.student), ("teacher", cfg.teacher),
                        *((f"teachers.members[{i}]", m) for i, m in enumerate(cfg.teachers.members))):
         _one_of(spec.dtype, ("auto", *DTYPES), f"{side}.dtype")
-    _one_of(cfg.export_dtype, ("auto", *DTYPES), "export_dtype")
-    require(cfg.student.shard, "student.shard=false is not supported: the student is always sharded under torchrun "
-                               "(teacher.shard=false keeps a full teacher in every process)")
-    require(cfg.bridge.path is None or cfg.uses_oprd,
-            "bridge.path is set but OPRD is off: set oprd.coef > 0 to use the bridge")
-    require(cfg.bridge.path is None or cfg.oprd.normalize,
-            "bridge.path compares L2-normalised projections (the paper's Stage 2), so oprd.normalize=false does "
-            "not apply: drop it or set oprd.normalize=true")
-    require(cfg.bridge.path is None or Path(cfg.bridge.path).is_file(),
-            f"bridge.path={cfg.bridge.path}: no such file (fit one with `oprd bridge fit`)")
+
+
+def validate_data(data: DataConfig) -> None:
+    require(data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1")
+    require(data.limit is None or data.limit >= 1, f"data.limit must be >= 1 (or unset); got {data.limit}")
+    require(data.enable_thinking is None or data.use_chat_template,
+            f"data.enable_thinking={data.enable_thinking} is a chat-template variable, but "
+            "data.use_chat_template=false: drop one of them")
+
+
+def validate_rollout(rollout: RolloutConfig) -> None:
+    for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_batch_sequences"):
+        require(getattr(rollout, name) >= 1, f"rollout.{name} must be >= 1")
+    require(rollout.temperature > 0, "rollout.temperature must be > 0: on-policy distillation samples")
+    require(0 < rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {rollout.top_p}")
+    require(rollout.kv_cache_gib >= 0,
+            f"rollout.kv_cache_gib must be >= 0 (0 = a quarter of the device's memory); got {rollout.kv_cache_gib}")
+    require(0 < rollout.vllm_gpu_memory_utilization < 1,
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1); got {rollout.vllm_gpu_memory_utilization}")
+    require(rollout.vllm_timeout_s > 0, "rollout.vllm_timeout_s must be > 0")
+    require(rollout.backend != "vllm" or rollout.vllm_mode != "colocate"
+            or importlib.util.find_spec("vllm") is not None,
+            "rollout.backend=vllm with vllm_mode=colocate needs vLLM in this environment: pip install -e '.[vllm]' "
+            "(or vllm_mode=server with a separately started server)")
+
+
+def validate_stages(cfg: TrainConfig) -> None:
+    """opd.start_step and oprd.stop_step: every step has an objective."""
     require(cfg.opd.start_step >= 0 and cfg.oprd.stop_step >= 0, "opd.start_step and oprd.stop_step must be >= 0")
     require(not cfg.uses_opd or cfg.opd.start_step < cfg.max_steps,
             f"opd.start_step={cfg.opd.start_step} leaves no step for OPD (max_steps={cfg.max_steps})")
@@ -491,11 +497,40 @@ def validate(cfg: TrainConfig) -> None:
             f"steps {oprd_last + 1}..{min(opd_first, cfg.max_steps + 1) - 1} have no objective: OPRD stops after "
             f"oprd.stop_step={cfg.oprd.stop_step} and OPD starts after opd.start_step={cfg.opd.start_step}")
     require(cfg.oprd.preflight_prompts >= 0, "oprd.preflight_prompts must be >= 0 (0 skips the check)")
-    validate_gates(cfg)
-    for sink in cfg.report_to:
-        _one_of(sink, ("tensorboard", "wandb"), "report_to entries")
-        require(importlib.util.find_spec(sink) is not None,
-                f"report_to={sink} needs the {sink} package: pip install 'oprd[{sink}]'")
+
+
+def validate_optim(cfg: TrainConfig) -> None:
+    optim = cfg.optim
+    require(optim.lr > 0, f"optim.lr must be > 0; got {optim.lr}")
+    require(0 <= optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1); got {optim.warmup_ratio}")
+    require(0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {optim.min_lr_ratio}")
+    horizon = optim.schedule_steps
+    require(horizon is None or horizon >= 1, f"optim.schedule_steps must be >= 1 (or unset: max_steps); got {horizon}")
+    decays_to_zero = optim.schedule != "constant" and optim.min_lr_ratio == 0
+    require(horizon is None or horizon >= cfg.max_steps or not decays_to_zero,
+            f"optim.schedule_steps={horizon} is below max_steps={cfg.max_steps}: the {optim.schedule} decay "
+            f"reaches lr 0 there and steps {(horizon or 0) + 1}..{cfg.max_steps} would not train; set "
+            "schedule_steps >= max_steps (or leave it unset), or optim.min_lr_ratio > 0")
+    require(optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    require(optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+    for name in ("beta1", "beta2"):
+        value = getattr(optim, name)
+        require(0 <= value < 1, f"optim.{name} must be in [0, 1); got {value}")
+    require(optim.eps > 0, f"optim.eps must be > 0; got {optim.eps}")
+    require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {optim.weight_decay}")
+
+
+def _check_bridge(cfg: TrainConfig, path: str, name: str) -> None:
+    """A bridge file (`bridge.path`, or a member's): OPRD on, normalised states, the file there."""
+    require(cfg.uses_oprd, f"{name} is set but OPRD is off: set oprd.coef > 0 to use the bridge")
+    require(cfg.oprd.normalize, f"{name} compares L2-normalised projections (the paper's Stage 2), so "
+                                "oprd.normalize=false does not apply: drop it or set oprd.normalize=true")
+    require(Path(path).is_file(), f"{name}={path}: no such file (fit one with `oprd bridge fit`)")
+
+
+def validate_eval(cfg: TrainConfig) -> None:
+    require(cfg.eval_every >= 0, "eval_every must be >= 0")
+    require(0 < cfg.eval_top_p <= 1, f"eval_top_p must be in (0, 1]; got {cfg.eval_top_p}")
 
 
 def validate_teachers(cfg: TrainConfig) -> None:
@@ -527,12 +562,8 @@ def validate_teachers(cfg: TrainConfig) -> None:
             require(cfg.teachers.route_by is None or member.weight == 1.0,
                     f"{field_name}.weight={member.weight}: weights apply to the weighted average (teachers.route_by "
                     "unset); a routed sample is scored by its one teacher")
-            require(member.bridge is None or cfg.uses_oprd,
-                    f"{field_name}.bridge is set but OPRD is off: set oprd.coef > 0 to use the bridge")
-            require(member.bridge is None or Path(member.bridge).is_file(),
-                    f"{field_name}.bridge={member.bridge}: no such file (fit one with `oprd bridge fit`)")
-            require(member.bridge is None or cfg.oprd.normalize,
-                    f"{field_name}.bridge compares L2-normalised projections: set oprd.normalize=true")
+            if member.bridge is not None:
+                _check_bridge(cfg, member.bridge, f"{field_name}.bridge")
             for value in member.routes or [member.name]:
                 require(value not in routes, f"{field_name}.routes: {cfg.teachers.route_by}={value!r} is routed to "
                                              f"both {routes.get(value)} and {member.name}")
