@@ -110,3 +110,15 @@ def test_the_config_checks_read_section_by_section():
     called = [c.func.id for c in calls if isinstance(c.func, ast.Name) and c.func.id.startswith("validate_")]
     assert called == ["validate_run", "validate_models", "validate_data", "validate_rollout", "validate_objective",
                       "validate_stages", "validate_optim", "validate_eval", "validate_gates"]
+
+
+def test_the_trainer_never_loads_stage_1():
+    """The trainer reads the bridge's projectors only; Stage 1 (its rollouts and row reservoir)
+    loads when one of its names is first used."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, oprd.trainer; before = 'oprd.bridge.stage1' in sys.modules; "
+             "from oprd.bridge import layer_pairs; print(before, 'oprd.bridge.stage1' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["False", "True"]

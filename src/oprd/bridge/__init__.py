@@ -19,7 +19,19 @@ from oprd.bridge.projector import (
     unit_rms,
     vocab_hash,
 )
-from oprd.bridge.stage1 import PairedRows, RowReservoir, layer_pairs, paired_rows_from_batches
+
+STAGE1 = ("PairedRows", "RowReservoir", "layer_pairs", "paired_rows_from_batches")
+
+
+def __getattr__(name: str):
+    """Stage 1's names load Stage 1 on first use: the trainer, which reads only the projectors,
+    never runs Stage 1's program code (its rollouts, its row reservoir)."""
+    if name in STAGE1:
+        from oprd.bridge import stage1
+
+        return getattr(stage1, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Bridge", "Pair", "PairedRows", "RowReservoir", "align_by_offsets", "bridge_metadata", "fit_bridge",
