@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from oprd.gates import GateError, parse_gate
 from oprd.losses import Aggregation, LayerMode, PositionMode, TopkSupport
-from oprd.models import DTYPES, ModelSpec
+from oprd.models import DTYPES, ModelSpec, device_problem
 
 OPDObjective = Literal["none", "sampled", "topk", "full"]
-DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 SELF = "self"  # teacher.model=self: the student teaches itself (self-distillation)
 SelfMode = Literal["frozen", "ema", "live"]
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # it becomes part of metric keys
@@ -433,9 +431,8 @@ def validate(cfg: TrainConfig) -> None:
 
 def validate_run(cfg: TrainConfig) -> None:
     """The top-level keys: the device, the steps, saving, resuming, where metrics go."""
-    require(bool(DEVICE.match(cfg.device)), f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
-    require(not cfg.device.startswith("cuda") or torch.cuda.is_available(),
-            f"device={cfg.device} but no GPU is visible to torch (torch {torch.__version__}); use device=cpu or auto")
+    problem = device_problem(cfg.device)
+    require(problem is None, problem or "")
     require(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
     require(cfg.save_every >= 0, "save_every must be >= 0 (0 saves only the final model)")
     require(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")

@@ -45,6 +45,19 @@ class ModelSpec:
     shard: bool = True  # under torchrun: sharded across processes (FSDP2); false: a full copy in each
 
 
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # the `device` settings oprd reads
+
+
+def device_problem(name: str) -> str | None:
+    """What is wrong with a `device` setting, or None: a name oprd does not read, or a GPU that
+    torch cannot see."""
+    if not DEVICE.match(name):
+        return f"device must be auto, cpu, cuda or cuda:N; got {name!r}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        return f"device={name} but no GPU is visible to torch (torch {torch.__version__}); use device=cpu or auto"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto`: the GPU when there is one, else the CPU; any other name as torch reads it."""
     if name == "auto":
