@@ -2,11 +2,12 @@
 
 The package, from the bottom up:
 
-  the engine    config, models, data, batch, rollout (and vllm_backend), capture, alignment,
-                losses, objective, preflight, checkpoint, files, recorder, display, distributed,
-                trainer
-  bridge/       OPRD-Bridge: frozen projectors (projector) and the Stage 1 fit (stage1)
-  evaluation/   grading, metrics, the benchmark harness and its reports
+  the engine    config, models, shapes, answers, data, batch, rollout (and vllm_backend), capture,
+                alignment, losses, objective, teachers, preflight, optim, checkpoint, files,
+                gates, provenance, recorder, run_report, display, distributed, trainer
+  bridge/       OPRD-Bridge: frozen projectors (projector) and the Stage 1 fit (stage1, loaded
+                on first use)
+  evaluation/   grading, metrics, the benchmark harness and its reports, the trainer's validation
   experiments/  programs that use the library and are never used by it: the toy world, the
                 demos, the rank sweep and the bench
   testing       offline fixtures: tiny model configs and locally trained tokenizers

@@ -1,8 +1,9 @@
 """Evaluation with the paper's metrics: grading answers by value, the metrics, the benchmark
-harness (`oprd.evaluation.harness`) and its reports (`oprd.evaluation.reports`).
+harness (`oprd.evaluation.harness`), its reports (`oprd.evaluation.reports`) and the trainer's
+validation (`oprd.evaluation.validation`).
 
-This face holds what needs neither torch nor a model: answer extraction and grading, and the
-metric formulas.
+This face holds what needs neither torch nor a model: answer extraction (`oprd.answers`) and
+grading, and the metric formulas.
 """
 
 from oprd.answers import extract_answer
