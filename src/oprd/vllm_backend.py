@@ -285,16 +285,17 @@ def write_weights_by_block(model: torch.nn.Module, folder: Path, world: World,
     copy is 2.4 GB). In `dtype` where given: a bf16 server reads half the bytes of the float32
     master weights. Every process calls it (the gathers are collectives); the main one writes.
     A tied head is written under its own name too (see `_named_weights`)."""
-    groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-    for name, parameter in _named_weights(model):
-        match = BLOCK.match(name)
-        groups.setdefault(match.group(1) if match else "rest", []).append((name, parameter))
+    groups: dict[str, list[tuple[list[str], torch.nn.Parameter]]] = {}
+    for names, parameter in _named_weights(model):
+        match = BLOCK.match(names[0])
+        groups.setdefault(match.group(1) if match else "rest", []).append((names, parameter))
     weight_map = {}
     for index, members in enumerate(groups.values(), 1):
         file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
-        # .clone(): a tied head and its embedding are one tensor, which safetensors stores once per name
-        state = {name: distributed.full_value(parameter.detach()).to("cpu", dtype or parameter.dtype).clone()
-                 for name, parameter in members}
+        state = {}
+        for names, parameter in members:  # gathered once; a second name gets a copy (safetensors stores one each)
+            tensor = distributed.full_value(parameter.detach()).to("cpu", dtype or parameter.dtype).contiguous()
+            state |= {name: tensor.clone() if name != names[0] else tensor for name in names}
         if world.main:
             write_file_atomically(folder / file, lambda tmp, state=state: save_file(state, str(tmp),
                                                                                    metadata={"format": "pt"}))
@@ -460,14 +461,19 @@ class ColocatedRollout:
 def _gathered_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The student's parameters one at a time, each gathered whole (a collective under FSDP), so no
     full copy of the model is ever held beside the engine's."""
-    for name, parameter in _named_weights(model):
-        yield name, distributed.full_value(parameter.detach())
+    for names, parameter in _named_weights(model):
+        gathered = distributed.full_value(parameter.detach())  # once, under every name it is loaded by
+        for name in names:
+            yield name, gathered
 
 
-def _named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """Every name an engine loads weights by: a tied head under its own name as well as the
-    embedding's. vLLM does not re-tie a tied head when weights are reloaded (its CPU build keeps the
-    head it started with: measured, tests/test_vllm.py), so oprd's engines hold their own head
+def _named_weights(model: torch.nn.Module) -> list[tuple[list[str], torch.nn.Parameter]]:
+    """Each parameter once, with every name an engine loads weights by: a tied head's name beside
+    the embedding's. vLLM does not re-tie a tied head when weights are reloaded (its CPU build keeps
+    the head it started with: measured, tests/test_vllm.py), so oprd's engines hold their own head
     (`tie_word_embeddings` off: the colocated engine, and a server started as docs/vllm.md says) and
-    load it by this name."""
-    return model.named_parameters(remove_duplicate=False)
+    load it by that name."""
+    named: dict[int, tuple[list[str], torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        named.setdefault(id(parameter), ([], parameter))[0].append(name)
+    return list(named.values())
