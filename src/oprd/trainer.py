@@ -103,14 +103,14 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             with run.recorder.progress(cfg.max_steps, run.start_step) as advance:
                 for step in range(run.start_step + 1, cfg.max_steps + 1):
                     timings: dict[str, float] = {}  # each phase's seconds, logged as time/<phase>_s
-                    started = time.perf_counter()
+                    step_started = time.perf_counter()
                     with timed(timings, "sample"):
                         batch = sample(run, step)
                     with timed(timings, "update", run.device):
                         metrics = update(run, batch, step, timings)
                     with timed(timings, "validate"):
                         metrics |= validate(run, step, timings)
-                    advance(step, progress_text(record(run, step, batch, metrics, timings, started)))
+                    advance(step, progress_text(record(run, step, batch, metrics, timings, step_started)))
                     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                         save(run, step)
             folder = finish(run)
