@@ -350,8 +350,13 @@ def student_logprobs(model: torch.nn.Module, ids: list[int], dtype: torch.dtype 
     precision = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     with distributed.gathered(model), precision:
         logits = model(input_ids=tokens).logits.float()
-    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-    return logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
+    return _next_token_logprobs(logits, tokens)
+
+
+def _next_token_logprobs(logits_1_S_V: torch.Tensor, tokens_1_S: torch.Tensor) -> list[float]:
+    """log p(tokens[t] | tokens[:t]) for t >= 1, from one sequence's float32 logits."""
+    logprobs = torch.log_softmax(logits_1_S_V[0, :-1], dim=-1)
+    return logprobs.gather(-1, tokens_1_S[0, 1:, None]).squeeze(-1).tolist()
 
 
 def _model_class(model: torch.nn.Module) -> type[torch.nn.Module]:
@@ -376,8 +381,7 @@ def float32_logprobs(model: torch.nn.Module, ids: list[int], world: World = ONE_
     with torch.no_grad():
         # a full state dict names a tied head and its embedding apart, with the same values
         logits = torch.func.functional_call(empty, tensors, (), {"input_ids": tokens}, tie_weights=False).logits.float()
-    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-    return logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
+    return _next_token_logprobs(logits, tokens)
 
 
 # --------------------------------------------------------------------------- an engine on the training GPU
