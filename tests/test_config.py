@@ -6,9 +6,10 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT, SMOKE
 
-from oprd.config import ConfigError, TrainConfig, load_config
+from oprd.config import ConfigError, TrainConfig, load_config, read_run_config, to_dict, trained_differences
 from oprd.models import ModelSpec, load_model_config, load_tokenizer
 from oprd.preflight import check_model_pairing
 from oprd.testing import tiny_config, train_tokenizer
@@ -18,11 +19,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def test_recipe_loads_and_overrides_apply():
     cfg = load_config(SMOKE / "oprd.yaml",
-                      ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "eval_benchmarks=aime24,aime25"])
+                      ["optim.lr=2e-4", "max_steps=7", "oprd.layers=[1, 3]", "eval.benchmarks=aime24,aime25"])
     assert cfg.optim.lr == pytest.approx(2e-4)
     assert cfg.max_steps == 7
     assert cfg.oprd.layers == [1, 3]
-    assert cfg.eval_benchmarks == ["aime24", "aime25"]
+    assert cfg.eval.benchmarks == ["aime24", "aime25"]
     # relative paths are read from the recipe's folder
     assert Path(cfg.student.model) == (SMOKE / "tiny-qwen3").resolve()
     assert Path(cfg.data.path) == (SMOKE / "prompts.parquet").resolve()
@@ -68,14 +69,14 @@ def test_paper_recipes_follow_the_reference_run_where_the_paper_is_silent(recipe
     # the paper's own settings
     assert (cfg.max_steps, cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.schedule) == (500, 1e-5, 0.03, "cosine")
     assert (cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.optim.precision) == (1.0, 16384, "bf16")
-    assert (cfg.eval_samples, cfg.eval_temperature) == (16, 0.7)
+    assert (cfg.eval.samples, cfg.eval.temperature) == (16, 0.7)
     # the reference run's: its DAPO file in file order, a horizon of one epoch of it, no thinking, no effective
     # clipping, a float32 teacher, validation at top_p 0.95 and 15,360 tokens, the bridge at coefficient 10
     assert (cfg.data.path, cfg.data.shuffle, cfg.data.enable_thinking) == ("data/dapo-math-17k.parquet", False, False)
     assert cfg.data.max_prompt_tokens == 2048 and cfg.optim.schedule_steps == 17_917 // 8 == 2239
     assert (cfg.optim.grad_clip, cfg.optim.weight_decay, cfg.teacher.dtype) == (1000, 0.01, "float32")
-    assert (cfg.eval_top_p, cfg.eval_max_new_tokens) == (0.95, 15360)
-    assert cfg.eval_every == (50 if bridge else 20)
+    assert (cfg.eval.top_p, cfg.eval.max_new_tokens) == (0.95, 15360)
+    assert cfg.eval.every == (50 if bridge else 20)
     if bridge:
         assert cfg.oprd.coef == 10 and cfg.oprd.normalize
 
@@ -102,7 +103,10 @@ def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
         (["oprd.layers=[0, 2]"], "oprd.layers as a list needs 1-based"),
         (["opd.objective=none", "oprd.coef=0"], "nothing to train"),
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
-        (["eval_top_p=0"], "eval_top_p must be in"),
+        (["eval.top_p=0"], "eval.top_p must be in"),
+        (["eval.samples=0"], "eval.samples must be >= 1"),
+        (["eval_every=5"], "eval_every is now eval.every: write eval.every=5 on the command line, or in a recipe "
+                           "`eval:` with `every: 5` under it"),
         (["a.b.c=1"], "nested too deeply"),
         (["optim.schedule_steps=0"], "optim.schedule_steps must be >= 1"),
         (["data.enable_thinking=false", "data.use_chat_template=false"], "data.enable_thinking=False is a chat-"),
@@ -114,6 +118,23 @@ def test_bridge_then_opd_is_one_recipe_of_two_stages(tmp_path):
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(SMOKE / "oprd.yaml", overrides)
+
+
+def test_a_recipe_with_the_flat_eval_keys_is_told_their_section(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text((SMOKE / "oprd.yaml").read_text() + "eval_benchmarks: [aime24]\n")
+    with pytest.raises(ConfigError, match=r"eval_benchmarks is now eval.benchmarks: write eval.benchmarks=\['aime"):
+        load_config(recipe)
+
+
+def test_a_run_folder_written_with_the_flat_eval_keys_reads_them_into_the_section(tmp_path):
+    """A run recorded before the `eval` section resumes: its config.yaml moves them into it."""
+    recorded = to_dict(load_config(SMOKE / "oprd.yaml", ["eval.every=3", "eval.samples=2"]))
+    recorded.update({f"eval_{name}": value for name, value in recorded.pop("eval").items()})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    cfg = read_run_config(tmp_path / "config.yaml")
+    assert (cfg.eval.every, cfg.eval.samples) == (3, 2)
+    assert not trained_differences(cfg, load_config(SMOKE / "oprd.yaml", ["eval.every=3", "eval.samples=2"]))
 
 
 def test_a_short_schedule_is_allowed_where_the_lr_never_reaches_zero():

@@ -97,7 +97,7 @@ def test_data_of_blank_prompts_trains_on_what_is_left_or_stops(tmp_path):
     data = tmp_path / "blanks.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     args = ["train", str(SMOKE / "oprd.yaml"), f"output_dir={tmp_path / 'run'}", f"data.path={data}", "max_steps=1",
-            "eval_every=0"]
+            "eval.every=0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "4 of 8 rows left out, 4 with a blank prompt (rows 1, 3, 5, 7)" in " ".join(result.output.split())
@@ -166,7 +166,7 @@ def test_resume_refuses_a_config_that_changes_what_was_trained(run_copy):
 def test_resume_with_allowed_changes_keeps_every_segment_and_applies_them(run_copy):
     run = train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_copy}", "max_steps=3", "save_every=1",
                                                   "resume=true", "optim.lr=2e-3", "resume_changes=[optim.lr,max_steps]",
-                                                  "eval_every=0"]))
+                                                  "eval.every=0"]))
     segments = sorted((run / "configs").glob("segment-*.yaml"))
     assert [p.name for p in segments] == ["segment-001.yaml", "segment-002.yaml"]
     assert read_run_config(segments[0]).optim.lr == 1e-3 and read_run_config(segments[1]).optim.lr == 2e-3
@@ -184,7 +184,7 @@ def test_resume_may_change_what_does_not_alter_training(run_copy):
 
     before = run_metrics(run_copy)
     shutil.rmtree(checkpoint.list_checkpoints(run_copy / "checkpoints")[-1])  # so that step 2 trains again
-    _resume(run_copy, "keep_checkpoints=5", "eval_every=0", "optim.micro_batch_size=1")
+    _resume(run_copy, "keep_checkpoints=5", "eval.every=0", "optim.micro_batch_size=1")
     segment = sorted((run_copy / "configs").glob("segment-*.yaml"))[-1]
     assert segment.name == "segment-002.yaml" and "from step 2, resumed from" in segment.read_text().splitlines()[0]
     assert read_run_config(segment).optim.micro_batch_size == 1

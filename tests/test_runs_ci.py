@@ -18,7 +18,7 @@ from oprd.provenance import COST_KEYS, MODEL_KEYS, PHASE_KEYS, SCHEMA_KEYS, SEGM
 from oprd.run_report import comparison_series, report_series
 from oprd.trainer import train
 
-VALIDATION = ["eval_every=2", "eval_benchmarks=[aime24]", "eval_limit=2", "eval_samples=2", "eval_max_new_tokens=8"]
+VALIDATION = ["eval.every=2", "eval.benchmarks=[aime24]", "eval.limit=2", "eval.samples=2", "eval.max_new_tokens=8"]
 AVG = "val/aime24/avg@2"
 LENGTH = "val/aime24/avg_len"
 
@@ -54,7 +54,7 @@ def test_gates_judge_against_direct_comparisons():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["gates=[val/aime24/avg@2 >= 0]"], "eval_every=0 turns it off"),
+    (["gates=[val/aime24/avg@2 >= 0]"], "eval.every=0 turns it off"),
     ([*VALIDATION, "gates=[val/aime24/avg@4 >= 0]"], r"names val/aime24/avg@4, which validation does not report"),
     ([*VALIDATION, "gates=[val/aime24/avg@2 > 0]"], "is not of the form"),
     ([*VALIDATION, "keep_best=loss"], "keep_best=loss is not a metric validation reports"),
@@ -161,7 +161,7 @@ def test_best_is_rewritten_only_when_the_metric_improves(tmp_path, monkeypatch):
         written.append((target.name, run.best)), real(run, target, card)))
     run_dir = tmp_path / "run"
     train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_dir}", "max_steps=6", "save_every=0",
-                                           *VALIDATION[1:], "eval_every=1", f"keep_best={LENGTH}",
+                                           *VALIDATION[1:], "eval.every=1", f"keep_best={LENGTH}",
                                            "keep_best_mode=min"]))
     values = [r[LENGTH] for r in run_metrics(run_dir) if LENGTH in r and r["step"] > 0]
     improvements = [v for i, v in enumerate(values) if i == 0 or v < min(values[:i])]

@@ -195,9 +195,9 @@ class RecordingRollout:
 
 def test_training_and_validation_prompts_are_rendered_alike_and_validation_samples_as_configured():
     tokenizer = thinking_tokenizer()
-    cfg = load_config(SMOKE / "oprd.yaml", ["data.enable_thinking=false", "eval_every=1", "eval_benchmarks=aime24",
-                                            "eval_limit=2", "eval_samples=2", "eval_top_p=0.95",
-                                            "eval_max_new_tokens=15360"])
+    cfg = load_config(SMOKE / "oprd.yaml", ["data.enable_thinking=false", "eval.every=1", "eval.benchmarks=aime24",
+                                            "eval.limit=2", "eval.samples=2", "eval.top_p=0.95",
+                                            "eval.max_new_tokens=15360"])
     warnings = []
     training = training_prompts(cfg, tokenizer, tokenizer, recorder=type("Recorder", (), {"warn": warnings.append}))
     problems = load_problems(cfg.data.path)

@@ -401,7 +401,7 @@ def gate(run: Path = typer.Argument(..., help="a run folder (oprd train output_d
             raise FileNotFoundError(f"{run}: no such run folder")
         code, judged = verdict(run)
     if judged is None:
-        console.print(f"{run}: no gates were judged (set gates=[...] and eval_every=N in the recipe)")
+        console.print(f"{run}: no gates were judged (set gates=[...] and eval.every=N in the recipe)")
         raise typer.Exit(code=2)
     rows = [[r["gate"], "-" if r["value"] is None else f"{r['value']:.4g}", f"{r['threshold']:.4g}",
              "pass" if r["passed"] else "FAIL"] for r in judged["results"]]

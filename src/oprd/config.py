@@ -140,6 +140,24 @@ class TeachersConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training: the benchmarks' val splits, sampled as `oprd eval` samples them."""
+    every: int = 0  # every N steps and at the last; 0: no validation during training
+    benchmarks: list[str] = field(default_factory=lambda: ["aime24"])
+    samples: int = 4  # responses per problem (Avg@k, Best@k)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    limit: int | None = None  # only the first N problems of each benchmark
+
+
+# The flat keys the `eval` section replaced: a recipe that still uses one is told its new name, and a
+# run folder written before the section is read with them moved into it (so it resumes).
+RENAMED_KEYS = {f"eval_{name}": f"eval.{name}" for name in
+                ("every", "benchmarks", "samples", "temperature", "top_p", "max_new_tokens", "limit")}
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/oprd"
     seed: int = 0
@@ -152,13 +170,6 @@ class TrainConfig:
     overwrite: bool = False
     device: str = "auto"
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
-    eval_every: int = 0  # 0: no evaluation during training
-    eval_benchmarks: list[str] = field(default_factory=lambda: ["aime24"])
-    eval_samples: int = 4
-    eval_temperature: float = 0.7
-    eval_top_p: float = 1.0
-    eval_max_new_tokens: int = 1024
-    eval_limit: int | None = None
     gates: list[str] = field(default_factory=list)  # "val/B/M >= N", ">= start + N", ">= teacher - N" (oprd.gates)
     keep_best: str | None = None  # a validation metric: best/ keeps the checkpoint with its best value
     keep_best_mode: Literal["max", "min"] = "max"
@@ -173,6 +184,7 @@ class TrainConfig:
     oprd: OPRDConfig = field(default_factory=OPRDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def uses_opd(self) -> bool:
@@ -215,6 +227,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it, "
                               "e.g. optim.lr=1e-5 or oprd.layers=[1,2]") from None
         _set_dotted(raw, key.strip(), parsed)
+    for key in RENAMED_KEYS.keys() & raw.keys():
+        section, name = RENAMED_KEYS[key].split(".")
+        raise ConfigError(f"{key} is now {RENAMED_KEYS[key]}: write {RENAMED_KEYS[key]}={raw[key]!r} on the command "
+                          f"line, or in a recipe `{section}:` with `{name}: {raw[key]!r}` under it")
     cfg = _build(TrainConfig, raw, prefix="")
     validate(cfg)
     return cfg
@@ -244,6 +260,9 @@ def read_run_config(path: Path) -> TrainConfig:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"the run's {_yaml_error(path, error)}") from None
+    for key in RENAMED_KEYS.keys() & raw.keys():  # a run written before the key moved into its section
+        section, name = RENAMED_KEYS[key].split(".")
+        raw.setdefault(section, {})[name] = raw.pop(key)
     return _build(TrainConfig, raw, prefix="")
 
 
@@ -252,13 +271,12 @@ def read_run_config(path: Path) -> TrainConfig:
 # run's recorded config needs `resume_changes`.
 FREE_ON_RESUME = frozenset({
     "output_dir", "resume", "resume_from", "resume_changes", "overwrite", "device", "report_to", "save_every",
-    "keep_checkpoints", "eval_every", "eval_benchmarks", "eval_samples", "eval_temperature", "eval_max_new_tokens",
-    "eval_limit", "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences",
-    "rollout.kv_cache_gib",
+    "keep_checkpoints", *(f"eval.{name}" for name in EvalConfig.__dataclass_fields__),
+    "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences", "rollout.kv_cache_gib",
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
     "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
     "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
-    "rollout.vllm_timeout_s", "eval_top_p", "gates", "keep_best", "keep_best_mode", "export_dtype",
+    "rollout.vllm_timeout_s", "gates", "keep_best", "keep_best_mode", "export_dtype",
 })
 
 
@@ -425,7 +443,7 @@ def validate(cfg: TrainConfig) -> None:
     validate_optim(cfg)
     if cfg.bridge.path is not None:
         _check_bridge(cfg, cfg.bridge.path, "bridge.path")
-    validate_eval(cfg)
+    validate_eval(cfg.eval)
     validate_gates(cfg)
 
 
@@ -525,9 +543,16 @@ def _check_bridge(cfg: TrainConfig, path: str, name: str) -> None:
     require(Path(path).is_file(), f"{name}={path}: no such file (fit one with `oprd bridge fit`)")
 
 
-def validate_eval(cfg: TrainConfig) -> None:
-    require(cfg.eval_every >= 0, "eval_every must be >= 0")
-    require(0 < cfg.eval_top_p <= 1, f"eval_top_p must be in (0, 1]; got {cfg.eval_top_p}")
+def validate_eval(evaluation: EvalConfig) -> None:
+    require(evaluation.every >= 0, f"eval.every must be >= 0 (0: no validation); got {evaluation.every}")
+    require(bool(evaluation.benchmarks) or evaluation.every == 0,
+            "eval.benchmarks is empty but eval.every > 0: name a benchmark (e.g. eval.benchmarks=[aime24])")
+    require(evaluation.samples >= 1, f"eval.samples must be >= 1; got {evaluation.samples}")
+    require(evaluation.temperature >= 0, f"eval.temperature must be >= 0; got {evaluation.temperature}")
+    require(0 < evaluation.top_p <= 1, f"eval.top_p must be in (0, 1]; got {evaluation.top_p}")
+    require(evaluation.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1; got {evaluation.max_new_tokens}")
+    require(evaluation.limit is None or evaluation.limit >= 1, f"eval.limit must be >= 1 (or unset); got "
+                                                                f"{evaluation.limit}")
 
 
 def validate_teachers(cfg: TrainConfig) -> None:
@@ -601,16 +626,16 @@ VALIDATION_METRICS = ("avg@{k}", "best@{k}", "dist-4g", "avg_len", "format_error
 
 def validation_keys(cfg: TrainConfig) -> list[str]:
     """The metric keys a run's validation reports: val/BENCHMARK/METRIC."""
-    return [f"val/{Path(name).stem}/{metric.format(k=cfg.eval_samples)}"
-            for name in cfg.eval_benchmarks for metric in VALIDATION_METRICS]
+    return [f"val/{Path(name).stem}/{metric.format(k=cfg.eval.samples)}"
+            for name in cfg.eval.benchmarks for metric in VALIDATION_METRICS]
 
 
 def validate_gates(cfg: TrainConfig) -> None:
     """`gates` and `keep_best` name metrics the run's validation reports, and the run validates."""
     if not cfg.gates and cfg.keep_best is None:
         return
-    require(cfg.eval_every > 0, "gates and keep_best judge the run's validation, but eval_every=0 turns it off: set "
-                                "eval_every=N (validation every N steps and at the last)")
+    require(cfg.eval.every > 0, "gates and keep_best judge the run's validation, but eval.every=0 turns it off: set "
+                                "eval.every=N (validation every N steps and at the last)")
     known = validation_keys(cfg)
     for text in cfg.gates:
         try:

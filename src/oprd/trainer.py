@@ -13,7 +13,7 @@ micro-batches -> one AdamW step -> metrics, checkpoint.
         update                accumulate_gradients (per micro-batch: the teachers score it, the
                               student's loss is backpropagated), optimizer_step, publish_weights
                               (the EMA teacher, the sampler's weight sync)
-        validate              every eval_every steps: validation, gates, best/
+        validate              every eval.every steps: validation, gates, best/
         record                one line of metrics.jsonl, the step's cost in run.json
         save                  a checkpoint every save_every steps
       finish                  the last step's checkpoint and final/
@@ -213,7 +213,7 @@ def load_run(cfg: TrainConfig, checked: CheckedRun, world: World, device: torch.
                                   len(c.student_tok), bridge.to(device) if bridge is not None else None)
              for config, bridge in zip(c.teacher_configs, bridges)]
     student, teachers = load_models(cfg, device, world, c.resume_from, c.sources, plans)
-    longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
+    longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     rollout = make_rollout(cfg.rollout, student, c.student_tok, world=world, workdir=Path(cfg.output_dir),
                            source=cfg.student.model, longest_sequence=longest,
                            compute_dtype=compute_dtype(cfg, student, device))
@@ -647,9 +647,9 @@ def _summed(per_teacher: list[dict]) -> dict:
 
 
 def validate(run: Run, step: int, timings: dict[str, float]) -> dict[str, float]:
-    """Every eval_every steps and at the last: the validation metrics, the gates judged on them, and
+    """Every eval.every steps and at the last: the validation metrics, the gates judged on them, and
     best/ rewritten when keep_best's metric improved (timed as `best`: run.json counts it as export)."""
-    if not run.validation or not (step % run.cfg.eval_every == 0 or step == run.cfg.max_steps):
+    if not run.validation or not (step % run.cfg.eval.every == 0 or step == run.cfg.max_steps):
         return {}
     measured = run.validation(step)
     run.recorder.judge_gates(run.gates, step, measured, final=step == run.cfg.max_steps)

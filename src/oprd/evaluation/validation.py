@@ -14,7 +14,7 @@ from oprd.rollout import Rollout, SamplingParams
 
 def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer, world: World,
                     warn: Callable[[str], object]) -> Callable[[int], dict[str, float]] | None:
-    """A function step -> {"val/<bench>/<metric>": value} over cfg.eval_benchmarks, or None. Each
+    """A function step -> {"val/<bench>/<metric>": value} over cfg.eval.benchmarks, or None. Each
     process samples its share of the problems and every process gets the whole result.
 
     Evaluation seeds its own generator (`rollout.seeded`), so it never shifts the training stream,
@@ -22,13 +22,13 @@ def make_validation(cfg: TrainConfig, rollout: Rollout, tokenizer, world: World,
     curve moves with the model alone, and step 0 is what `oprd eval` says of the starting student
     with the same seed.
     """
-    if not cfg.eval_every:
+    if not cfg.eval.every:
         return None
-    benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval_limit, need_answers=True, warn=warn)
-                  for name in cfg.eval_benchmarks}
-    params = SamplingParams(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                            max_new_tokens=cfg.eval_max_new_tokens, n=cfg.eval_samples)
-    reported = [metric.format(k=cfg.eval_samples) for metric in VALIDATION_METRICS]
+    benchmarks = {Path(name).stem: load_problems(name, limit=cfg.eval.limit, need_answers=True, warn=warn)
+                  for name in cfg.eval.benchmarks}
+    params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                            max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.samples)
+    reported = [metric.format(k=cfg.eval.samples) for metric in VALIDATION_METRICS]
 
     def validation(step: int) -> dict[str, float]:
         record = {}

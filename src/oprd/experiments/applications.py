@@ -148,7 +148,7 @@ def merged_config(specialists: dict[str, Path], data: Path, routed: bool):
         members = [TeacherMember(name=half, model=str(path)) for half, path in specialists.items()]
         return replace(cfg, teacher=TeacherSpec(), data=DataConfig(path=str(data / "train.parquet")),
                        teachers=TeachersConfig(route_by="data_source" if routed else None, members=members),
-                       eval_benchmarks=[str(data / f"test_{half}.parquet") for half in HALVES])
+                       eval=replace(cfg.eval, benchmarks=[str(data / f"test_{half}.parquet") for half in HALVES]))
     return adjust
 
 

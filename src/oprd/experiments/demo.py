@@ -49,6 +49,7 @@ from transformers.utils import logging as hf_logging
 from oprd.checkpoint import checkpoint_step, list_checkpoints, save_model_dir
 from oprd.config import (
     DataConfig,
+    EvalConfig,
     OPDConfig,
     OPRDConfig,
     OptimConfig,
@@ -220,9 +221,8 @@ def train_config(method: str, settings: MethodSettings, world: toy.World, s: Dem
         # OPRD: all layers, last-k response positions (paper defaults scaled to the toy's lengths)
         oprd=OPRDConfig(coef=settings.oprd_coef if method in OPRD_METHODS else 0.0,
                         normalize=settings.oprd_normalize, layers="all", positions="last_k", k=s.oprd_k),
-        eval_every=s.curve_every if curve else 0, eval_benchmarks=[str(world.test_path)] if curve else [],
-        eval_limit=None,
-        eval_samples=w.eval_samples, eval_temperature=w.eval_temperature, eval_max_new_tokens=w.max_response_tokens,
+        eval=EvalConfig(every=s.curve_every if curve else 0, benchmarks=[str(world.test_path)] if curve else [],
+                        samples=w.eval_samples, temperature=w.eval_temperature, max_new_tokens=w.max_response_tokens),
     )
 
 
