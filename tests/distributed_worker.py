@@ -15,16 +15,16 @@ import torch
 from helpers import SMOKE
 
 from oprd import distributed
-from oprd.config import load_config
+from oprd.config import load_config, teacher_sources
 from oprd.data import PromptSet, PromptStream, load_problems
 from oprd.distributed import ONE_PROCESS
 from oprd.evaluation.harness import evaluate
 from oprd.models import decoder_layers, load_tokenizer
 from oprd.objective import LossPlan
 from oprd.optim import make_optimizer
-from oprd.recorder import RunRecorder
 from oprd.rollout import HFRollout, Sampler, SamplingParams
-from oprd.teachers import Routing, teacher_sources
+from oprd.runs.recorder import RunRecorder
+from oprd.teachers import Routing
 from oprd.trainer import Run, load_models, update
 
 OBJECTIVES = {  # name -> (recipe, overrides)

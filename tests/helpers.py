@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from oprd.recorder import read_metrics
+from oprd.runs.recorder import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes" / "smoke"

@@ -140,8 +140,8 @@ def test_final_is_a_plain_model_equal_to_the_sharded_weights(uninterrupted, tmp_
 def test_a_sharded_checkpoint_refuses_one_process(uninterrupted, tmp_path):
     import shutil
 
-    from oprd.checkpoint import CheckpointError
     from oprd.config import load_config
+    from oprd.runs.checkpoint import CheckpointError
     from oprd.trainer import train
 
     run_dir = shutil.copytree(uninterrupted, tmp_path / "run")

@@ -19,8 +19,8 @@ import pytest
 from helpers import SMOKE, run_metrics
 from safetensors.torch import load_file
 
-from oprd import checkpoint
 from oprd.files import lock_file
+from oprd.runs import checkpoint
 
 RECIPE = SMOKE / "oprd_plus_opd.yaml"
 OVERRIDES = ["max_steps=4", "save_every=2"]
@@ -33,7 +33,7 @@ TRIAL_TIMEOUT_S = 180
 CHILD = """
 import os, sys, time
 from pathlib import Path
-import oprd.checkpoint as checkpoint
+import oprd.runs.checkpoint as checkpoint
 import oprd.trainer as trainer
 from oprd.config import load_config
 

@@ -122,3 +122,21 @@ def test_the_trainer_never_loads_stage_1():
              "from oprd.bridge import layer_pairs; print(before, 'oprd.bridge.stage1' in sys.modules)")
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert shown == ["False", "True"]
+
+
+def test_the_run_folder_package_imports_only_what_lies_below_it():
+    """`oprd.runs` (the folder, its files, checkpoints, reports) sits under the trainer and the CLI:
+    an import of the trainer, the rollout, the objective or the teachers from it would run back up."""
+    below = {"oprd.config", "oprd.models", "oprd.files", "oprd.gates", "oprd.display", "oprd.distributed", "oprd.runs"}
+    graph = _graph()
+    package = {name: targets for name, targets in graph.items() if name.startswith("oprd.runs.")}
+    assert set(package) == {f"oprd.runs.{m}" for m in ("folder", "recorder", "provenance", "checkpoint", "report")}
+    assert {name: sorted(t for t in targets if t not in below and not t.startswith("oprd.runs."))
+            for name, targets in package.items()} == {name: [] for name in package}
+
+
+def test_the_report_functions_keep_their_first_public_path():
+    from oprd import run_report
+    from oprd.runs import report
+
+    assert all(getattr(run_report, name) is getattr(report, name) for name in run_report.__all__)

@@ -13,11 +13,11 @@ from helpers import SMOKE, run_metrics
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from oprd import checkpoint
 from oprd.cli import app
 from oprd.config import ConfigError, load_config, read_run_config
 from oprd.files import DiskFullError
 from oprd.optim import lr_lambda
+from oprd.runs import checkpoint
 from oprd.trainer import train
 
 
@@ -309,13 +309,13 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run(tmp_path, monkeyp
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(run_copy, monkeypatch):
     import errno
 
-    import oprd.checkpoint
+    import oprd.runs.checkpoint
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     newest = checkpoint.list_checkpoints(run_copy / "checkpoints")[-1]
-    monkeypatch.setattr(oprd.checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(oprd.runs.checkpoint.torch, "save", full_disk)
     with pytest.raises(DiskFullError, match="is full"):
         train(load_config(SMOKE / "oprd.yaml", [f"output_dir={run_copy}", "max_steps=3", "save_every=1",
                                                 "keep_checkpoints=3", "resume=true",

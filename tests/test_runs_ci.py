@@ -14,8 +14,16 @@ from oprd.cli import app
 from oprd.config import ConfigError, load_config
 from oprd.gates import GateError, judge, parse_gate
 from oprd.models import ModelSpec, load_tokenizer
-from oprd.provenance import COST_KEYS, MODEL_KEYS, PHASE_KEYS, SCHEMA_KEYS, SEGMENT_KEYS, model_record, sha256_of_files
-from oprd.run_report import comparison_series, report_series
+from oprd.runs.provenance import (
+    COST_KEYS,
+    MODEL_KEYS,
+    PHASE_KEYS,
+    SCHEMA_KEYS,
+    SEGMENT_KEYS,
+    model_record,
+    sha256_of_files,
+)
+from oprd.runs.report import comparison_series, report_series
 from oprd.trainer import train
 
 VALIDATION = ["eval.every=2", "eval.benchmarks=[aime24]", "eval.limit=2", "eval.samples=2", "eval.max_new_tokens=8"]
@@ -83,7 +91,7 @@ def scripted_clock(patch: pytest.MonkeyPatch) -> None:
     """The trainer's and run.json's clock stands still but for the phases: checking the run, sampling,
     the optimizer step, publishing weights, each validation, each checkpoint and each model written
     advance it by SCRIPTED_SECONDS (the teacher and the metrics line take none)."""
-    from oprd import checkpoint, provenance
+    from oprd.runs import checkpoint, provenance
 
     now = [0.0]
     patch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: now[0]))
@@ -214,7 +222,7 @@ def test_run_json_follows_its_schema_and_sums_the_steps_cost(gated_run):
 
 @pytest.mark.slow
 def test_a_resumed_run_appends_its_segment(tmp_path, monkeypatch):
-    from oprd import checkpoint
+    from oprd.runs import checkpoint
 
     scripted_clock(monkeypatch)
 

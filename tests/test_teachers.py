@@ -9,12 +9,13 @@ import pytest
 import torch
 from helpers import SMOKE, TINY, run_metrics
 
-from oprd import checkpoint, distributed, models
+from oprd import distributed, models
 from oprd.alignment import paired_states, positions_with_partner, with_teacher_prompts
 from oprd.batch import RolloutBatch, pad_left
 from oprd.config import ConfigError, TeacherMember, TeachersConfig, TeacherSpec, load_config, validate
 from oprd.data import load_problems, prompt_token_ids
 from oprd.models import DTYPES, ModelSpec, load_model, load_tokenizer
+from oprd.runs import checkpoint
 from oprd.teachers import update_ema
 from oprd.testing import tiny_config
 from oprd.trainer import cost_metrics, sample, set_up_run, train, update

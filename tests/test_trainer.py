@@ -10,7 +10,7 @@ from helpers import SMOKE, TINY, run_metrics
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from oprd import checkpoint, trainer
+from oprd import trainer
 from oprd.batch import RolloutBatch, pad_left
 from oprd.bridge import load_bridge
 from oprd.cli import app
@@ -21,6 +21,7 @@ from oprd.evaluation.validation import make_validation
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.optim import lr_lambda
 from oprd.rollout import Sampler, SamplingParams
+from oprd.runs import checkpoint
 from oprd.trainer import train, training_prompts
 
 # --------------------------------------------------------------------------- runs

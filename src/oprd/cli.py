@@ -417,7 +417,7 @@ def report(run: Path = typer.Argument(..., help="a run folder (oprd train output
 
     Example: oprd report runs/mine
     """
-    from oprd.run_report import write_report
+    from oprd.runs.report import write_report
 
     with user_errors():
         written = write_report(run)
@@ -433,7 +433,7 @@ def compare(
 
     Example: oprd compare runs/oprd runs/opd --out runs/compare
     """
-    from oprd.run_report import write_comparison
+    from oprd.runs.report import write_comparison
 
     with user_errors():
         written = write_comparison(runs, out)

@@ -195,6 +195,42 @@ class TrainConfig:
         return self.oprd.coef > 0
 
 
+# --------------------------------------------------------------------------- the run's teachers
+
+
+SINGLE = "teacher"  # the name of a run's one teacher (`teacher.*`)
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher comes from and what it is given; `field` names it in error messages."""
+
+    name: str
+    spec: ModelSpec  # the student's own for self-distillation
+    field: str  # teacher | teachers.members[i]
+    bridge: str | None = None
+    weight: float = 1.0
+    routes: tuple[str, ...] = ()
+    self_mode: str | None = None  # frozen | ema | live for self-distillation; None: a model of its own
+    shard: bool = True
+
+
+def teacher_sources(cfg: TrainConfig) -> list[TeacherSource]:
+    """`teachers.members` in order, or `teacher.*` as a list of one."""
+    if cfg.teachers.members:
+        return [TeacherSource(m.name, _model_spec(m), f"teachers.members[{i}]", m.bridge, m.weight,
+                              tuple(m.routes or [m.name]), shard=m.shard)
+                for i, m in enumerate(cfg.teachers.members)]
+    if cfg.teacher.model == SELF:
+        return [TeacherSource(SELF, cfg.student, "teacher", self_mode=cfg.teacher.self_mode, shard=cfg.teacher.shard)]
+    return [TeacherSource(SINGLE, _model_spec(cfg.teacher), "teacher", cfg.bridge.path, shard=cfg.teacher.shard)]
+
+
+def _model_spec(spec: ModelSpec) -> ModelSpec:
+    """The ModelSpec part of a teacher's config section."""
+    return ModelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)})
+
+
 # --------------------------------------------------------------------------- building
 
 

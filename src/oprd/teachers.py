@@ -1,7 +1,5 @@
 """The teachers of a run: one model, the student itself, or several, and which rows each scores.
 
-  TeacherSource     where a teacher comes from: a model of its own, or the student (`teacher.model=self`)
-  teacher_sources   the config's teachers as a list: `teacher.*` is a list of one, `teachers.members` many
   Teacher           a loaded teacher: its model (the student module itself when live) and its loss plan
   Routing           which teacher scores each prompt (`teachers.route_by`), or all of them, weighted
   update_ema        self_mode=ema: the teacher's moving average of the student, after each step
@@ -15,7 +13,6 @@ the student module itself, read under no_grad in eval mode before its own forwar
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,43 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from oprd import distributed
-from oprd.config import SELF, TrainConfig, require
+from oprd.config import SELF, TeacherSource, require
 from oprd.data import PromptSet
 from oprd.distributed import World
-from oprd.models import ModelSpec
 from oprd.objective import LossPlan, TeacherScores, score_with_teacher
-
-SINGLE = "teacher"  # the name of a run's one teacher (`teacher.*`)
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where a teacher comes from and what it is given; `field` names it in error messages."""
-
-    name: str
-    spec: ModelSpec  # the student's own for self-distillation
-    field: str  # teacher | teachers.members[i]
-    bridge: str | None = None
-    weight: float = 1.0
-    routes: tuple[str, ...] = ()
-    self_mode: str | None = None  # frozen | ema | live for self-distillation; None: a model of its own
-    shard: bool = True
-
-
-def teacher_sources(cfg: TrainConfig) -> list[TeacherSource]:
-    """`teachers.members` in order, or `teacher.*` as a list of one."""
-    if cfg.teachers.members:
-        return [TeacherSource(m.name, _model_spec(m), f"teachers.members[{i}]", m.bridge, m.weight,
-                              tuple(m.routes or [m.name]), shard=m.shard)
-                for i, m in enumerate(cfg.teachers.members)]
-    if cfg.teacher.model == SELF:
-        return [TeacherSource(SELF, cfg.student, "teacher", self_mode=cfg.teacher.self_mode, shard=cfg.teacher.shard)]
-    return [TeacherSource(SINGLE, _model_spec(cfg.teacher), "teacher", cfg.bridge.path, shard=cfg.teacher.shard)]
-
-
-def _model_spec(spec: ModelSpec) -> ModelSpec:
-    """The ModelSpec part of a teacher's config section."""
-    return ModelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)})
 
 
 @dataclass

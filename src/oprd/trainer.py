@@ -33,7 +33,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,23 +42,25 @@ from rich.console import Console
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from oprd import checkpoint, distributed, provenance
+from oprd import distributed
 from oprd.batch import RolloutBatch
 from oprd.bridge.projector import Bridge, load_bridge
-from oprd.config import ConfigError, TrainConfig, read_run_config, require, trained_differences
+from oprd.config import ConfigError, TeacherSource, TrainConfig, require, teacher_sources
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
 from oprd.evaluation.validation import make_validation
-from oprd.files import FolderInUse, check_output_dir, held_folder, open_output_dir, remove_leftovers
+from oprd.files import open_output_dir, remove_leftovers
 from oprd.gates import Gate, parse_gate
-from oprd.models import DTYPES, check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
+from oprd.models import check_spec, first_non_finite, load_model, load_model_config, load_tokenizer
 from oprd.objective import LossPlan, Term, combined_loss
 from oprd.optim import apply_optimizer_config, make_optimizer
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
-from oprd.provenance import data_record, model_record, sha256_of_files
-from oprd.recorder import RUN_FILES, RUN_MARK, RunRecorder, read_metrics
 from oprd.rollout import HFRollout, Rollout, Sampler, SamplingParams, make_rollout, seeded
-from oprd.teachers import Routing, Teacher, TeacherSource, ema_model, teacher_sources, update_ema
+from oprd.runs import checkpoint, provenance
+from oprd.runs.folder import check_resumed_config, check_run_dir, held_run_dir
+from oprd.runs.provenance import data_record, models_record
+from oprd.runs.recorder import RunRecorder, read_metrics
+from oprd.teachers import Routing, Teacher, ema_model, update_ema
 
 
 @dataclass(kw_only=True)
@@ -123,26 +125,6 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------- set up
-
-
-@contextmanager
-def held_run_dir(cfg: TrainConfig, console: Console | None) -> Iterator[None]:
-    """One run per folder: the main process holds output_dir's lock (`files.held_folder`) for the
-    whole job, from before the folder is checked until the run ends; refused, every process stops
-    before touching anything."""
-    world, _ = distributed.init(cfg.device)
-    run_dir = Path(cfg.output_dir)
-    with ExitStack() as held:
-        refusal = None
-        if world.main:
-            try:
-                held.enter_context(held_folder(run_dir, warn=RunRecorder(run_dir, console).warn))
-            except FolderInUse as error:
-                refusal = str(error)
-        refusal = world.broadcast(refusal)
-        if refusal:
-            raise FolderInUse(refusal)
-        yield
 
 
 def set_up_run(cfg: TrainConfig, console: Console | None, started: float | None = None) -> Run:
@@ -254,7 +236,7 @@ def open_run(run: Run, checked: CheckedRun, started: float) -> None:
     recorder.start_segment(cfg, run.start_step, checked.resume_from)
     recorder.start_provenance(seed=cfg.seed, device=run.device, world_size=world.size, first_step=run.start_step,
                               started=started,
-                              models=lambda: provenance_models(cfg, checked.sources, checked.student_tok,
+                              models=lambda: models_record(cfg, checked.sources, checked.student_tok,
                                                                checked.teacher_toks),
                               data=lambda: data_record(cfg.data.path, len(checked.prompts)))
     recorder.start_gates(run.gates, run.start_step)
@@ -267,21 +249,6 @@ def open_run(run: Run, checked: CheckedRun, started: float) -> None:
     elif cfg.resume:
         recorder.warn(f"resume=true but {run.run_dir} has no checkpoint yet: starting from step 0")
     first_sync(run.sampler.rollout, run.student, run.tokenizer, run.start_step)
-
-
-def provenance_models(cfg: TrainConfig, sources: list[TeacherSource], student_tok, teacher_toks) -> dict[str, dict]:
-    """run.json's `models`: the student, each teacher (a self-teacher: the student's files) and each bridge file."""
-    models = {"student": model_record(cfg.student, student_tok)}
-    for source, teacher_tok in zip(sources, teacher_toks):
-        suffix = "" if len(sources) == 1 else f":{source.name}"
-        models[f"teacher{suffix}"] = model_record(source.spec, teacher_tok)
-        if source.self_mode is not None:
-            models[f"teacher{suffix}"].update(source="self", self_mode=source.self_mode)
-        if source.bridge is not None:
-            models[f"bridge{suffix}"] = {"source": source.bridge, "revision": None,
-                                         "weights_sha256": sha256_of_files([Path(source.bridge)]),
-                                         "tokenizer_sha256": None, "chat_template_sha256": None}
-    return models
 
 
 def check_teacher_pairing(cfg: TrainConfig, source: TeacherSource, count: int, student_config, teacher_config,
@@ -329,42 +296,6 @@ def first_sync(rollout: Rollout, student: torch.nn.Module, tokenizer, version: i
     if hasattr(rollout, "check_serves"):
         rollout.check_serves(student, tokenizer)
         distributed.return_freed_memory()  # the probe gathered the whole student on every process
-
-
-def check_run_dir(cfg: TrainConfig, world: World) -> tuple[bool, Path | None]:
-    """Whether the run folder must be emptied before use (overwrite=true on an earlier run), and
-    the checkpoint to resume from, if any; changes nothing. A folder that already holds files is
-    never silently reused: resume=true continues the run in it, overwrite=true replaces it when it
-    holds an oprd run and nothing else."""
-    run_dir = Path(cfg.output_dir)
-    if not (cfg.resume or cfg.resume_from):
-        replace = check_output_dir(run_dir, overwrite=cfg.overwrite, overwrite_flag="overwrite=true", ours=RUN_FILES,
-                                   mark=RUN_MARK, other_options="Pass resume=true to continue the run there. ")
-        return replace, None
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARK).is_file():
-        raise FileExistsError(f"resume=true, but {run_dir} holds no oprd run (no {RUN_MARK}): check output_dir")
-    found = [Path(cfg.resume_from)] if cfg.resume_from else checkpoint.list_checkpoints(run_dir / "checkpoints")
-    if found:
-        checkpoint.check_complete(found[-1], world)
-    return False, (found[-1] if found else None)
-
-
-def check_resumed_config(cfg: TrainConfig, run_dir: Path, recorder: RunRecorder) -> None:
-    """Refuses to resume with a config that changes what the run trained (objective, models, data,
-    seed, schedule...) unless every such key is named in resume_changes; the run's config.yaml would
-    otherwise describe a run that never happened."""
-    recorded = run_dir / "config.yaml"
-    if not recorded.is_file():
-        return
-    changed = trained_differences(read_run_config(recorded), cfg)
-    unapproved = [key for key in changed if key not in cfg.resume_changes]
-    listed = "; ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in unapproved)
-    require(not unapproved,
-            f"resume=true, but this config changes what the run in {run_dir} trained ({listed}). Pass "
-            f"resume_changes=[{','.join(unapproved)}] to continue with the change (configs/ keeps every segment's "
-            "config), or resume with the run's own values.")
-    for key, (old, new) in changed.items():
-        recorder.warn(f"resuming with {key} changed from {old!r} to {new!r} (resume_changes)")
 
 
 def training_prompts(cfg: TrainConfig, student_tok, teacher_tok, recorder: RunRecorder) -> PromptSet:
@@ -773,20 +704,7 @@ def write_model(run: Run, target: Path, card: str | None = None) -> None:
     """The student as a plain HF model folder at `target`, in `export_dtype` (gathered from every
     process when sharded)."""
     checkpoint.export_model_dir(target, run.student, run.tokenizer, run.cfg.student, run.world,
-                                export_dtype(run.cfg), card)
-
-
-def export_dtype(cfg: TrainConfig) -> torch.dtype:
-    """What final/ and best/ hold: `export_dtype`; auto: `student.dtype` where set, else the dtype
-    the student checkpoint was published in (its config.json; the master weights are float32 only
-    for training's sake), float32 where it names none."""
-    if cfg.export_dtype != "auto":
-        return DTYPES[cfg.export_dtype]
-    if cfg.student.dtype != "auto":
-        return DTYPES[cfg.student.dtype]
-    published = getattr(load_model_config(cfg.student), "dtype", None)
-    published = DTYPES.get(published) if isinstance(published, str) else published
-    return published if published in DTYPES.values() else torch.float32
+                                checkpoint.export_dtype(run.cfg), card)
 
 
 def model_card(run: Run) -> str:
@@ -795,7 +713,7 @@ def model_card(run: Run) -> str:
     teachers = {t.name: f"the student itself ({t.source.self_mode})" if t.source.self_mode else t.source.spec.model
                 for t in run.teachers}
     return provenance.model_card(run.cfg, run.recorder.run_json.read(), teachers, rows,
-                                 str(export_dtype(run.cfg)).removeprefix("torch."))
+                                 str(checkpoint.export_dtype(run.cfg)).removeprefix("torch."))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -31,7 +31,6 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import PreTrainedTokenizerFast
 
-from oprd.checkpoint import save_model_dir
 from oprd.config import DataConfig, TeacherMember, TeachersConfig, TeacherSpec, TrainConfig
 from oprd.data import load_problems
 from oprd.display import markdown_table, print_table
@@ -50,6 +49,7 @@ from oprd.experiments.demo import (
 )
 from oprd.files import holding_out, write_dir_atomically
 from oprd.models import ModelSpec, load_model
+from oprd.runs.checkpoint import save_model_dir
 
 PRIVILEGED = "{prompt} The answer is {answer}."  # what the self-teacher reads and the student does not
 SELF_MODES = ("frozen", "live")

@@ -46,7 +46,6 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers.utils import logging as hf_logging
 
-from oprd.checkpoint import checkpoint_step, list_checkpoints, save_model_dir
 from oprd.config import (
     DataConfig,
     EvalConfig,
@@ -65,9 +64,10 @@ from oprd.experiments import theorem1, toy
 from oprd.experiments.measure import PeakRSS
 from oprd.files import check_output_dir, holding_out, open_output_dir, prepare_output_dir, write_text_atomically
 from oprd.models import ModelSpec, load_model, load_tokenizer
-from oprd.recorder import read_metrics
 from oprd.rollout import HFRollout, SamplingParams
-from oprd.run_report import plot_lines
+from oprd.runs.checkpoint import checkpoint_step, list_checkpoints, save_model_dir
+from oprd.runs.recorder import read_metrics
+from oprd.runs.report import plot_lines
 from oprd.trainer import train
 
 ON_POLICY = {  # method -> its output-space objective; OPRD (at the method's oprd_coef) in OPRD_METHODS

@@ -62,7 +62,7 @@ from oprd.config import (
 )
 from oprd.display import markdown_table
 from oprd.models import ModelSpec
-from oprd.recorder import read_metrics
+from oprd.runs.recorder import read_metrics
 from oprd.shapes import shape_config
 from oprd.testing import kill_job
 

@@ -58,11 +58,11 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from oprd.capture import model_inputs
-from oprd.checkpoint import save_model_dir
 from oprd.data import Problem, load_problems, prompt_token_ids
 from oprd.evaluation.harness import evaluate
 from oprd.files import write_dir_atomically
 from oprd.rollout import HFRollout, SamplingParams, seeded
+from oprd.runs.checkpoint import save_model_dir
 from oprd.testing import tiny_config, train_char_tokenizer, train_tokenizer
 
 TOY_VERSION = 3  # bump when the task, the SFT or the world layout changes: it is part of the cache key

@@ -22,7 +22,7 @@ from oprd.config import TrainConfig, config_yaml, to_dict
 from oprd.display import progress_bar
 from oprd.files import write_text_atomically
 from oprd.gates import Gate, GateLog, GateResult, judge
-from oprd.provenance import RunJson
+from oprd.runs.provenance import RunJson
 
 # What a run folder holds; `overwrite=true` replaces a folder only when it holds nothing else.
 RUN_FILES = ("config.yaml", "configs", "metrics.jsonl", "checkpoints", "final", "best", "preflight.json", "bridge.json",

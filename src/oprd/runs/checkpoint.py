@@ -34,7 +34,8 @@ import torch
 from oprd import distributed
 from oprd.distributed import ONE_PROCESS, World
 from oprd.files import new_temporary_dir, publish_dir, raise_if_disk_full, write_dir_atomically
-from oprd.models import ModelSpec, empty_model
+from oprd.config import TrainConfig
+from oprd.models import DTYPES, ModelSpec, empty_model, load_model_config
 
 PREFIX = "step_"
 EMA_TEACHER = "ema_teacher.safetensors"
@@ -265,3 +266,16 @@ def _jsonable(value):
 
 def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def export_dtype(cfg: TrainConfig) -> torch.dtype:
+    """What final/ and best/ hold: `export_dtype`; auto: `student.dtype` where set, else the dtype
+    the student checkpoint was published in (its config.json; the master weights are float32 only
+    for training's sake), float32 where it names none."""
+    if cfg.export_dtype != "auto":
+        return DTYPES[cfg.export_dtype]
+    if cfg.student.dtype != "auto":
+        return DTYPES[cfg.student.dtype]
+    published = getattr(load_model_config(cfg.student), "dtype", None)
+    published = DTYPES.get(published) if isinstance(published, str) else published
+    return published if published in DTYPES.values() else torch.float32

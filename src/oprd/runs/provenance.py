@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from oprd.config import TrainConfig, config_yaml
+from oprd.config import TeacherSource, TrainConfig, config_yaml
 from oprd.files import JsonFile
 
 RUN_JSON = "run.json"
@@ -230,3 +230,18 @@ def model_card(cfg: TrainConfig, record: dict, teachers: dict[str, str], metrics
         "## Recipe", "", "```yaml", config_yaml(cfg).rstrip(), "```", "",
     ]
     return "\n".join(lines)
+
+
+def models_record(cfg: TrainConfig, sources: list[TeacherSource], student_tok, teacher_toks) -> dict[str, dict]:
+    """run.json's `models`: the student, each teacher (a self-teacher: the student's files) and each bridge file."""
+    models = {"student": model_record(cfg.student, student_tok)}
+    for source, teacher_tok in zip(sources, teacher_toks):
+        suffix = "" if len(sources) == 1 else f":{source.name}"
+        models[f"teacher{suffix}"] = model_record(source.spec, teacher_tok)
+        if source.self_mode is not None:
+            models[f"teacher{suffix}"].update(source="self", self_mode=source.self_mode)
+        if source.bridge is not None:
+            models[f"bridge{suffix}"] = {"source": source.bridge, "revision": None,
+                                         "weights_sha256": sha256_of_files([Path(source.bridge)]),
+                                         "tokenizer_sha256": None, "chat_template_sha256": None}
+    return models
