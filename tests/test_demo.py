@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import run_metrics
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -63,8 +64,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     student = payload["methods"]["student"]["accuracy_per_seed"]
     for method in DISTILLED[:-1]:
         for i, seed in enumerate(payload["seeds"]):
-            records = [json.loads(line) for line in (out / "runs" / f"{method}-seed{seed}" / "metrics.jsonl")
-                       .read_text().splitlines()]
+            records = run_metrics(out / "runs" / f"{method}-seed{seed}")
             curve = [r for r in records if "val/test/avg@2" in r]
             assert curve[0]["step"] == 0 and curve[0]["val/test/avg@2"] == student[i]
             assert curve[-1]["step"] == 4
@@ -205,8 +205,7 @@ def test_bridge_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     for pair, teacher in payload["teachers"].items():
         assert teacher["validation_accuracy"] >= toy.QUICK_WORLD.teacher_target, pair
     # the two-stage run: OPRD-Bridge for the first half of the steps, OPD top-1 after
-    metrics = out / "runs" / "cross_arch" / "bridge_then_opd-seed0" / "metrics.jsonl"
-    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = run_metrics(out / "runs" / "cross_arch" / "bridge_then_opd-seed0")
     assert "rep/loss" in steps[0] and "opd/loss" not in steps[0] and "opd/loss" in steps[-1]
     bridge_report = (out / "bridge_report.md").read_text()
     assert "Stage 1 rank sweep" in bridge_report and f"torch {torch.__version__}" in bridge_report
@@ -279,14 +278,12 @@ def test_applications_demo_quick_end_to_end(tmp_path, monkeypatch, cache):
     for row in models.values():
         assert row["whole"]["mean"] == pytest.approx((row["add_sub"]["mean"] + row["mul"]["mean"]) / 2)
     # every routed sample went to the teacher of its half, and both halves were drawn
-    records = [json.loads(line) for line in (out / "runs" / "merged_routed-seed0" / "metrics.jsonl")
-               .read_text().splitlines()]
+    records = run_metrics(out / "runs" / "merged_routed-seed0")
     steps = [r for r in records if "loss" in r]
     for r in steps:
         assert r["teachers/add_sub/share"] + r["teachers/mul/share"] == pytest.approx(1.0)
     assert 0 < statistics.mean(r["teachers/add_sub/share"] for r in steps) < 1
-    averaged = [json.loads(line) for line in (out / "runs" / "merged_averaged-seed0" / "metrics.jsonl")
-                .read_text().splitlines()]
+    averaged = run_metrics(out / "runs" / "merged_averaged-seed0")
     assert all(r["teachers/mul/share"] == 1.0 for r in averaged if "loss" in r)
     # each specialist was trained on its own half only: its data says so
     data = toy.build_world(toy.QUICK_WORLD).root

@@ -3,12 +3,11 @@ precision. A checkpoint whose generation_config.json asks for a repetition penal
 instruct models do), a min-p cut or an n-gram ban samples, and trains, exactly as the same
 weights without it."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from helpers import SMOKE
+from helpers import SMOKE, run_metrics
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from oprd.config import load_config
@@ -67,7 +66,7 @@ def test_a_penalising_generation_config_trains_as_the_same_weights_without_it(fo
         run = train(load_config(SMOKE / "opd_sampled.yaml", [f"student.model={folder}", "student.random_init=false",
                                                              "max_steps=2", "save_every=0",
                                                              f"output_dir={tmp_path / ('run-' + folder.name)}"]))
-        lines[folder.name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        lines[folder.name] = run_metrics(run)
     for got, want in zip(lines["penalised"], lines["plain"], strict=True):
         for key in ("loss", "grad_norm", "response_length/mean", "opd/loss"):
             assert got[key] == want[key], key
