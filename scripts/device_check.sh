@@ -56,9 +56,11 @@ done
 "$PY" -m oprd bench --preset tiny --seq-lens "$TINY_TOKENS" --repeats "${BENCH_REPEATS:-2}" --device "$DEVICE" \
   --methods "${TINY_METHODS:-oprd,opd_top16,floor}" --out "$OUT/bench-tiny" --overwrite > "$OUT/bench-tiny.log" 2>&1
 # as training runs on a GPU: float32 master weights under bf16 autocast (the chunked LM head's matmuls in
-# bf16 on one copy of the head; OPD + OPRD keeping the blocks' states only in OPRD's 2,000-position window)
+# bf16 on one copy of the head; OPD + OPRD keeping the blocks' states only in OPRD's 2,000-position window).
+# BENCH_AUTOCAST= (empty) measures float32 instead: the CPU dry run's, since a CPU without native bf16
+# (no AVX512-BF16 or AMX) multiplies the 151,936-row head in bf16 hundreds of times slower.
 "$PY" -m oprd bench --preset r1-distill-1.5b --num-layers "$R1_LAYERS" --seq-len "$R1_TOKENS" --batch-size 1 \
-  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype float32 --autocast \
+  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype float32 ${BENCH_AUTOCAST---autocast} \
   --methods "${R1_METHODS:-oprd,opd_top16,oprd_plus_opd,floor}" --out "$OUT/bench-r1" --overwrite > "$OUT/bench-r1.log" 2>&1
 
 rm -rf "$OUT/models"
