@@ -9,23 +9,20 @@ Writes its findings to argv[1]/rank{r}.json; the test reads and judges them.
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from helpers import SMOKE
+from helpers import SMOKE, keep_gradients, trained_models, update_run
 
 from oprd import distributed
-from oprd.config import load_config, teacher_sources
-from oprd.data import PromptSet, PromptStream, load_problems
+from oprd.config import load_config
+from oprd.data import PromptSet, load_problems
 from oprd.distributed import ONE_PROCESS
 from oprd.evaluation.harness import evaluate
 from oprd.models import decoder_layers, load_tokenizer
-from oprd.objective import LossPlan
-from oprd.optim import make_optimizer
-from oprd.rollout import HFRollout, Sampler, SamplingParams
-from oprd.runs.recorder import RunRecorder
-from oprd.teachers import Routing
-from oprd.trainer import Run, load_models, update
+from oprd.rollout import HFRollout, SamplingParams
+from oprd.trainer import update
 
 OBJECTIVES = {  # name -> (recipe, overrides)
     "oprd_early_stop": ("oprd.yaml", ["oprd.layers=[1,2]", "oprd.positions=all"]),  # blocks 3-4 never run
@@ -40,29 +37,20 @@ OBJECTIVES = {  # name -> (recipe, overrides)
     # the LM head is the embedding (Qwen3-0.6B/1.7B/4B): both uses reach one sharded parameter's gradient
     "opd_full_tied": ("opd_full.yaml", [f"{role}.model={SMOKE / 'tiny-qwen3-tied'}"
                                         for role in ("student", "teacher")]),
+    # micro-batches by token budget, set each step so that one process needs more micro-batches than the other
+    "both_by_token_budget": ("oprd_plus_opd.yaml", []),
+    "both_packed_by_token_budget": ("oprd_plus_opd.yaml", ["optim.pack_sequences=true"]),
 }
+BY_TOKENS = {"both_by_token_budget", "both_packed_by_token_budget"}
 
 
-def models(cfg, plan, world):
-    """What the trainer loads: sharded under several processes, the OPRD-only teacher cut short."""
-    sources = teacher_sources(cfg)
-    return load_models(cfg, torch.device("cpu"), world, None, sources, [plan for _ in sources])
-
-
-def make_run(cfg, world, student, teachers, tokenizer, out):
-    optimizer, scheduler = make_optimizer(cfg, student)
-    rollout = HFRollout.for_model(student, tokenizer)
-    sampler = Sampler(rollout, PromptSet([[1]]), tokenizer, tokenizer, torch.device("cpu"))
-    weights = tuple(teacher.source.weight for teacher in teachers)
-    routing = Routing(torch.tensor([0, 1]) if cfg.teachers.route_by else None, weights)  # prompt i -> teacher i
-    return Run(cfg=cfg, world=world, run_dir=out, recorder=RunRecorder(out), device=torch.device("cpu"),
-               student=student, teachers=teachers, routing=routing, tokenizer=tokenizer, sampler=sampler,
-               sampling=SamplingParams(), optimizer=optimizer, scheduler=scheduler, stream=PromptStream(1, 1, 0),
-               start_step=0, validation=None)
-
-
-def full_grads(model):
-    return {name: distributed.full_value(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
+def smaller_half(batch, halves: int, packed: bool) -> int:
+    """The tokens of the smallest process's share of `batch` as one micro-batch, counted as the token
+    budget counts them: as the budget, that process runs one micro-batch and one with longer rows two or more."""
+    share = batch.response_ids.shape[0] // halves
+    lengths = batch.prompt_mask.sum(1) + batch.response_lengths.clamp(min=1)
+    return min(int(lengths[i * share:(i + 1) * share].sum()) if packed else
+               batch.select(slice(i * share, (i + 1) * share)).attention_mask.numel() for i in range(halves))
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -73,21 +61,11 @@ def max_difference(a: dict, b: dict) -> float:
 def check_objective(name, world, tokenizer, prompts, out):
     recipe, overrides = OBJECTIVES[name]
     cfg = load_config(SMOKE / recipe, [*overrides, "optim.grad_clip=0.5"])
-    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
-    sharded_run = make_run(cfg, world, *models(cfg, plan, world), tokenizer, out)
-    single_run = make_run(cfg, ONE_PROCESS, *models(cfg, plan, ONE_PROCESS), tokenizer, out)
-    grads = {}
-    for run, key in ((sharded_run, "sharded"), (single_run, "single")):
-        step = run.optimizer.step
-
-        def step_and_keep(*args, _step=step, _run=run, _key=key, **kwargs):
-            if _key not in grads:  # the gradients of step 1, before AdamW uses them
-                grads[_key] = full_grads(_run.student)
-            return _step(*args, **kwargs)
-
-        run.optimizer.step = step_and_keep
+    sharded_run, single_run = update_run(cfg, world, tokenizer, out), update_run(cfg, ONE_PROCESS, tokenizer, out)
+    grads = {"sharded": keep_gradients(sharded_run), "single": keep_gradients(single_run)}
     sampler = single_run.sampler.rollout  # synced by every update: its batches carry the right weight version
     report = {"loss": [], "grad_norm": [], "lr": []}
+    groups = []  # with a token budget: this process's micro-batches each step, before they are evened out
     upper_blocks_ran = []
     for block in decoder_layers(sharded_run.student)[2:]:
         block.register_forward_pre_hook(lambda module, args: upper_blocks_ran.append(1))
@@ -96,12 +74,18 @@ def check_objective(name, world, tokenizer, prompts, out):
         batch = sampler.generate(prompts, SamplingParams(n=2, max_new_tokens=10))
         half = batch.response_ids.shape[0] // world.size
         mine = batch.select(slice(world.rank * half, (world.rank + 1) * half))
+        if name in BY_TOKENS:
+            budget = smaller_half(batch, world.size, cfg.optim.pack_sequences)
+            for run in (sharded_run, single_run):
+                run.cfg = replace(cfg, optim=replace(cfg.optim, micro_batch_tokens=budget))
+            groups.append(len(mine.token_budget_groups(budget, cfg.optim.pack_sequences)))
         sharded = update(sharded_run, mine, step, {})
         single = update(single_run, batch, step, {})
         for key in report:
             report[key].append([sharded[key], single[key]])
-    report["grad_difference_step_1"] = max_difference(grads["sharded"], grads["single"])
+    report["grad_difference_step_1"] = max_difference(grads["sharded"]["first"], grads["single"]["first"])
     report["upper_blocks_ran"] = len(upper_blocks_ran)
+    report["groups"] = groups
     weights = distributed.full_model_state(sharded_run.student)
     if world.main:
         reference = {k: v for k, v in single_run.student.state_dict().items() if k in weights}
@@ -113,9 +97,8 @@ def check_generation(world, tokenizer, prompts):
     """Sampling from the sharded student, each process with its own response length: the same
     tokens as one process sampling alone, and no process waits forever for the other."""
     cfg = load_config(SMOKE / "oprd.yaml")
-    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
-    sharded, _ = models(cfg, plan, world)
-    single, _ = models(cfg, plan, ONE_PROCESS)
+    sharded, _ = trained_models(cfg, world, tokenizer)
+    single, _ = trained_models(cfg, ONE_PROCESS, tokenizer)
     length = 3 + 8 * world.rank
     got, want = [], []
     rollouts = ((HFRollout.for_model(sharded, tokenizer), got), (HFRollout.for_model(single, tokenizer), want))
@@ -132,9 +115,8 @@ def check_validation(world, tokenizer):
     """Evaluation of the sharded student, each process sampling its share of 5 problems greedily:
     every process gets the whole result, the one process's, problem by problem."""
     cfg = load_config(SMOKE / "oprd.yaml")
-    plan = LossPlan.from_config(cfg.opd, cfg.oprd, 4, 4, len(tokenizer))
-    sharded, _ = models(cfg, plan, world)
-    single, _ = models(cfg, plan, ONE_PROCESS)
+    sharded, _ = trained_models(cfg, world, tokenizer)
+    single, _ = trained_models(cfg, ONE_PROCESS, tokenizer)
     problems = load_problems("aime24", limit=5)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
     rollout, sampled = HFRollout.for_model(sharded, tokenizer), []

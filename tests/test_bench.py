@@ -17,6 +17,7 @@ from oprd.experiments.bench import (
     layer_flops_per_token,
     make_batch,
     parameter_count,
+    split_batch,
     sweep_fit,
     update_fn,
 )
@@ -54,6 +55,48 @@ def test_every_method_runs_one_update_with_gradients(method):
     update_fn(method, student, teacher, make_batch(shape, student.config.vocab_size), student.config.vocab_size)()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("split", ["size:1", "size:3", "tokens:90", "tokens:200", "packed:90"])
+def test_a_split_update_accumulates_the_whole_batchs_gradient(split):
+    """The bench's micro-batchings are the trainer's: any split of a mixed-length batch accumulates
+    the gradient of the whole batch in one piece."""
+    shape = Shape("tiny", 2, 24, 6, "cpu", "float32", min_len=4)
+    student, teacher = build_models(shape)
+    batch = make_batch(shape, student.config.vocab_size)
+    assert sorted(batch.response_lengths.tolist()) == [4, 8, 12, 16, 20, 24]
+    gradients = {}
+    for name in ("whole", split):
+        student.zero_grad(set_to_none=True)
+        update_fn("oprd_plus_opd", student, teacher, batch, student.config.vocab_size, name)()
+        gradients[name] = [p.grad.clone() for p in student.parameters()]
+    assert len(split_batch(batch, split)) > 1
+    for whole, part in zip(gradients["whole"], gradients[split], strict=True):
+        torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("split", ["halves", "size:0", "tokens:", "tokens:x"])
+def test_a_malformed_split_is_refused(split, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--splits", f"whole,{split}", "--out",
+                                      str(tmp_path / "b")])
+    assert result.exit_code == 2 and "a split is whole, size:N, tokens:N or packed:N" in result.output
+
+
+@pytest.mark.slow
+def test_the_split_bench_measures_every_method_over_every_split(tmp_path):
+    out = tmp_path / "splits"
+    result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--num-layers", "1", "--seq-len", "32",
+                                      "--min-len", "4", "--batch-size", "4", "--repeats", "1", "--methods", "oprd",
+                                      "--splits", "tokens:200,packed:200", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "splits.json").read_text())
+    assert list(report["splits"]) == ["tokens:200", "packed:200"] and report["min_len"] == 4
+    assert report["splits"]["packed:200"]["padding_share"] == 0
+    assert report["splits"]["tokens:200"]["padding_share"] > 0
+    assert report["splits"]["tokens:200"]["largest_micro_batch_tokens"] <= 200
+    for row in report["splits"].values():
+        assert row["methods"]["oprd"]["step_seconds"] > 0
+    assert "| packed:200 |" in (out / "splits.md").read_text()
 
 
 def test_an_autocast_shape_runs_the_update_in_bf16_over_float32_weights():

@@ -470,7 +470,7 @@ def _batch(seed: int, lengths=(5, 3, 4)) -> RolloutBatch:
 @torch.no_grad()
 def _all_rows(model, batch, layer):
     hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states[layer]
-    return hidden[response_positions(batch.response_mask, batch.prompt_ids.shape[1])]
+    return hidden[response_positions(batch, batch.response_mask)]
 
 
 def test_paired_rows_from_batches_pairs_layers_and_bounds_rows(pair_of_models):

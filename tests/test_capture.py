@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from oprd.batch import RolloutBatch, pad_left
-from oprd.capture import FINAL, capture_hidden, model_inputs, response_positions
+from oprd.capture import FINAL, capture_hidden, model_inputs, packing_problem, response_positions
 from oprd.models import ModelSpec, load_model
 from oprd.testing import tiny_config
 
@@ -245,7 +245,7 @@ def test_model_inputs_and_response_positions_shapes():
     for name in ("input_ids", "attention_mask", "position_ids"):
         assert inputs[name].shape == (3, P + T - 1)
     torch.testing.assert_close(inputs["input_ids"], batch.input_ids[:, :-1])
-    rows = response_positions(batch.response_mask, P)
+    rows = response_positions(batch, batch.response_mask)
     assert rows.shape == (3, P + T - 1) and rows.dtype == torch.bool
     assert int(rows.sum()) == int(batch.response_mask.sum()) == 9
     # response token t of row b is predicted at column P - 1 + t
@@ -256,11 +256,40 @@ def test_model_inputs_and_response_positions_shapes():
     assert torch.equal(rows, expected)
 
 
+def test_packed_inputs_are_the_rows_real_tokens_one_after_another():
+    batch, prompts, responses = hand_batch(100)
+    packed = batch.packed_rows()
+    inputs = model_inputs(packed)
+    assert set(inputs) == {"input_ids", "position_ids"}  # no mask: transformers reads the rows from the positions
+    fed = [prompt + response[:-1] if len(response) == 5 else prompt + response  # the last column is never fed
+           for prompt, response in zip(prompts, responses)]
+    assert inputs["input_ids"].tolist() == [sum(fed, [])]
+    assert inputs["position_ids"].tolist() == [[i for tokens in fed for i in range(len(tokens))]]
+    keep = response_positions(packed, batch.response_mask)
+    assert keep.shape == inputs["input_ids"].shape and int(keep.sum()) == 9
+    starts = [sum(map(len, fed[:b])) for b in range(3)]  # token t is predicted by the output before it
+    assert keep.nonzero()[:, 1].tolist() == [starts[b] + len(prompts[b]) - 1 + t
+                                             for b in range(3) for t in range(len(responses[b]))]
+
+
+@torch.no_grad()
+def test_packed_rows_give_the_padded_rows_states(model):
+    batch, _, _ = hand_batch(model.config.vocab_size)
+    padded = capture_hidden(model, model_inputs(batch), [1, 3], response_positions(batch, batch.response_mask),
+                            final=True)
+    packed_batch = batch.packed_rows()
+    packed = capture_hidden(model, model_inputs(packed_batch), [1, 3],
+                            response_positions(packed_batch, packed_batch.response_mask), final=True)
+    for key in (1, 3, FINAL):
+        torch.testing.assert_close(packed[key], padded[key], rtol=1e-5, atol=1e-5)
+    assert packing_problem(model) is None
+
+
 @torch.no_grad()
 def test_response_positions_through_lm_head_equal_hf_logits(model):
     batch, prompts, responses = hand_batch(model.config.vocab_size)
     P = batch.prompt_ids.shape[1]
-    rows = response_positions(batch.response_mask, P)
+    rows = response_positions(batch, batch.response_mask)
     got = capture_hidden(model, model_inputs(batch), [], keep_B_S=rows, final=True)
     logits = model.lm_head(got[FINAL])  # (N, V)
 
@@ -286,8 +315,7 @@ def test_response_positions_through_lm_head_equal_hf_logits(model):
 @torch.no_grad()
 def test_response_positions_hidden_layers_match_unpadded_rows(model):
     batch, prompts, responses = hand_batch(model.config.vocab_size)
-    P = batch.prompt_ids.shape[1]
-    rows = response_positions(batch.response_mask, P)
+    rows = response_positions(batch, batch.response_mask)
     got = capture_hidden(model, model_inputs(batch), [1, 3], keep_B_S=rows)
     for layer in (1, 3):
         expected = []

@@ -203,7 +203,7 @@ def teacher_inputs(batch: RolloutBatch, keep_B_T: torch.Tensor) -> tuple[dict[st
     tokenizers `keep_B_T` must only hold positions with a partner (`positions_with_partner`).
     """
     if batch.teacher_view is None:
-        return model_inputs(batch), response_positions(keep_B_T, batch.prompt_ids.shape[1])
+        return model_inputs(batch), response_positions(batch, keep_B_T)
     view = batch.teacher_view
     if bool((keep_B_T & (view.partner_B_T < 0)).any()):
         raise ValueError("student positions without a teacher partner were selected; mask them with "
@@ -211,7 +211,7 @@ def teacher_inputs(batch: RolloutBatch, keep_B_T: torch.Tensor) -> tuple[dict[st
     teacher_keep_B_T = torch.zeros_like(view.batch.response_mask, dtype=torch.bool)
     b, t = keep_B_T.nonzero(as_tuple=True)
     teacher_keep_B_T[b, view.partner_B_T[b, t]] = True
-    return model_inputs(view.batch), response_positions(teacher_keep_B_T, view.batch.prompt_ids.shape[1])
+    return model_inputs(view.batch), response_positions(view.batch, teacher_keep_B_T)
 
 
 @torch.no_grad()
@@ -226,7 +226,7 @@ def paired_states(
     inputs on its own device.
     """
     teacher_in, teacher_keep_B_S = teacher_inputs(batch, keep_B_T)
-    student_keep_B_S = response_positions(keep_B_T, batch.prompt_ids.shape[1])
+    student_keep_B_S = response_positions(batch, keep_B_T)
     states = []
     for model, inputs, keep_B_S, layers in ((student, model_inputs(batch), student_keep_B_S, student_layers),
                                             (teacher, teacher_in, teacher_keep_B_S, teacher_layers)):

@@ -30,6 +30,7 @@ class RolloutBatch:
     teacher_view: TeacherView | None = None  # across tokenizers: the teacher's own tokens of these rows
     weight_version: int = 0  # the student's optimizer steps when it sampled these rows (the on-policy check)
     sampled_logprobs: torch.Tensor | None = None  # (B, T) the sampler's own log-probs (vLLM), for diagnostics
+    packed: bool = False  # fed to a model as one row without padding (`capture.model_inputs`); see `packed_rows`
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + T)
@@ -68,7 +69,18 @@ class RolloutBatch:
             teacher_view=self.teacher_view.select(rows, width) if self.teacher_view is not None else None,
             weight_version=self.weight_version,
             sampled_logprobs=self.sampled_logprobs[rows, :width] if self.sampled_logprobs is not None else None,
+            packed=self.packed,
         )
+
+    def packed_rows(self) -> RolloutBatch:
+        """The same rows, fed to a model packed (`optim.pack_sequences`): each row's tokens without
+        padding, the rows one after another in a single row, positions counted from 0 in each, so
+        attention stays within each sequence. Every tensor here keeps its padded (B, T) layout;
+        only the model's inputs and the positions read from its outputs change (`capture`), and
+        they come out in the same row-major order. The teacher's own tokens are packed alike."""
+        view = self.teacher_view
+        return dataclasses.replace(self, packed=True, teacher_view=None if view is None else
+                                   TeacherView(dataclasses.replace(view.batch, packed=True), view.partner_B_T))
 
     def with_rows_only(self, rows_B: torch.Tensor) -> RolloutBatch:
         """The batch with the responses of rows outside `rows_B` ((B,) bool) masked out: every
@@ -78,6 +90,29 @@ class RolloutBatch:
     def micro_batches(self, size: int) -> list[RolloutBatch]:
         """Consecutive groups of `size` rows (the last may be smaller), each trimmed by `select`."""
         return [self.select(slice(first, first + size)) for first in range(0, self.response_ids.shape[0], size)]
+
+    def token_budget_groups(self, budget: int, packed: bool = False) -> list[list[int]]:
+        """The rows in groups whose micro-batch (`select`) holds at most `budget` token slots: padded,
+        rows x (its longest prompt + its longest response); packed, the sum of its rows' lengths.
+        First-fit decreasing: rows in order of their own length, longest first, each into the first
+        group it fits; a row longer than the budget alone makes a group of its own. Rows in each
+        group in batch order."""
+        prompts, responses = self.prompt_mask.sum(1).tolist(), self.response_lengths.clamp(min=1).tolist()
+        groups: list[list[int]] = []
+        widest: list[tuple[int, int]] = []  # per group: (longest prompt, longest response)
+        for row in sorted(range(len(prompts)), key=lambda row: -(prompts[row] + responses[row])):
+            for index, (prompt, response) in enumerate(widest):
+                grown = (max(prompt, prompts[row]), max(response, responses[row]))
+                tokens = (sum(prompts[r] + responses[r] for r in groups[index]) + prompts[row] + responses[row]
+                          if packed else (len(groups[index]) + 1) * sum(grown))
+                if tokens <= budget:
+                    groups[index].append(row)
+                    widest[index] = grown
+                    break
+            else:
+                groups.append([row])
+                widest.append((prompts[row], responses[row]))
+        return [sorted(group) for group in groups]
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -108,6 +143,20 @@ class TeacherView:
     def matched_share(self, response_mask: torch.Tensor) -> float:
         """Share of the student's response positions that have a partner."""
         return float((self.partner_B_T >= 0).sum()) / max(int(response_mask.sum()), 1)
+
+
+def split_into(groups: list[list[int]], count: int) -> list[list[int]]:
+    """`groups` split until there are `count` of them: the group of most rows (the first of those
+    tied) halved each time, so no group's token count grows. Under several processes each runs as
+    many micro-batches as the one that needs most, since a sharded model's forward is a collective."""
+    groups = [list(group) for group in groups]
+    while len(groups) < count:
+        index = max(range(len(groups)), key=lambda i: len(groups[i]))
+        group = groups[index]
+        if len(group) < 2:
+            raise ValueError(f"{sum(map(len, groups))} rows cannot make {count} micro-batches")
+        groups[index : index + 1] = [group[: len(group) // 2], group[len(group) // 2 :]]
+    return groups
 
 
 def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

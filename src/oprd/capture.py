@@ -23,20 +23,61 @@ def model_inputs(batch: RolloutBatch) -> dict[str, torch.Tensor]:
     """The (B, S) inputs, S = P + T - 1, whose outputs predict response tokens 0..T-1.
 
     The last response column predicts nothing, so it is not fed; the outputs that predict the
-    response are then exactly the last T columns.
+    response are then exactly the last T columns. A packed batch (`RolloutBatch.packed_rows`) is
+    fed as (1, L): its rows' real tokens one after another, with no attention mask and positions
+    from 0 in each row, from which transformers keeps attention within each sequence (a model that
+    does not is refused by `packing_problem`).
     """
-    return {
+    inputs = {
         "input_ids": batch.input_ids[:, :-1],
         "attention_mask": batch.attention_mask[:, :-1],
         "position_ids": batch.position_ids[:, :-1],
     }
+    if not batch.packed:
+        return inputs
+    real_B_S = inputs.pop("attention_mask").bool()
+    return {name: value[real_B_S][None] for name, value in inputs.items()}
 
 
-def response_positions(keep_B_T: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """(B, S) bool selecting the model outputs that predict the kept response tokens (B, T)."""
-    B = keep_B_T.shape[0]
+def fed_tokens(batch: RolloutBatch) -> tuple[int, int]:
+    """(real tokens, token slots) of what `model_inputs` feeds a model for `batch`: packed, both
+    the same; padded, the slots also count the padding."""
+    real = int(batch.attention_mask[:, :-1].sum())
+    return real, real if batch.packed else batch.input_ids[:, :-1].numel()
+
+
+def response_positions(batch: RolloutBatch, keep_B_T: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool selecting the model outputs that predict the kept response tokens (B, T) of
+    `batch`; packed, (1, L) over its packed inputs, selecting the same outputs in the same order
+    (every kept output is a real token's: the last prompt token's or a response token's)."""
+    B, prompt_width = keep_B_T.shape[0], batch.prompt_ids.shape[1]
     lead = torch.zeros((B, prompt_width - 1), dtype=torch.bool, device=keep_B_T.device)
-    return torch.cat([lead, keep_B_T.bool()], dim=1)
+    keep_B_S = torch.cat([lead, keep_B_T.bool()], dim=1)
+    if not batch.packed:
+        return keep_B_S
+    return keep_B_S[batch.attention_mask[:, :-1].bool()][None]
+
+
+@torch.no_grad()
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """None when `model` keeps two sequences packed in one row apart (each one's hidden states as
+    when fed alone); otherwise how far they differ. Whether packing works is up to the model's
+    attention code (transformers detects packed rows from position_ids for eager, sdpa, flex and
+    flash attention), so it is measured, not assumed."""
+    parameter = next(model.parameters())
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (1, n), generator=generator).to(parameter.device) for n in (3, 5))
+    depth = len(decoder_layers(model))
+
+    def states(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return capture_hidden(model, {"input_ids": ids, "position_ids": positions[None].to(ids.device)}, [depth])[depth]
+
+    alone = torch.cat([states(first, torch.arange(3)), states(second, torch.arange(5))], dim=1).float()
+    packed = states(torch.cat([first, second], dim=1), torch.cat([torch.arange(3), torch.arange(5)])).float()
+    difference = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-12))
+    tolerance = 1e-4 if parameter.dtype == torch.float32 else 2e-2
+    return None if difference <= tolerance else f"its states differ by {difference:.2g} of their largest"
 
 
 def capture_hidden(

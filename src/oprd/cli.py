@@ -138,6 +138,10 @@ def bench(
                                                              "how training runs with optim.precision=bf16"),
     out: Path = typer.Option(Path("runs/bench")),
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+    splits: str = typer.Option(None, help="compare micro-batchings of one batch: comma-separated whole, size:N "
+                                          "(optim.micro_batch_size), tokens:N (optim.micro_batch_tokens), "
+                                          "packed:N (the same, optim.pack_sequences=true)"),
+    min_len: int = typer.Option(None, help="mixed response lengths, spread from --min-len to --seq-len"),
     rollout: bool = typer.Option(False, "--rollout", help="measure sampling instead: tokens/s of transformers' "
                                                           "generate and of a vLLM server (--model, --vllm-url)"),
     model: str = typer.Option(None, help="--rollout: a local model folder"),
@@ -171,10 +175,15 @@ def bench(
         settings = BenchSettings(
             out=out, preset=preset, seq_lens=lengths,
             num_layers=num_layers, batch_size=batch_size, methods=_csv(methods), repeats=repeats, device=device,
-            dtype=dtype, autocast=autocast, overwrite=overwrite,
+            dtype=dtype, autocast=autocast, min_len=min_len, splits=_csv(splits) if splits else ["whole"],
+            overwrite=overwrite,
         )
         with console.status("measuring") as status:
             result = run_bench(settings, progress=lambda text: status.update(f"measuring {text}"))
+    if "splits" in result:
+        Console().print((out / "splits.md").read_text())
+        console.print(f"wrote {out / 'splits.json'}, {out / 'splits.md'} ({result['device']})")
+        return
     Console().print((out / "bench.md").read_text())
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} ({result['device']})")
 

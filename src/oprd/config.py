@@ -102,6 +102,12 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     micro_batch_size: int = 4  # sequences per forward/backward; gradients accumulate over the step
+    # when set, micro-batches are made by token count instead of micro_batch_size: each holds whole
+    # sequences up to this many token slots, padding included (`RolloutBatch.token_budget_groups`)
+    micro_batch_tokens: int | None = None
+    # each micro-batch's sequences fed as one row without padding, attention kept within each
+    # (`RolloutBatch.packed_rows`); with micro_batch_tokens the budget then counts real tokens
+    pack_sequences: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on a CPU
     gradient_checkpointing: bool = False
 
@@ -308,7 +314,8 @@ def read_run_config(path: Path) -> TrainConfig:
 FREE_ON_RESUME = frozenset({
     "output_dir", "resume", "resume_from", "resume_changes", "overwrite", "device", "report_to", "save_every",
     "keep_checkpoints", *(f"eval.{name}" for name in EvalConfig.__dataclass_fields__),
-    "optim.micro_batch_size", "optim.gradient_checkpointing", "rollout.max_batch_sequences", "rollout.kv_cache_gib",
+    "optim.micro_batch_size", "optim.micro_batch_tokens", "optim.pack_sequences", "optim.gradient_checkpointing",
+    "rollout.max_batch_sequences", "rollout.kv_cache_gib",
     "oprd.preflight_prompts", "oprd.preflight_min_cos", "student.attn_implementation", "teacher.attn_implementation",
     "student.trust_remote_code", "teacher.trust_remote_code", "teacher.shard", "rollout.backend",
     "rollout.vllm_mode", "rollout.vllm_url", "rollout.vllm_sync", "rollout.vllm_gpu_memory_utilization",
@@ -563,6 +570,9 @@ def validate_optim(cfg: TrainConfig) -> None:
             f"reaches lr 0 there and steps {(horizon or 0) + 1}..{cfg.max_steps} would not train; set "
             "schedule_steps >= max_steps (or leave it unset), or optim.min_lr_ratio > 0")
     require(optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    require(optim.micro_batch_tokens is None or optim.micro_batch_tokens >= 1,
+            f"optim.micro_batch_tokens must be >= 1 (or unset: micro_batch_size sequences a micro-batch); got "
+            f"{optim.micro_batch_tokens}")
     require(optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
     for name in ("beta1", "beta2"):
         value = getattr(optim, name)

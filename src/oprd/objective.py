@@ -184,10 +184,9 @@ def combined_loss(student: torch.nn.Module, batch: RolloutBatch,
     keep_B_T = torch.stack([term.scores.keep_B_T for term in terms]).any(0)
     oprd_B_T = torch.stack([term.scores.oprd_B_T for term in terms]).any(0)
     layers = sorted({layer for term in terms for layer in term.plan.student_layers})
-    prompt_width = batch.prompt_ids.shape[1]
-    student_h = capture_hidden(student, model_inputs(batch), layers, response_positions(keep_B_T, prompt_width),
+    student_h = capture_hidden(student, model_inputs(batch), layers, response_positions(batch, keep_B_T),
                                final=any(term.plan.uses_opd for term in terms),
-                               layers_keep_B_S=response_positions(oprd_B_T, prompt_width))
+                               layers_keep_B_S=response_positions(batch, oprd_B_T))
     loss = torch.zeros((), device=batch.response_ids.device)
     all_metrics = []
     for term in terms:

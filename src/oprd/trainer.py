@@ -43,8 +43,9 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from oprd import distributed
-from oprd.batch import RolloutBatch
+from oprd.batch import RolloutBatch, split_into
 from oprd.bridge.projector import Bridge, load_bridge
+from oprd.capture import fed_tokens, packing_problem
 from oprd.config import ConfigError, TeacherSource, TrainConfig, require, teacher_sources
 from oprd.data import PromptSet, PromptStream, drop_long_prompts, load_problems
 from oprd.distributed import World
@@ -195,6 +196,7 @@ def load_run(cfg: TrainConfig, checked: CheckedRun, world: World, device: torch.
                                   len(c.student_tok), bridge.to(device) if bridge is not None else None)
              for config, bridge in zip(c.teacher_configs, bridges)]
     student, teachers = load_models(cfg, device, world, c.resume_from, c.sources, plans)
+    check_packing(cfg, student, teachers)
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     rollout = make_rollout(cfg.rollout, student, c.student_tok, world=world, workdir=Path(cfg.output_dir),
                            source=cfg.student.model, longest_sequence=longest,
@@ -220,6 +222,21 @@ def load_run(cfg: TrainConfig, checked: CheckedRun, world: World, device: torch.
                tokenizer=c.student_tok, sampler=Sampler(rollout, c.prompts, c.student_tok, c.teacher_toks[0], device),
                sampling=sampling, optimizer=optimizer, scheduler=scheduler, stream=stream, start_step=start_step,
                validation=validation, gates=[parse_gate(text) for text in cfg.gates], bridges=bridges)
+
+
+def check_packing(cfg: TrainConfig, student: torch.nn.Module, teachers: list[Teacher]) -> None:
+    """With optim.pack_sequences, every model a packed micro-batch is fed to must keep its sequences
+    apart (`capture.packing_problem`): whether it does is up to its attention code."""
+    if not cfg.optim.pack_sequences:
+        return
+    fed = [("student", student)] + [(t.source.field, t.model) for t in teachers if t.model is not student]
+    for name, model in fed:
+        problem = packing_problem(model)
+        require(problem is None,
+                f"optim.pack_sequences=true, but the {name} ({type(model).__name__} with "
+                f"{model.config._attn_implementation} attention) does not keep sequences packed in one row apart "
+                f"({problem}): set optim.pack_sequences=false, or {name}.attn_implementation=sdpa (or "
+                "flash_attention_2)")
 
 
 def open_run(run: Run, checked: CheckedRun, started: float) -> None:
@@ -475,7 +492,8 @@ def accumulate_gradients(run: Run, batch: RolloutBatch, step: int, timings: dict
     normalizers = run.routing.normalizers(own)
     totals: list[dict[str, torch.Tensor]] = [{} for _ in run.teachers]
     total_loss = 0.0
-    for micro in batch.micro_batches(run.cfg.optim.micro_batch_size):
+    micro_batches = split_micro_batches(run, batch)
+    for micro in micro_batches:
         with _autocast(run.cfg, run.device):
             terms, scored_by = [], []
             with timed(timings, "teacher", run.device):
@@ -501,10 +519,35 @@ def accumulate_gradients(run: Run, batch: RolloutBatch, step: int, timings: dict
               for metrics in totals]
     summed = _summed(totals)
     _require_finite_loss(run, step, total_loss, summed)
-    values = {"loss": total_loss, **{name: float(value) for name, value in summed.items()}}
+    values = {"loss": total_loss, **{name: float(value) for name, value in summed.items()},
+              **padding_metrics(micro_batches, run.world, run.device)}
     if len(run.teachers) > 1:
         values.update(teacher_metrics(run, batch, own, normalizers, totals))
     return values
+
+
+def split_micro_batches(run: Run, batch: RolloutBatch) -> list[RolloutBatch]:
+    """This process's micro-batches: `optim.micro_batch_size` rows each, or as many rows as fit in
+    `optim.micro_batch_tokens` token slots; fed without padding with `optim.pack_sequences`. Under
+    several processes each runs as many as the process that needs most (`batch.split_into`): a
+    sharded model's forward is a collective. The loss and the gradient are the step's whatever the
+    split: every term is divided by the step's totals."""
+    optim = run.cfg.optim
+    if optim.micro_batch_tokens is None:
+        micro_batches = batch.micro_batches(optim.micro_batch_size)
+    else:
+        groups = batch.token_budget_groups(optim.micro_batch_tokens, packed=optim.pack_sequences)
+        count = int(run.world.max(torch.tensor(len(groups), device=run.device)))
+        micro_batches = [batch.select(torch.tensor(rows)) for rows in split_into(groups, count)]
+    return [micro.packed_rows() for micro in micro_batches] if optim.pack_sequences else micro_batches
+
+
+def padding_metrics(micro_batches: list[RolloutBatch], world: World, device: torch.device) -> dict[str, float]:
+    """`batch/padding_share`: the share of the token slots the step's student forwards read that
+    are padding (packed: none); `batch/micro_batches`: the forwards each process ran."""
+    real, slots = (float(world.sum(torch.tensor(float(sum(counts)), dtype=torch.float64, device=device)))
+                   for counts in zip(*map(fed_tokens, micro_batches)))
+    return {"batch/padding_share": 1 - real / slots, "batch/micro_batches": len(micro_batches)}
 
 
 def optimizer_step(run: Run, step: int) -> dict[str, float]:

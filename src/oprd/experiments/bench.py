@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from oprd.batch import RolloutBatch
-from oprd.capture import capture_hidden, model_inputs, response_positions
+from oprd.capture import capture_hidden, fed_tokens, model_inputs, response_positions
 from oprd.config import OPDConfig, OPRDConfig
 from oprd.display import markdown_table
 from oprd.experiments.measure import release_memory, reset_peak_rss, return_big_blocks_to_kernel, rss_bytes
@@ -76,6 +76,8 @@ class Shape:
     device: str
     dtype: str  # the weights'
     autocast: bool = False  # bf16 autocast over them, as `optim.precision=bf16` trains float32 master weights
+    min_len: int | None = None  # response lengths spread evenly from min_len to seq_len; None: all seq_len
+    split: str = "whole"  # the update's micro-batches (`split_batch`): whole, size:N, tokens:N or packed:N
 
     def precision(self):
         """The context one update runs in."""
@@ -148,27 +150,57 @@ def check_fits_in_memory(shape: Shape) -> None:
 
 
 def make_batch(shape: Shape, vocab: int) -> RolloutBatch:
+    """B prompts of PROMPT_TOKENS and responses of seq_len tokens, or with `min_len` of lengths
+    spread evenly from min_len to seq_len, in a seeded shuffle (as sampled responses come)."""
     generator = torch.Generator().manual_seed(0)
     B = shape.batch_size
+    lengths = torch.full((B,), shape.seq_len)
+    if shape.min_len is not None:
+        lengths = torch.linspace(shape.min_len, shape.seq_len, B).round().long()[torch.randperm(B, generator=generator)]
     return RolloutBatch(
         prompt_ids=torch.randint(0, vocab, (B, PROMPT_TOKENS), generator=generator),
         prompt_mask=torch.ones(B, PROMPT_TOKENS, dtype=torch.long),
         response_ids=torch.randint(0, vocab, (B, shape.seq_len), generator=generator),
-        response_mask=torch.ones(B, shape.seq_len, dtype=torch.long),
+        response_mask=(torch.arange(shape.seq_len)[None] < lengths[:, None]).long(),
         prompt_index=torch.arange(B),
         truncated=torch.zeros(B, dtype=torch.bool),
     ).to(shape.device)
 
 
-def update_fn(method: str, student, teacher, batch: RolloutBatch, vocab: int):
-    """A zero-argument function running one actor update (loss + backward) of `method`."""
+def split_batch(batch: RolloutBatch, split: str) -> list[RolloutBatch]:
+    """The micro-batches the trainer makes of `batch`: `whole` (one), `size:N` (`optim.micro_batch_size`),
+    `tokens:N` (`optim.micro_batch_tokens`) or `packed:N` (the same with `optim.pack_sequences`)."""
+    kind, _, number = split.partition(":")
+    if kind == "whole" and not number:
+        return [batch]
+    if kind == "size" and number.isdigit() and int(number) >= 1:
+        return batch.micro_batches(int(number))
+    if kind in ("tokens", "packed") and number.isdigit() and int(number) >= 1:
+        packed = kind == "packed"
+        parts = [batch.select(torch.tensor(rows)) for rows in batch.token_budget_groups(int(number), packed=packed)]
+        return [part.packed_rows() for part in parts] if packed else parts
+    raise ValueError(f"a split is whole, size:N, tokens:N or packed:N (N >= 1), not {split!r}")
+
+
+def update_fn(method: str, student, teacher, batch: RolloutBatch, vocab: int, split: str = "whole"):
+    """A zero-argument function running one actor update (loss + backward) of `method`, over the
+    micro-batches of `split` with the whole batch's normalizers, as the trainer accumulates them."""
     layers = student.config.num_hidden_layers
     if method in METHODS:
         plan = LossPlan.from_config(*METHODS[method], layers, teacher.config.num_hidden_layers, vocab)
         normalizers = plan.normalizers(batch)
-        return lambda: distillation_loss(plan, student, teacher, batch, normalizers)[0].backward()
+        parts = split_batch(batch, split)
+
+        def update() -> None:
+            for part in parts:
+                distillation_loss(plan, student, teacher, part, normalizers)[0].backward()
+
+        return update
+    if split != "whole":
+        raise ValueError(f"the {method} reference runs on the whole batch; split {split!r} applies to "
+                         f"{', '.join(METHODS)}")
     if method == "floor":
-        inputs, keep_B_S = model_inputs(batch), response_positions(batch.response_mask, batch.prompt_ids.shape[1])
+        inputs, keep_B_S = model_inputs(batch), response_positions(batch, batch.response_mask)
         deepest = max(layer_map(layers, teacher.config.num_hidden_layers))
         probe = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0))
         probe = probe.to(batch.prompt_ids.device)
@@ -217,7 +249,7 @@ def measure(method: str, shape: Shape, repeats: int = 3, warmup: int = 1) -> dic
     student, teacher = build_models(shape)
     vocab = student.config.vocab_size
     batch = make_batch(shape, vocab)
-    run = update_fn(method, student, teacher, batch, vocab)
+    run = update_fn(method, student, teacher, batch, vocab, shape.split)
     cuda = shape.device.startswith("cuda")
     seconds, peaks = [], []
     for i in range(warmup + repeats):
@@ -252,7 +284,7 @@ def measure_cpu_memory(method: str, shape: Shape, warmup: int = 1) -> dict[str, 
     student, teacher = build_models(shape)
     vocab = student.config.vocab_size
     batch = make_batch(shape, vocab)
-    run = update_fn(method, student, teacher, batch, vocab)
+    run = update_fn(method, student, teacher, batch, vocab, shape.split)
     for _ in range(warmup):  # one-time state (thread pools, kernel caches) stays out of the delta
         student.zero_grad(set_to_none=True)
         with shape.precision():
@@ -524,6 +556,8 @@ class BenchSettings:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     autocast: bool = False  # bf16 autocast over the weights (with dtype float32: how training runs on a GPU)
+    min_len: int | None = None  # mixed response lengths, from min_len to the sequence length
+    splits: list[str] = field(default_factory=lambda: ["whole"])  # several: compare micro-batchings (`split_batch`)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -534,12 +568,19 @@ class BenchSettings:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
         if not self.seq_lens or min(self.seq_lens) < 1 or len(set(self.seq_lens)) != len(self.seq_lens):
             raise ValueError(f"sequence lengths must be distinct positive numbers, got {self.seq_lens}")
+        for split in self.splits:
+            split_batch(RolloutBatch(*(torch.ones(1, 1, dtype=torch.long),) * 5, torch.zeros(1, dtype=torch.bool)),
+                        split)  # a ValueError names a malformed one
+        if self.splits != ["whole"] and len(self.seq_lens) > 1:
+            raise ValueError("--splits compares micro-batchings at one sequence length: give --seq-len, not --seq-lens")
+        if self.min_len is not None and not 1 <= self.min_len <= min(self.seq_lens):
+            raise ValueError(f"--min-len must be between 1 and the sequence length, got {self.min_len}")
 
     def shape(self, seq_len: int) -> Shape:
         device = resolve_device(self.device)
         num_layers = self.num_layers or (SHAPES[self.preset]["num_hidden_layers"] if device.type == "cuda" else 4)
         dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
-        return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype, self.autocast)
+        return Shape(self.preset, num_layers, seq_len, self.batch_size, str(device), dtype, self.autocast, self.min_len)
 
 
 @holding_out
@@ -549,6 +590,8 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     shapes = [s.shape(seq_len) for seq_len in s.seq_lens]
     check_fits_in_memory(max(shapes, key=lambda shape: shape.seq_len))
     out = prepare_output_dir(s.out, overwrite=s.overwrite, overwrite_flag="--overwrite", ours=None)
+    if s.splits != ["whole"]:
+        return measure_splits(s, shapes[0], out, progress)
     sweep = []
     for shape in shapes:
         measured = {}
@@ -575,6 +618,43 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     plot(result, out)
+    return result
+
+
+def measure_splits(s: BenchSettings, shape: Shape, out: Path, progress=None) -> dict:
+    """Each method's update over each micro-batching of one mixed-length batch: splits.json, splits.md."""
+    batch = make_batch(shape, build_config(shape).vocab_size)
+    splits = {}
+    for split in s.splits:
+        parts = split_batch(batch, split)
+        real, slots = (sum(counts) for counts in zip(*map(fed_tokens, parts)))
+        splits[split] = {"micro_batches": len(parts), "padding_share": 1 - real / slots,
+                         "largest_micro_batch_tokens": max(fed_tokens(part)[1] for part in parts), "methods": {}}
+        for method in s.methods:
+            if progress:
+                progress(f"{method} over {split}")
+            splits[split]["methods"][method] = measure_in_fresh_process(method, dataclasses.replace(shape, split=split),
+                                                                        s.repeats)
+    result = {"device": shape.device, "dtype": shape.dtype, "autocast": shape.autocast, "preset": s.preset,
+              "num_layers": shape.num_layers, "seq_len": shape.seq_len, "min_len": shape.min_len,
+              "batch_size": s.batch_size, "repeats": s.repeats, "splits": splits}
+    (out / "splits.json").write_text(json.dumps(result, indent=2))
+    lengths = (f"responses of {shape.min_len} to {shape.seq_len} tokens" if shape.min_len is not None
+               else f"responses of {shape.seq_len} tokens")
+    lines = [f"# oprd bench: micro-batches, {shape.preset}", "",
+             f"Device {shape.device} ({shape.dtype}{' under bf16 autocast' if shape.autocast else ''}), "
+             f"{shape.num_layers} layers, one batch of {s.batch_size} sequences: {PROMPT_TOKENS}-token prompts, "
+             f"{lengths}. One update = every micro-batch's teacher scoring, loss and backward, accumulated; "
+             f"median of {s.repeats} after a warm-up, each in a fresh process; peak memory above the update's "
+             "starting baseline. `size:N`: N sequences a micro-batch; `tokens:N`: `optim.micro_batch_tokens=N`; "
+             "`packed:N`: the same with `optim.pack_sequences=true` (the budget counts real tokens).", "",
+             *markdown_table(["split", "micro-batches", "padding", "largest (tokens)",
+                              *(f"{method}: s / peak MiB" for method in s.methods)],
+                             ([split, row["micro_batches"], f"{100 * row['padding_share']:.0f}%",
+                               row["largest_micro_batch_tokens"],
+                               *(f"{m['step_seconds']:.2f} / {m['peak_memory_delta_bytes'] / 2**20:.0f}"
+                                 for m in row["methods"].values())] for split, row in splits.items()))]
+    (out / "splits.md").write_text("\n".join(lines) + "\n")
     return result
 
 
