@@ -508,6 +508,41 @@ def test_opd_sampled_value_is_mean_log_ratio(seed):
     assert loss.item() == pytest.approx(total / n, rel=1e-6, abs=1e-12)
 
 
+def test_the_truncated_importance_ratio_weights_each_sampled_tokens_gradient():
+    """Tokens sampled by older weights: the gradient of row n with respect to the student's logit
+    of its token is that of the on-policy estimator times min(p / p_sampler, cap), written out
+    token by token; the value stays the KL estimate, and the diagnostics report the ratio."""
+    student = randn(6, 11, seed=3, requires_grad=True)
+    teacher = randn(6, 11, seed=4)
+    targets = torch.tensor([0, 3, 5, 7, 10, 2])
+    own = F.log_softmax(student.detach().float(), -1).gather(-1, targets[:, None])[:, 0]  # as the terms compute it
+    sampler = own + torch.tensor([0.0, 1.5, -1.5, 0.3, -0.1, -2.0])  # ratios 1, e^-1.5, e^1.5, ...
+    terms, diagnostics = output_space_terms("sampled", student, teacher, targets, sampler_logprobs=sampler,
+                                            ratio_cap=2.0)
+    (grad,) = torch.autograd.grad(terms.sum(), student)
+    on_policy, _ = output_space_terms("sampled", student, teacher, targets)
+    (on_policy_grad,) = torch.autograd.grad(on_policy.sum(), student)
+    for n in range(6):
+        ratio = math.exp(float(own[n] - sampler[n]))
+        torch.testing.assert_close(grad[n], on_policy_grad[n] * min(ratio, 2.0), rtol=1e-6, atol=1e-9)
+        assert float(diagnostics["opd/is_ratio_mean"][n]) == pytest.approx(ratio, rel=1e-6)
+        assert float(diagnostics["opd/is_clipped_share"][n]) == float(ratio > 2.0)
+    torch.testing.assert_close(terms, on_policy.detach())
+    assert diagnostics["opd/is_clipped_share"].sum() == 2  # e^1.5 and e^2 exceed the cap
+
+
+def test_a_ratio_of_one_is_the_on_policy_gradient():
+    """The sampler's own log-probs (no lag): the weighted estimator is the on-policy one, exactly."""
+    student = randn(5, 9, seed=5, requires_grad=True)
+    teacher, targets = randn(5, 9, seed=6), torch.tensor([1, 2, 3, 4, 8])
+    own = F.log_softmax(student.detach().float(), -1).gather(-1, targets[:, None])[:, 0]
+    weighted, _ = output_space_terms("sampled", student, teacher, targets, sampler_logprobs=own)
+    plain, _ = output_space_terms("sampled", student, teacher, targets)
+    assert torch.equal(torch.autograd.grad(weighted.sum(), student)[0], torch.autograd.grad(plain.sum(), student)[0])
+    with pytest.raises(ValueError, match="applies to the sampled-token estimator, not to topk"):
+        output_space_terms("topk", student, teacher, targets, sampler_logprobs=own)
+
+
 def test_opd_sampled_teacher_gets_no_grad_and_scales_with_grad_output():
     s, t, mask = sampled_inputs()
     loss = opd_sampled_loss(s, t, mask)

@@ -204,6 +204,42 @@ def test_training_through_vllm_is_on_policy_and_resumes_exactly(server, tmp_path
 
 
 @needs_vllm
+def test_sampling_a_step_ahead_trains_with_lags_of_one_and_resumes_exactly(server, tmp_path, monkeypatch):
+    """rollout.max_weight_lag=1: the server samples step t+1's batch while step t trains, so every
+    batch after the first comes from weights one update old, the sampled-token estimator weighs its
+    tokens by the truncated ratio, and a run stopped right after a checkpoint (which holds the batch
+    sampled ahead) resumes to the uninterrupted run's numbers."""
+    url, _ = server
+    overrides = ["rollout.backend=vllm", f"rollout.vllm_url={url}", "rollout.max_weight_lag=1", "max_steps=4",
+                 "save_every=2"]
+    straight = train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={tmp_path / 'a'}"]))
+    expected = run_metrics(straight)
+    assert [r["rollout/weight_version_lag"] for r in expected] == [0, 1, 1, 1]
+    assert "opd/is_ratio_mean" not in expected[0]
+    assert all(r["opd/is_ratio_mean"] > 0 and 0 <= r["opd/is_clipped_share"] <= 1 for r in expected[1:])
+    assert all(r["time/sample_hidden_s"] >= 0 and r["time/sample_wait_s"] >= 0 for r in expected)
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after the step-2 checkpoint")
+
+    crashed = tmp_path / "b"
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}"]))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert (crashed / "checkpoints" / "step_000002" / "sampled_ahead.safetensors").is_file()  # the crash came after
+    train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}", "resume=true"]))
+    resumed = run_metrics(crashed)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for want, got in zip(expected, resumed):
+        for key in ("loss", "grad_norm", "response_length/mean", "rollout/weight_version_lag"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
+
+
+@needs_vllm
 def test_eval_and_the_rollout_bench_through_vllm(server, tmp_path):
     from typer.testing import CliRunner
 

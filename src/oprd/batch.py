@@ -114,6 +114,18 @@ class RolloutBatch:
                 widest.append((prompts[row], responses[row]))
         return [sorted(group) for group in groups]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The batch as named tensors (safetensors can hold them); the teacher's view is not kept:
+        it is built again from the student's tokens (`rollout.Sampler`)."""
+        named = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {**named, "weight_version": torch.tensor(self.weight_version)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RolloutBatch:
+        """The inverse of `tensors`."""
+        tensors = dict(tensors)
+        return cls(**tensors | {"weight_version": int(tensors["weight_version"])})
+
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return RolloutBatch(**{name: value.to(device) if hasattr(value, "to") else value

@@ -65,6 +65,9 @@ class RolloutConfig:
     vllm_sync: Literal["auto", "nccl", "disk"] = "auto"  # how weights reach a server; auto: nccl on a GPU
     vllm_gpu_memory_utilization: float = 0.3  # the colocated engine's share of the GPU
     vllm_timeout_s: float = 600.0  # one HTTP request to the server
+    # 0: every batch sampled by the weights it trains (on-policy). 1: a vLLM server samples the next
+    # step's batch while this step trains, with the weights one update older (docs/vllm.md)
+    max_weight_lag: Literal[0, 1] = 0
 
 
 @dataclass
@@ -74,6 +77,9 @@ class OPDConfig:
     support: TopkSupport = "student"  # whose top-k the KL is taken over
     chunk_size: int = 0  # positions per LM-head chunk; 0 = auto: about 2^22 logits a chunk on a CPU, 2^26 on a GPU
     start_step: int = 0  # OPD applies from step start_step + 1 on (two-stage recipes: bridge, then OPD)
+    # sampled-token OPD on a batch sampled by older weights (rollout.max_weight_lag=1): each token's
+    # gradient weighted by the current student's probability over the sampler's, truncated at this cap
+    is_ratio_cap: float = 2.0
 
 
 @dataclass
@@ -456,6 +462,8 @@ def validate_objective(opd: OPDConfig, oprd: OPRDConfig) -> None:
             "nothing to train: set opd.objective (sampled|topk|full) and/or oprd.coef > 0")
     require(opd.k >= 1, f"opd.k must be >= 1; got {opd.k}")
     require(opd.chunk_size >= 0, f"opd.chunk_size must be >= 0 (0 = auto); got {opd.chunk_size}")
+    require(opd.is_ratio_cap >= 1, f"opd.is_ratio_cap must be >= 1 (the largest importance weight); got "
+                                   f"{opd.is_ratio_cap}")
     if not isinstance(oprd.layers, str):
         require(bool(oprd.layers) and all(layer >= 1 for layer in oprd.layers),
                 f"oprd.layers as a list needs 1-based layer numbers (>= 1); got {oprd.layers}")
@@ -537,6 +545,11 @@ def validate_rollout(rollout: RolloutConfig) -> None:
     require(0 < rollout.vllm_gpu_memory_utilization < 1,
             f"rollout.vllm_gpu_memory_utilization must be in (0, 1); got {rollout.vllm_gpu_memory_utilization}")
     require(rollout.vllm_timeout_s > 0, "rollout.vllm_timeout_s must be > 0")
+    require(rollout.max_weight_lag == 0 or rollout.backend == "vllm" and rollout.vllm_mode == "server",
+            "rollout.max_weight_lag=1 samples the next batch while this one trains, which needs a sampler with "
+            "devices of its own: set rollout.backend=vllm rollout.vllm_mode=server. With transformers' generate or "
+            "a colocated vLLM engine, sampling and training take turns on the same device and there is nothing "
+            "to overlap")
     require(rollout.backend != "vllm" or rollout.vllm_mode != "colocate"
             or importlib.util.find_spec("vllm") is not None,
             "rollout.backend=vllm with vllm_mode=colocate needs vLLM in this environment: pip install -e '.[vllm]' "

@@ -172,15 +172,19 @@ def representation_loss(
 # --------------------------------------------------------------------------- OPD
 
 
-def sampled_token_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+def sampled_token_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                        importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token policy-gradient surrogate of sampled-token OPD, any shape.
 
     The advantage is the per-token reward -(log p - log q) (tinker-cookbook, PAPER.md); the
     surrogate's value is the reverse-KL estimate log p - log q and its gradient with respect to
-    log p is that same estimate: -A * grad log p.
+    log p is that same estimate: -A * grad log p. Tokens sampled by other weights than the student's
+    take `importance` (same shape, no gradient), the ratio of the student's probability to theirs,
+    as a factor of the gradient; the value stays the estimate.
     """
     estimate = (student_logprobs - teacher_logprobs.detach()).detach()
-    return estimate * (student_logprobs - student_logprobs.detach()) + estimate
+    weight = estimate if importance is None else estimate * importance.detach()
+    return weight * (student_logprobs - student_logprobs.detach()) + estimate
 
 
 class _KLFromLogprobs(torch.autograd.Function):
@@ -295,17 +299,27 @@ def output_space_terms(
     *,
     k: int = 16,
     support: str = "student",
+    sampler_logprobs: torch.Tensor | None = None,
+    ratio_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-row OPD loss terms (N,) for `objective` in {sampled, topk, full}, plus per-row
-    diagnostics (N,): sampled-token KL estimate, entropies and, for top-k, support overlap."""
+    diagnostics (N,): sampled-token KL estimate, entropies and, for top-k, support overlap.
+
+    `sampler_logprobs` (N,): the sampling weights' log-probs of `targets`, for sampled-token OPD on
+    tokens those weights sampled and not the student's: each gradient is weighted by the truncated
+    ratio min(p / p_sampler, ratio_cap), reported as `opd/is_ratio_mean` (before truncation) and
+    `opd/is_clipped_share`."""
     logp = F.log_softmax(student_logits.float(), dim=-1)
     with torch.no_grad():
         logq = F.log_softmax(teacher_logits.float(), dim=-1)
     del teacher_logits  # the caller's logits chunk can be freed now: logq carries everything needed
     student_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     teacher_lp = logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ratio = None if sampler_logprobs is None else (student_lp.detach() - sampler_logprobs.float()).exp()
+    if ratio is not None and objective != "sampled":
+        raise ValueError(f"an importance ratio applies to the sampled-token estimator, not to {objective} OPD")
     if objective == "sampled":
-        terms = sampled_token_terms(student_lp, teacher_lp)
+        terms = sampled_token_terms(student_lp, teacher_lp, None if ratio is None else ratio.clamp(max=ratio_cap))
     elif objective == "topk":
         top = top_indices(logp, logq, k)  # log-softmax keeps the order of the logits
         terms = topk_kl_terms(logp, logq, k, support, top)
@@ -319,6 +333,9 @@ def output_space_terms(
             "opd/student_entropy": _entropy(logp.detach()),
             "opd/teacher_entropy": _entropy(logq),
         }
+        if ratio is not None:
+            diagnostics["opd/is_ratio_mean"] = ratio
+            diagnostics["opd/is_clipped_share"] = (ratio > ratio_cap).float()
         if objective == "topk":
             student_top, teacher_top = top
             shared = (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1).sum(-1)

@@ -48,6 +48,8 @@ class LossPlan:
     aggregation: str
     vocab_size: int  # logits beyond the shared tokenizer (embedding padding) are cut off
     opd_start_step: int = 0  # OPD from step opd_start_step + 1 on
+    is_ratio_cap: float = 2.0  # sampled-token OPD off-policy: the truncated importance weight's cap
+    off_policy: bool = False  # this step's batch was sampled by older weights (`at_step`)
     oprd_stop_step: int = 0  # OPRD up to this step; 0 = always
     bridge: Bridge | None = field(default=None, compare=False)  # OPRD through frozen projectors
 
@@ -83,15 +85,17 @@ class LossPlan:
             aggregation=oprd.aggregation,
             vocab_size=vocab_size,
             opd_start_step=opd.start_step,
+            is_ratio_cap=opd.is_ratio_cap,
             oprd_stop_step=oprd.stop_step,
             bridge=bridge,
         )
 
-    def at_step(self, step: int) -> LossPlan:
-        """The objective of one step of a staged recipe (e.g. OPRD-Bridge first, then OPD)."""
+    def at_step(self, step: int, weight_lag: int = 0) -> LossPlan:
+        """The objective of one step of a staged recipe (e.g. OPRD-Bridge first, then OPD), on a batch
+        sampled `weight_lag` optimizer steps ago (`rollout.max_weight_lag`)."""
         opd = self.opd if step > self.opd_start_step else "none"
         oprd_coef = self.oprd_coef if not self.oprd_stop_step or step <= self.oprd_stop_step else 0.0
-        return dataclasses.replace(self, opd=opd, oprd_coef=oprd_coef)
+        return dataclasses.replace(self, opd=opd, oprd_coef=oprd_coef, off_policy=weight_lag > 0)
 
     @property
     def uses_opd(self) -> bool:
@@ -236,6 +240,12 @@ def _output_space_loss(plan: LossPlan, student: torch.nn.Module, batch: RolloutB
     response_B_T = batch.response_mask.bool()
     weights_N = (response_B_T.float() / total_tokens.clamp(min=1))[response_B_T]
     targets_N = batch.response_ids[response_B_T]
+    sampler_N = None  # the sampling weights' log-probs of the tokens, where the estimator needs its ratio to them
+    if plan.off_policy and plan.opd == "sampled":
+        if batch.sampled_logprobs is None:
+            raise ValueError("sampled-token OPD on a batch of older weights needs the sampler's log-probs of its "
+                             "tokens (a vLLM rollout returns them)")
+        sampler_N = batch.sampled_logprobs[response_B_T]
     teacher_final_N_D = scores.hidden[FINAL]
     V = plan.vocab_size
     teacher_head = _cast_once(scores.head, student_final_N_D.device.type)
@@ -245,6 +255,7 @@ def _output_space_loss(plan: LossPlan, student: torch.nn.Module, batch: RolloutB
             teacher_logits = teacher_head(teacher_final_N_D[chunk])[:, :V]
         terms, diagnostics = losses.output_space_terms(
             plan.opd, student_logits[:, :V], teacher_logits, targets_N[chunk], k=plan.topk, support=plan.topk_support,
+            sampler_logprobs=None if sampler_N is None else sampler_N[chunk], ratio_cap=plan.is_ratio_cap,
         )
         for name, values in diagnostics.items():
             metrics[name] = metrics.get(name, 0.0) + (values * weights_N[chunk]).sum()

@@ -8,7 +8,9 @@ the teacher reads another tokenizer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -276,6 +278,46 @@ def make_rollout(cfg: RolloutConfig, model: torch.nn.Module, tokenizer: PreTrain
                                                            getattr(model.config, "max_position_embeddings", 4096)))
 
 
+def done(batch: RolloutBatch) -> Future:
+    """A future that already holds `batch`."""
+    future: Future = Future()
+    future.set_result(batch)
+    return future
+
+
+class PendingBatch:
+    """A batch a `Sampler` has asked for: sampled in the background by a rollout that can
+    (`ServerRollout.submit`), otherwise already sampled. `result` waits for it and finishes it."""
+
+    def __init__(self, sampler: Sampler, indices: list[int], future: Future):
+        self.sampler, self.indices, self.future = sampler, indices, future
+        self.submitted = time.perf_counter()
+        self.sampled = self.submitted  # when the rollout finished it (the same moment when it sampled at once)
+        self.waited = 0.0  # seconds the trainer spent blocked on it (`wait`)
+        future.add_done_callback(lambda _: setattr(self, "sampled", time.perf_counter()))
+
+    def wait(self) -> float:
+        """Blocks until the rollout has sampled the batch; returns the seconds spent blocked."""
+        started = time.perf_counter()
+        self.future.result()
+        waited = time.perf_counter() - started
+        self.waited += waited
+        return waited
+
+    def raw(self) -> RolloutBatch:
+        """The batch as the rollout returned it (what a checkpoint keeps of a batch sampled ahead)."""
+        return self.future.result()
+
+    def result(self) -> RolloutBatch:
+        self.wait()
+        return self.sampler.finish(self.indices, self.raw())
+
+    @property
+    def hidden_seconds(self) -> float:
+        """The sampling time nobody waited for: spent while the trainer did other work."""
+        return max(self.sampled - self.submitted - self.waited, 0.0)
+
+
 @dataclass
 class Sampler:
     """Draws the batch of chosen prompts through a `Rollout`, on `device`; across tokenizers (the
@@ -290,7 +332,19 @@ class Sampler:
     def sample(self, indices: list[int], params: SamplingParams) -> RolloutBatch:
         """The responses to prompts `indices` of the prompt set; each row's `prompt_index` is its
         prompt's index in the set."""
-        batch = self.rollout.generate([self.prompts.student[i] for i in indices], params).to(self.device)
+        return self.submit(indices, params).result()
+
+    def submit(self, indices: list[int], params: SamplingParams) -> PendingBatch:
+        """`sample`, returning at once where the rollout samples in the background (a vLLM server):
+        its random draws are made now, so the batch is the same whenever it is collected."""
+        prompts = [self.prompts.student[i] for i in indices]
+        submit = getattr(self.rollout, "submit", None)
+        return PendingBatch(self, indices, submit(prompts, params) if submit else done(self.rollout.generate(prompts,
+                                                                                                               params)))
+
+    def finish(self, indices: list[int], sampled: RolloutBatch) -> RolloutBatch:
+        """A rollout's batch of prompts `indices`, on the device, with the teacher's view of it."""
+        batch = sampled.to(self.device)
         if self.prompts.teacher is not None:
             teacher_prompts = [self.prompts.teacher[i] for i in indices]
             if self.prompts.retokenize:

@@ -56,7 +56,7 @@ from oprd.models import check_spec, first_non_finite, load_model, load_model_con
 from oprd.objective import LossPlan, Term, combined_loss
 from oprd.optim import apply_optimizer_config, make_optimizer
 from oprd.preflight import check_context_length, check_model_pairing, preflight_alignment, preflight_warning
-from oprd.rollout import HFRollout, Rollout, Sampler, SamplingParams, make_rollout, seeded
+from oprd.rollout import HFRollout, PendingBatch, Rollout, Sampler, SamplingParams, done, make_rollout, seeded
 from oprd.runs import checkpoint, provenance
 from oprd.runs.folder import check_resumed_config, check_run_dir, held_run_dir
 from oprd.runs.provenance import data_record, models_record
@@ -87,6 +87,7 @@ class Run:
     gates: list[Gate] = dataclasses.field(default_factory=list)
     bridges: list[Bridge | None] = dataclasses.field(default_factory=list)  # per teacher, what run.json records
     best: float | None = None  # the best value of keep_best's metric so far
+    pending: PendingBatch | None = None  # the next step's batch, sampled while this one trains (max_weight_lag=1)
 
     @property
     def ema_teacher(self) -> torch.nn.Module | None:
@@ -108,7 +109,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                     timings: dict[str, float] = {}  # each phase's seconds, logged as time/<phase>_s
                     step_started = time.perf_counter()
                     with timed(timings, "sample"):
-                        batch = sample(run, step)
+                        batch = sample(run, step, timings)
                     with timed(timings, "update", run.device):
                         metrics = update(run, batch, step, timings)
                     with timed(timings, "validate"):
@@ -217,11 +218,26 @@ def load_run(cfg: TrainConfig, checked: CheckedRun, world: World, device: torch.
     validation = make_validation(cfg, rollout, c.student_tok, world, recorder.warn)
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.responses_per_prompt)
+    sampler = Sampler(rollout, c.prompts, c.student_tok, c.teacher_toks[0], device)
     return Run(cfg=cfg, world=world, run_dir=Path(cfg.output_dir), recorder=recorder, device=device, student=student,
                teachers=teachers, routing=Routing.of(c.sources, c.prompts, cfg.teachers.route_by, device),
-               tokenizer=c.student_tok, sampler=Sampler(rollout, c.prompts, c.student_tok, c.teacher_toks[0], device),
-               sampling=sampling, optimizer=optimizer, scheduler=scheduler, stream=stream, start_step=start_step,
-               validation=validation, gates=[parse_gate(text) for text in cfg.gates], bridges=bridges)
+               tokenizer=c.student_tok, sampler=sampler, sampling=sampling, optimizer=optimizer, scheduler=scheduler,
+               stream=stream, start_step=start_step, validation=validation,
+               gates=[parse_gate(text) for text in cfg.gates], bridges=bridges,
+               pending=sampled_ahead(cfg, c.resume_from, sampler, world))
+
+
+def sampled_ahead(cfg: TrainConfig, resume_from: Path | None, sampler: Sampler, world: World) -> PendingBatch | None:
+    """The next step's batch a checkpoint holds, sampled ahead by rollout.max_weight_lag=1 with
+    weights one update older than its own, so a resumed run trains on exactly that batch."""
+    ahead = None if resume_from is None else checkpoint.load_sampled_ahead(resume_from, world)
+    if ahead is None:
+        return None
+    require(cfg.rollout.max_weight_lag == 1,
+            f"checkpoint {resume_from} holds the next step's batch, sampled ahead with rollout.max_weight_lag=1 by "
+            "weights it no longer has: resume with rollout.max_weight_lag=1")
+    indices = ahead.pop("indices").tolist()
+    return PendingBatch(sampler, indices, done(RolloutBatch.from_tensors(ahead)))
 
 
 def check_packing(cfg: TrainConfig, student: torch.nn.Module, teachers: list[Teacher]) -> None:
@@ -455,11 +471,19 @@ def teacher_validation(run: Run) -> dict[str, float]:
 # --------------------------------------------------------------------------- the step
 
 
-def sample(run: Run, step: int) -> RolloutBatch:
-    """The student's responses to the step's prompts (and the teacher's view of them across tokenizers)."""
-    this_process = run.stream.next_batch()[run.world.rank :: run.world.size]
+def sample(run: Run, step: int, timings: dict[str, float]) -> RolloutBatch:
+    """The student's responses to the step's prompts (and the teacher's view of them across
+    tokenizers). With rollout.max_weight_lag=1 the batch was sent to the server while the last step
+    trained, and the next step's prompts are sent before this one trains (`publish_weights` waits
+    for them before the server's weights change). `time/sample_wait_s`: the time spent blocked on
+    samples; `time/sample_hidden_s`: the sampling of this batch that ran while the trainer worked."""
     try:
-        return run.sampler.sample(this_process, run.sampling)
+        pending = run.pending or submit_next(run)
+        timings["sample_wait"] = timings.get("sample_wait", 0.0) + pending.wait()
+        batch = pending.result()
+        timings["sample_hidden"] = pending.hidden_seconds
+        run.pending = submit_next(run) if run.cfg.rollout.max_weight_lag and step < run.cfg.max_steps else None
+        return batch
     except RuntimeError as error:
         if "probability tensor contains" not in str(error):
             raise
@@ -468,23 +492,29 @@ def sample(run: Run, step: int) -> RolloutBatch:
                                  f"{_newest_checkpoint(run)}") from None
 
 
+def submit_next(run: Run) -> PendingBatch:
+    """The next step's prompts (this process's share), sent to the sampler."""
+    return run.sampler.submit(run.stream.next_batch()[run.world.rank :: run.world.size], run.sampling)
+
+
 def update(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) -> dict[str, float]:
     """One optimizer step on the batch, then its weights published to whoever reads them next."""
-    lag = (step - 1) - batch.weight_version  # the batch must come from the weights being updated
-    if lag != 0:
-        raise RuntimeError(f"step {step} would train on rollouts sampled by weights {lag} steps old: the sampler's "
-                           "weights were not synced after an update, so the batch is off-policy")
+    lag = (step - 1) - batch.weight_version  # the weights that sampled the batch are this many updates old
+    if not 0 <= lag <= run.cfg.rollout.max_weight_lag:
+        raise RuntimeError(f"step {step} would train on rollouts sampled by weights {lag} steps old (rollout."
+                           f"max_weight_lag={run.cfg.rollout.max_weight_lag}): the sampler's weights were not synced "
+                           "after an update")
     metrics = accumulate_gradients(run, batch, step, timings)
     metrics |= optimizer_step(run, step)
     with timed(timings, "weight_sync", run.device):
-        publish_weights(run, step)
+        publish_weights(run, step, timings)
     return metrics | {"rollout/weight_version_lag": lag}
 
 
 def accumulate_gradients(run: Run, batch: RolloutBatch, step: int, timings: dict[str, float]) -> dict[str, float]:
     """Per micro-batch: each teacher scores it (timed as `teacher`) and the student's loss is
     backpropagated. Returns the step's loss and the summed terms of each objective."""
-    plans = [teacher.plan.at_step(step) for teacher in run.teachers]
+    plans = [teacher.plan.at_step(step, weight_lag=(step - 1) - batch.weight_version) for teacher in run.teachers]
     # every process's losses are its share of the whole step's average (see oprd.distributed), and
     # each teacher's its share of the step's (routed) or its weight's share of the average (weighted)
     own = [{name: run.world.sum(total) for name, total in plan.normalizers(_rows_only(batch, rows)).items()}
@@ -575,11 +605,13 @@ def optimizer_step(run: Run, step: int) -> dict[str, float]:
     return {"lr": lr, "grad_norm": float(grad_norm)}
 
 
-def publish_weights(run: Run, step: int) -> None:
+def publish_weights(run: Run, step: int, timings: dict[str, float]) -> None:
     """The updated student to its readers: the EMA teacher follows it, and the sampler gets it as
-    weight version `step`."""
+    weight version `step`, once the batch it is sampling ahead (if any) is done."""
     if run.ema_teacher is not None:
         update_ema(run.ema_teacher, run.student, run.cfg.teacher.ema_decay)
+    if run.pending is not None:
+        timings["sample_wait"] = timings.get("sample_wait", 0.0) + run.pending.wait()
     run.sampler.rollout.sync_weights(run.student, version=step)
 
 
@@ -709,7 +741,10 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
         "time/update_s": timings["update"] - timings.get("teacher", 0.0) - timings.get("weight_sync", 0.0),
         "time/validate_s": timings["validate"] - timings.get("best", 0.0),
         "time/step_s": time.perf_counter() - step_started,
+        "time/sample_wait_s": timings.get("sample_wait", 0.0),
+        "time/sample_hidden_s": timings.get("sample_hidden", 0.0),
     }
+    values["time/overlap_share"] = values["time/sample_hidden_s"] / values["time/step_s"]
     if device.type == "cuda":
         values["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return values
@@ -717,12 +752,14 @@ def time_metrics(timings: dict[str, float], step_started: float, device: torch.d
 
 def save(run: Run, step: int) -> None:
     """A resumable checkpoint: weights, optimizer, scheduler, RNG, the prompt stream's position (and
-    the EMA teacher)."""
+    the EMA teacher, and the next step's batch where it was sampled ahead)."""
     started = time.perf_counter()
     try:
+        ahead = None if run.pending is None else {**run.pending.raw().tensors(),
+                                                  "indices": torch.tensor(run.pending.indices)}
         checkpoint.save_checkpoint(run.run_dir / "checkpoints", step, run.student, run.tokenizer, run.optimizer,
                                    run.scheduler, {"data": run.stream.state()}, keep=run.cfg.keep_checkpoints,
-                                   world=run.world, ema_teacher=run.ema_teacher)
+                                   world=run.world, ema_teacher=run.ema_teacher, sampled_ahead=ahead)
     finally:  # spent even when the write fails
         run.recorder.add_seconds("checkpoint_seconds", time.perf_counter() - started)
     run.recorder.write_provenance()  # run.json's cost up to the checkpoint a resume continues from

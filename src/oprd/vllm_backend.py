@@ -32,7 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -146,6 +146,7 @@ class ServerRollout:
         self.weight_version = -1  # nothing of the run's student on the server yet
         self.served = self._get("/v1/models")["data"][0]["id"]
         self._nccl = None
+        self._in_flight: list[Future] = []  # batches `submit` started: the weights stay until they are sampled
 
     # -- HTTP
 
@@ -170,10 +171,21 @@ class ServerRollout:
     # -- sampling
 
     def generate(self, prompts: list[list[int]], params) -> RolloutBatch:
+        return self.submit(prompts, params).result()
+
+    def submit(self, prompts: list[list[int]], params) -> Future:
+        """`generate` in the background: the seeds are drawn now and the batch is the current weight
+        version's; `sync_weights` waits for it before the server's weights change."""
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
-        seeds = _seeds(len(prompts))
+        seeds, version = _seeds(len(prompts)), self.weight_version
+        background = ThreadPoolExecutor(max_workers=1)
+        future = background.submit(self._sample, prompts, params, seeds, version)
+        background.shutdown(wait=False)
+        self._in_flight = [f for f in self._in_flight if not f.done()] + [future]
+        return future
 
+    def _sample(self, prompts: list[list[int]], params, seeds: list[int], version: int) -> RolloutBatch:
         def one(i: int):
             reply = self._request("/v1/completions", {
                 "model": self.served, "prompt": prompts[i], "logprobs": 0, "return_token_ids": True,
@@ -184,7 +196,7 @@ class ServerRollout:
 
         with ThreadPoolExecutor(max_workers=self.parallel_requests) as pool:
             samples = list(pool.map(one, range(len(prompts))))
-        return self.sampling.batch(prompts, samples, self.weight_version)
+        return self.sampling.batch(prompts, samples, version)
 
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         """The server's log-probs of ids[1:] given the tokens before each (greedy, one new token)."""
@@ -212,7 +224,9 @@ class ServerRollout:
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         """Gives the server the student's current weights (a collective under several processes:
-        every process calls it), then records `version` as the one it samples from."""
+        every process calls it), then records `version` as the one it samples from. A batch still
+        being sampled is finished first, so no batch mixes two versions."""
+        wait(self._in_flight)
         if self.sync == "nccl":
             self._push_nccl(model)
         else:

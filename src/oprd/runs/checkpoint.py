@@ -126,8 +126,11 @@ def save_checkpoint(
     keep: int,
     world: World = ONE_PROCESS,
     ema_teacher: torch.nn.Module | None = None,
+    sampled_ahead: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Writes step `step`'s checkpoint (the layout of the module notes) and keeps the newest `keep`."""
+    """Writes step `step`'s checkpoint (the layout of the module notes) and keeps the newest `keep`.
+    `sampled_ahead`: this process's batch of the next step, already sampled (rollout.max_weight_lag=1)
+    by weights the checkpoint no longer holds, kept so a resumed run trains on the same batch."""
     state = {"step": step, "world_size": world.size, "python_random": _jsonable(random.getstate()), **trainer_state}
     target = checkpoint_dir / f"{PREFIX}{step:06d}"
 
@@ -139,10 +142,12 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / "rng.pt")
         if ema_teacher is not None:
             safetensors.torch.save_model(ema_teacher, str(tmp / EMA_TEACHER))
+        if sampled_ahead is not None:
+            safetensors.torch.save_file(sampled_ahead, str(tmp / _sampled_ahead_file(world)))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
     if world.distributed:
-        _save_sharded(target, model, optimizer, scheduler, state, world, ema_teacher)
+        _save_sharded(target, model, optimizer, scheduler, state, world, ema_teacher, sampled_ahead)
     else:
         write_dir_atomically(target, fill)
     if world.main:
@@ -153,7 +158,7 @@ def save_checkpoint(
 
 
 def _save_sharded(target: Path, model, optimizer, scheduler, state: dict, world: World,
-                  ema_teacher: torch.nn.Module | None) -> None:
+                  ema_teacher: torch.nn.Module | None, sampled_ahead: dict[str, torch.Tensor] | None) -> None:
     """Every rank writes its shards and its RNG into rank 0's temporary folder; rank 0 renames it
     once all have succeeded. A failure on any rank fails every rank (no rank waits forever)."""
     tmp = world.broadcast(new_temporary_dir(target) if world.main else None)
@@ -161,6 +166,8 @@ def _save_sharded(target: Path, model, optimizer, scheduler, state: dict, world:
     try:
         distributed.save_sharded(tmp / "dcp", model, optimizer, ema_teacher)
         torch.save(rng_state(), tmp / f"rng-rank{world.rank}.pt")
+        if sampled_ahead is not None:
+            safetensors.torch.save_file(sampled_ahead, str(tmp / _sampled_ahead_file(world)))
         if world.main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -254,6 +261,19 @@ def load_training_state(path: Path, optimizer, scheduler, model: torch.nn.Module
         set_rng_state(loaded["rng.pt"])
         random.setstate(python_random)
     return state
+
+
+def _sampled_ahead_file(world: World) -> str:
+    return f"sampled_ahead-rank{world.rank}.safetensors" if world.distributed else "sampled_ahead.safetensors"
+
+
+def load_sampled_ahead(path: Path, world: World = ONE_PROCESS) -> dict[str, torch.Tensor] | None:
+    """This process's batch of the step after the checkpoint, where it was sampled ahead (else None)."""
+    file = path / _sampled_ahead_file(world)
+    if not file.is_file():
+        return None
+    with reading(path, file.name):
+        return safetensors.torch.load_file(str(file))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
