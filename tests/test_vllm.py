@@ -7,8 +7,10 @@ Without that environment every test here skips and says why."""
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -203,12 +205,25 @@ def test_training_through_vllm_is_on_policy_and_resumes_exactly(server, tmp_path
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
 
 
+# `oprd train` that pauses after each step's metrics line (its numbers unchanged), so that a kill
+# aimed between the step-2 checkpoint and the end of the run lands there
+PAUSING_TRAIN = """
+import sys, time
+import oprd.trainer as trainer
+from oprd.config import load_config
+
+record = trainer.record
+trainer.record = lambda *args, **kwargs: (record(*args, **kwargs), time.sleep(2))[0]
+trainer.train(load_config(sys.argv[1], sys.argv[2:]))
+"""
+
+
 @needs_vllm
-def test_sampling_a_step_ahead_trains_with_lags_of_one_and_resumes_exactly(server, tmp_path, monkeypatch):
+def test_sampling_a_step_ahead_trains_with_lags_of_one_and_resumes_exactly_after_kill_9(server, tmp_path):
     """rollout.max_weight_lag=1: the server samples step t+1's batch while step t trains, so every
-    batch after the first comes from weights one update old, the sampled-token estimator weighs its
-    tokens by the truncated ratio, and a run stopped right after a checkpoint (which holds the batch
-    sampled ahead) resumes to the uninterrupted run's numbers."""
+    batch after the first comes from weights one update old, and the sampled-token estimator weighs
+    its tokens by the truncated ratio. A run killed (SIGKILL) after its step-2 checkpoint, which holds
+    the batch sampled ahead, resumes to the uninterrupted run's numbers."""
     url, _ = server
     overrides = ["rollout.backend=vllm", f"rollout.vllm_url={url}", "rollout.max_weight_lag=1", "max_steps=4",
                  "save_every=2"]
@@ -219,20 +234,19 @@ def test_sampling_a_step_ahead_trains_with_lags_of_one_and_resumes_exactly(serve
     assert all(r["opd/is_ratio_mean"] > 0 and 0 <= r["opd/is_clipped_share"] <= 1 for r in expected[1:])
     assert all(r["time/sample_hidden_s"] >= 0 and r["time/sample_wait_s"] >= 0 for r in expected)
 
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("simulated crash right after the step-2 checkpoint")
-
-    crashed = tmp_path / "b"
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}"]))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    assert (crashed / "checkpoints" / "step_000002" / "sampled_ahead.safetensors").is_file()  # the crash came after
-    train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={crashed}", "resume=true"]))
-    resumed = run_metrics(crashed)
+    killed = tmp_path / "b"
+    process = subprocess.Popen([sys.executable, "-c", PAUSING_TRAIN, str(SMOKE / "oprd_plus_opd.yaml"), *overrides,
+                                f"output_dir={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (killed / "checkpoints" / "step_000002").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach its step-2 checkpoint"
+        time.sleep(0.05)
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL and not (killed / "final").exists()  # the fault landed
+    assert (killed / "checkpoints" / "step_000002" / "sampled_ahead.safetensors").is_file()
+    train(load_config(SMOKE / "oprd_plus_opd.yaml", [*overrides, f"output_dir={killed}", "resume=true"]))
+    resumed = run_metrics(killed)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for want, got in zip(expected, resumed):
         for key in ("loss", "grad_norm", "response_length/mean", "rollout/weight_version_lag"):
