@@ -22,7 +22,7 @@
 # DEVICE=cpu R1_LAYERS=1 R1_TOKENS=64 Q_LAYERS=1 Q_TOKENS=16 runs the same plumbing on a CPU in a few
 # minutes; tests/test_device_check.py also narrows RECIPES (the smoke recipes run), TINY_TOKENS,
 # BENCH_REPEATS, the benches' methods (TINY_METHODS, R1_METHODS) and the objectives trained at
-# Qwen3-0.6B's shape (Q_OBJECTIVES).
+# Qwen3-0.6B's shape (Q_OBJECTIVES), and PRECISION=fp32 (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
@@ -33,6 +33,9 @@ R1_TOKENS=${R1_TOKENS:-4096}
 Q_LAYERS=${Q_LAYERS:-28}
 RECIPES=${RECIPES:-oprd opd_sampled opd_topk opd_full oprd_plus_opd self_distillation multi_teacher}
 Q_OBJECTIVES=${Q_OBJECTIVES:-oprd opd_full}
+# bf16 autocast at the real shapes, as training runs on a GPU; the CPU dry run's fp32, since a CPU
+# without native bf16 (no AVX512-BF16 or AMX) multiplies the 151,936-row heads in bf16 hundreds of times slower
+PRECISION=${PRECISION:-bf16}
 TINY_TOKENS=${TINY_TOKENS:-256}
 Q_TOKENS=${Q_TOKENS:-256}
 DATA=../shared/data
@@ -56,11 +59,9 @@ done
 "$PY" -m oprd bench --preset tiny --seq-lens "$TINY_TOKENS" --repeats "${BENCH_REPEATS:-2}" --device "$DEVICE" \
   --methods "${TINY_METHODS:-oprd,opd_top16,floor}" --out "$OUT/bench-tiny" --overwrite > "$OUT/bench-tiny.log" 2>&1
 # as training runs on a GPU: float32 master weights under bf16 autocast (the chunked LM head's matmuls in
-# bf16 on one copy of the head; OPD + OPRD keeping the blocks' states only in OPRD's 2,000-position window).
-# BENCH_AUTOCAST= (empty) measures float32 instead: the CPU dry run's, since a CPU without native bf16
-# (no AVX512-BF16 or AMX) multiplies the 151,936-row head in bf16 hundreds of times slower.
+# bf16 on one copy of the head; OPD + OPRD keeping the blocks' states only in OPRD's 2,000-position window)
 "$PY" -m oprd bench --preset r1-distill-1.5b --num-layers "$R1_LAYERS" --seq-len "$R1_TOKENS" --batch-size 1 \
-  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype float32 ${BENCH_AUTOCAST---autocast} \
+  --repeats "${BENCH_REPEATS:-3}" --device "$DEVICE" --dtype float32 $( [ "$PRECISION" = bf16 ] && echo --autocast ) \
   --methods "${R1_METHODS:-oprd,opd_top16,oprd_plus_opd,floor}" --out "$OUT/bench-r1" --overwrite > "$OUT/bench-r1.log" 2>&1
 
 rm -rf "$OUT/models"
@@ -72,7 +73,7 @@ for objective in $Q_OBJECTIVES; do
   "$PY" -m oprd train recipes/rehearsal/qwen3_0.6b.yaml "output_dir=$OUT/qwen3-$objective" "device=$DEVICE" \
     "student.model=$OUT/models/student" "teacher.model=$OUT/models/teacher" "data.path=$DATA/dapo_math_17k.parquet" \
     "rollout.max_new_tokens=$Q_TOKENS" "$( [ $objective = oprd ] && echo oprd.coef=1.0 || echo opd.objective=full )" \
-    overwrite=true > "$OUT/qwen3-$objective.log" 2>&1
+    "optim.precision=$PRECISION" overwrite=true > "$OUT/qwen3-$objective.log" 2>&1
 done
 
 if "$PY" -c "import vllm" 2> /dev/null; then  # vLLM colocated on the GPU, sleeping between rollouts

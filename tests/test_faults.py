@@ -29,7 +29,8 @@ TRIAL_TIMEOUT_S = 180
 # A training run that stops for a while in the middle of writing the folder named argv[2], after
 # its files are written and before the rename that publishes it, and says so in argv[3]. With
 # STEP_PAUSE_S set, it also waits that long after each step (numbers unchanged), so that a fault
-# aimed at "during the run" lands before the run ends.
+# aimed at "during the run" lands before the run ends; with HOLD_WHILE, also for as long as that
+# file exists.
 CHILD = """
 import os, sys, time
 from pathlib import Path
@@ -51,6 +52,8 @@ def paused(target, fill):
 def slow_record(*args, **kwargs):
     recorded = record(*args, **kwargs)
     time.sleep(float(os.environ.get("STEP_PAUSE_S", "0")))
+    while os.environ.get("HOLD_WHILE") and Path(os.environ["HOLD_WHILE"]).exists():
+        time.sleep(0.05)
     return recorded
 
 checkpoint.write_dir_atomically, trainer.record = paused, slow_record
@@ -60,13 +63,13 @@ STEP_PAUSE_S = "1.0"  # 4 steps: a run that trains for at least 4 s
 
 
 def _start(run_dir: Path, pause_in: str = "nothing", *extra: str, step_pause_s: str = "0",
-           log: Path | None = None) -> tuple[subprocess.Popen, Path]:
+           log: Path | None = None, hold_while: Path | None = None) -> tuple[subprocess.Popen, Path]:
     """A training subprocess (CHILD); its stdout goes to `log` where given."""
     signal_file = run_dir.parent / f"{run_dir.name}.paused"
     process = subprocess.Popen([sys.executable, "-c", CHILD, str(RECIPE), pause_in, str(signal_file), *OVERRIDES,
                                 f"output_dir={run_dir}", *extra], stderr=subprocess.PIPE,
                                stdout=log.open("w") if log else subprocess.DEVNULL,
-                               env={**os.environ, "STEP_PAUSE_S": step_pause_s})
+                               env={**os.environ, "STEP_PAUSE_S": step_pause_s, "HOLD_WHILE": str(hold_while or "")})
     return process, signal_file
 
 
@@ -163,8 +166,9 @@ def _refusal(run_dir: Path, *extra: str) -> subprocess.Popen:
 def test_a_second_run_on_a_folder_in_use_stops_before_touching_it(tmp_path, uninterrupted):
     """While a run trains, a new run, a resume and an overwrite of its folder each stop with one
     line naming the holder, and the run ends as a run made alone."""
-    run_dir = tmp_path / "run"
-    holder, _ = _start(run_dir, step_pause_s=STEP_PAUSE_S)
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    hold.touch()  # the run waits after its first step until the refusals are in, however slowly they start
+    holder, _ = _start(run_dir, hold_while=hold)
     _wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), holder)
     others = [_refusal(run_dir, *mode) for mode in ([], ["resume=true"], ["overwrite=true"])]
     for other in others:
@@ -173,6 +177,7 @@ def test_a_second_run_on_a_folder_in_use_stops_before_touching_it(tmp_path, unin
         assert other.returncode == 2 and f"{run_dir} is in use by pid {holder.pid} on" in message, message
         assert "Traceback" not in message
     assert holder.poll() is None  # the refusals came while it trained
+    hold.unlink()
     _, stderr = holder.communicate(timeout=TRIAL_TIMEOUT_S)
     assert holder.returncode == 0, stderr.decode()[-3000:]
     _assert_same_run(run_dir, uninterrupted)

@@ -8,11 +8,9 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 from helpers import ROOT, SMOKE, run_metrics
 
 from oprd.config import ConfigError, load_config
+from oprd.experiments.serving import start_server, stop_server, wait_until_serving
 from oprd.models import ModelSpec, load_model, load_tokenizer
 from oprd.rollout import SamplingParams
 from oprd.runs import checkpoint
@@ -31,12 +30,6 @@ needs_vllm = pytest.mark.skipif(not (VENV / ".ready").is_file(),
 START_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`vllm serve` on a smoke model that is NOT the runs' student (another seed, and its head tied
@@ -46,29 +39,14 @@ def server(tmp_path_factory):
     spec = ModelSpec(model=str(SMOKE / "tiny-qwen3-tied"), random_init=True, init_seed=5)
     load_model(spec, torch.device("cpu")).save_pretrained(folder)
     load_tokenizer(spec).save_pretrained(folder)
-    port = _free_port()
-    log = open(folder.parent / "server.log", "w")  # noqa: SIM115  (open for the server's lifetime)
-    process = subprocess.Popen(
-        [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-         "--dtype", "float32", "--enforce-eager", "--port", str(port), "--generation-config", "vllm",
-         "--max-model-len", "2048", "--hf-overrides", json.dumps({"tie_word_embeddings": False})],
-        env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log,
-        stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
+    log_path = folder.parent / "server.log"
+    with log_path.open("w") as log:
+        process, url = start_server(VENV / "bin" / "python", folder, log, max_model_len=2048, kv_cache_gib=1)
         try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the vLLM server did not start: {(folder.parent / 'server.log').read_text()[-3000:]}")
-            time.sleep(2)
-    yield url, folder
-    process.terminate()
-    process.wait(timeout=60)
-    log.close()
+            wait_until_serving(process, url, log_path, START_TIMEOUT_S)
+            yield url, folder
+        finally:
+            stop_server(process)
 
 
 @pytest.fixture(scope="module")

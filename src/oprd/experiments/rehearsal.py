@@ -33,12 +33,10 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ from oprd.config import (
     validate,
 )
 from oprd.display import markdown_table
+from oprd.experiments.serving import start_server, stop_server, wait_until_serving
 from oprd.models import ModelSpec
 from oprd.runs.recorder import read_metrics
 from oprd.shapes import shape_config
@@ -229,45 +228,20 @@ def torchrun(processes: int) -> list[str]:
 # --------------------------------------------------------------------------- the vLLM server
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def vllm_server(s: RehearsalSettings, model: Path, stages: dict[str, Measured], log: Path):
-    """`vllm serve` on `model` (float32, as the trainer holds the student on a CPU), reloadable in
-    place; its memory is watched for as long as it lives (stage `vllm server`)."""
-    port = free_port()
+    """`vllm serve` on `model` (`serving.start_server`); its memory is watched for as long as it
+    lives (stage `vllm server`)."""
     sink = open(log, "w")  # noqa: SIM115  (open for the server's lifetime)
-    process = subprocess.Popen(
-        [str(s.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
-         "--enforce-eager", "--port", str(port), "--generation-config", "vllm",
-         "--max-model-len", str(2048 + s.new_tokens), "--hf-overrides", json.dumps({"tie_word_embeddings": False})],
-        env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
-             "HF_HUB_OFFLINE": "1"},
-        stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_server(s.vllm_python, model, sink, max_model_len=2048 + s.new_tokens,
+                                kv_cache_gib=KV_CACHE_GIB)
     try:
         with measured(stages, "vllm server", process):
             with measured(stages, "vllm server start"):
-                deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-                while True:
-                    try:
-                        urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
-                        break
-                    except OSError:
-                        if process.poll() is not None or time.monotonic() > deadline:
-                            raise RuntimeError(f"the vLLM server did not start: {log.read_text()[-3000:]}") from None
-                        time.sleep(2)
+                wait_until_serving(process, url, log, SERVER_START_TIMEOUT_S)
             yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_server(process)
         sink.close()
 
 
