@@ -249,19 +249,19 @@ def test_train_at_real_width(folders, tmp_path, monkeypatch, objective):
                 {"opd": {"objective": objective, "k": 16}})
     recipe = _recipe(tmp_path, folders.student, folders.teacher, **sections)
     plans, largest = [], []
-    from_config, sample = LossPlan.from_config.__func__, Sampler.sample
+    from_config, finish = LossPlan.from_config.__func__, Sampler.finish
 
     def spy_plan(cls, *args, **kwargs):
         plans.append(from_config(cls, *args, **kwargs))
         return plans[-1]
 
-    def spy_sample(self, indices, params):
-        batch = sample(self, indices, params)
+    def spy_sample(self, indices, sampled):
+        batch = finish(self, indices, sampled)
         largest.append(int(batch.response_ids.max()))
         return batch
 
     monkeypatch.setattr(trainer.LossPlan, "from_config", classmethod(spy_plan))
-    monkeypatch.setattr(Sampler, "sample", spy_sample)
+    monkeypatch.setattr(Sampler, "finish", spy_sample)
     run_dir = trainer.train(load_config(recipe, [f"output_dir={tmp_path / 'run'}", "max_steps=1", "save_every=0"]))
 
     assert [plan.vocab_size for plan in plans] == [QWEN3_TOKENS]

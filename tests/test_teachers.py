@@ -161,7 +161,7 @@ def test_ema_teacher_follows_the_student_and_resumes_exactly(tmp_path, monkeypat
     (teacher,) = run.teachers
     expected = {name: p.detach().clone() for name, p in teacher.model.named_parameters()}
     for step in (1, 2):
-        update(run, sample(run, step), step, {})
+        update(run, sample(run, step, {}), step, {})
         for name, p in run.student.named_parameters():
             expected[name] = 0.5 * expected[name] + 0.5 * p.detach()
     for name, p in teacher.model.named_parameters():
@@ -206,7 +206,7 @@ def test_routing_sends_each_sample_to_the_named_teacher_only(tmp_path):
             read[_name].extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
         teacher.model.register_forward_pre_hook(hook, with_kwargs=True)
     for step in (1, 2, 3):
-        batch = sample(run, step)
+        batch = sample(run, step, {})
         routes = _route_of(run, batch)
         for name in read:
             read[name].clear()
@@ -233,7 +233,7 @@ def test_routing_sends_each_sample_to_the_named_teacher_only(tmp_path):
 def test_per_teacher_metrics_add_up_to_the_steps(route_by, tmp_path):
     cfg = _multi_config(tmp_path, f"teachers.route_by={route_by or 'null'}", "rollout.prompts_per_step=4")
     run = set_up_run(cfg, None)
-    batch = sample(run, 1)
+    batch = sample(run, 1, {})
     record = update(run, batch, 1, {})
     names = [teacher.name for teacher in run.teachers]
     shares = [record[f"teachers/{name}/share"] for name in names]
@@ -290,7 +290,7 @@ def test_each_teacher_keeps_its_own_layer_map_and_bridge(wider_teacher_with_brid
     narrow, wide = run.teachers
     assert narrow.plan.teacher_layers == (1, 2, 3, 4) and wide.plan.bridge is not None
     assert wide.plan.teacher_layers != narrow.plan.teacher_layers
-    record = update(run, sample(run, 1), 1, {})
+    record = update(run, sample(run, 1, {}), 1, {})
     assert {"rep/cosine_similarity/teacher_narrow", "rep/cosine_similarity/teacher_wide"} <= record.keys()
     run.recorder.close()
 

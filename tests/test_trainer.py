@@ -96,13 +96,13 @@ def test_resume_after_crash_reproduces_uninterrupted_run(recipe, tmp_path, monke
 @pytest.mark.slow
 def test_data_in_file_order_is_drawn_in_order_and_resumed_where_it_stopped(tmp_path, monkeypatch):
     drawn = []
-    real_sample = Sampler.sample
+    real_submit = Sampler.submit
 
     def recording(self, indices, params):
         drawn.append(list(indices))
-        return real_sample(self, indices, params)
+        return real_submit(self, indices, params)
 
-    monkeypatch.setattr(Sampler, "sample", recording)
+    monkeypatch.setattr(Sampler, "submit", recording)
     run = ["data.shuffle=false", "oprd.preflight_prompts=0", f"output_dir={tmp_path / 'run'}"]
     train(load_config(SMOKE / "oprd.yaml", [*run, "max_steps=2"]))
     train(load_config(SMOKE / "oprd.yaml", [*run, "max_steps=4", "resume=true", "resume_changes=[max_steps]"]))

@@ -9,7 +9,8 @@ micro-batches -> one AdamW step -> metrics, checkpoint.
       set_up_run              run folder, models, prompts, loss plan, optimizer, resumed state
       check_before_training   the pre-flight alignment check (OPRD) and the step-0 validation
       every step, each phase timed as time/<phase>_s:
-        sample                the student's rollouts of the step's prompts
+        sample                the student's rollouts of the step's prompts (with rollout.max_weight_lag=1:
+                              collected, sampled while the last step trained; the next step's sent)
         update                accumulate_gradients (per micro-batch: the teachers score it, the
                               student's loss is backpropagated), optimizer_step, publish_weights
                               (the EMA teacher, the sampler's weight sync)
@@ -20,7 +21,9 @@ micro-batches -> one AdamW step -> metrics, checkpoint.
 
 Where this departs from the textbook algorithm, and why:
 - One optimizer step per rollout batch, so the student that is updated is exactly the policy that
-  sampled: no importance ratio or clipping is needed (as in the paper's setup).
+  sampled: no importance ratio or clipping is needed (as in the paper's setup). Sampling ahead
+  (rollout.max_weight_lag=1) trains on batches one update old: sampled-token OPD, a policy
+  gradient, then weighs each token by a truncated importance ratio (objective.LossPlan.at_step).
 - Losses are averaged over all response tokens of the step, not per micro-batch, so micro-batch
   size changes memory, never the gradient.
 - Losses use temperature-1 distributions; the rollout temperature only shapes sampling.
@@ -270,7 +273,7 @@ def open_run(run: Run, checked: CheckedRun, started: float) -> None:
     recorder.start_provenance(seed=cfg.seed, device=run.device, world_size=world.size, first_step=run.start_step,
                               started=started,
                               models=lambda: models_record(cfg, checked.sources, checked.student_tok,
-                                                               checked.teacher_toks),
+                                                           checked.teacher_toks),
                               data=lambda: data_record(cfg.data.path, len(checked.prompts)))
     recorder.start_gates(run.gates, run.start_step)
     if checked.resume_from is not None:
