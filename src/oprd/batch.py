@@ -87,9 +87,10 @@ class RolloutBatch:
         loss and normalizer over it counts only those rows (one teacher's share of a routed batch)."""
         return dataclasses.replace(self, response_mask=self.response_mask * rows_B[:, None].to(self.response_mask))
 
-    def micro_batches(self, size: int) -> list[RolloutBatch]:
+    def micro_batches(self, size: int, packed: bool = False) -> list[RolloutBatch]:
         """Consecutive groups of `size` rows (the last may be smaller), each trimmed by `select`."""
-        return [self.select(slice(first, first + size)) for first in range(0, self.response_ids.shape[0], size)]
+        rows = self.response_ids.shape[0]
+        return self.grouped([list(range(first, min(first + size, rows))) for first in range(0, rows, size)], packed)
 
     def token_budget_groups(self, budget: int, packed: bool = False) -> list[list[int]]:
         """The rows in groups whose micro-batch (`select`) holds at most `budget` token slots: padded,
@@ -113,6 +114,11 @@ class RolloutBatch:
                 groups.append([row])
                 widest.append((prompts[row], responses[row]))
         return [sorted(group) for group in groups]
+
+    def grouped(self, groups: list[list[int]], packed: bool = False) -> list[RolloutBatch]:
+        """One micro-batch (`select`) per group of rows, fed packed (`packed_rows`) where asked."""
+        parts = [self.select(torch.tensor(rows)) for rows in groups]
+        return [part.packed_rows() for part in parts] if packed else parts
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The batch as named tensors (safetensors can hold them); the teacher's view is not kept:

@@ -567,12 +567,10 @@ def split_micro_batches(run: Run, batch: RolloutBatch) -> list[RolloutBatch]:
     split: every term is divided by the step's totals."""
     optim = run.cfg.optim
     if optim.micro_batch_tokens is None:
-        micro_batches = batch.micro_batches(optim.micro_batch_size)
-    else:
-        groups = batch.token_budget_groups(optim.micro_batch_tokens, packed=optim.pack_sequences)
-        count = int(run.world.max(torch.tensor(len(groups), device=run.device)))
-        micro_batches = [batch.select(torch.tensor(rows)) for rows in split_into(groups, count)]
-    return [micro.packed_rows() for micro in micro_batches] if optim.pack_sequences else micro_batches
+        return batch.micro_batches(optim.micro_batch_size, optim.pack_sequences)
+    groups = batch.token_budget_groups(optim.micro_batch_tokens, packed=optim.pack_sequences)
+    count = int(run.world.max(torch.tensor(len(groups), device=run.device)))
+    return batch.grouped(split_into(groups, count), optim.pack_sequences)
 
 
 def padding_metrics(micro_batches: list[RolloutBatch], world: World, device: torch.device) -> dict[str, float]:

@@ -170,15 +170,19 @@ def make_batch(shape: Shape, vocab: int) -> RolloutBatch:
 def split_batch(batch: RolloutBatch, split: str) -> list[RolloutBatch]:
     """The micro-batches the trainer makes of `batch`: `whole` (one), `size:N` (`optim.micro_batch_size`),
     `tokens:N` (`optim.micro_batch_tokens`) or `packed:N` (the same with `optim.pack_sequences`)."""
-    kind, _, number = split.partition(":")
-    if kind == "whole" and not number:
+    kind, number = parse_split(split)
+    if kind == "whole":
         return [batch]
-    if kind == "size" and number.isdigit() and int(number) >= 1:
-        return batch.micro_batches(int(number))
-    if kind in ("tokens", "packed") and number.isdigit() and int(number) >= 1:
-        packed = kind == "packed"
-        parts = [batch.select(torch.tensor(rows)) for rows in batch.token_budget_groups(int(number), packed=packed)]
-        return [part.packed_rows() for part in parts] if packed else parts
+    if kind == "size":
+        return batch.micro_batches(number)
+    return batch.grouped(batch.token_budget_groups(number, packed=kind == "packed"), packed=kind == "packed")
+
+
+def parse_split(split: str) -> tuple[str, int]:
+    """`whole`, `size:N`, `tokens:N` or `packed:N` as (kind, N); a ValueError names a malformed one."""
+    kind, _, number = split.partition(":")
+    if kind == "whole" and not number or kind in ("size", "tokens", "packed") and number.isdigit() and int(number):
+        return kind, int(number or 0)
     raise ValueError(f"a split is whole, size:N, tokens:N or packed:N (N >= 1), not {split!r}")
 
 
@@ -569,8 +573,7 @@ class BenchSettings:
         if not self.seq_lens or min(self.seq_lens) < 1 or len(set(self.seq_lens)) != len(self.seq_lens):
             raise ValueError(f"sequence lengths must be distinct positive numbers, got {self.seq_lens}")
         for split in self.splits:
-            split_batch(RolloutBatch(*(torch.ones(1, 1, dtype=torch.long),) * 5, torch.zeros(1, dtype=torch.bool)),
-                        split)  # a ValueError names a malformed one
+            parse_split(split)
         if self.splits != ["whole"] and len(self.seq_lens) > 1:
             raise ValueError("--splits compares micro-batchings at one sequence length: give --seq-len, not --seq-lens")
         if self.min_len is not None and not 1 <= self.min_len <= min(self.seq_lens):
